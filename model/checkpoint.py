@@ -1,0 +1,275 @@
+"""Checkpoints on disk: atomic writes, sha256-checked loads, `latest`/`best` pointers, resume state.
+
+A checkpoint is a directory  step-000500/  holding
+  weights.npz  the model's arrays                  (loaded with allow_pickle=False)
+  optim.npz    optimizer moments + hidden state    (for bitwise resume; optional in exports)
+  meta.json    format, vocab, configs, step, RNG state, data position, metrics, fingerprint,
+               parent, and the sha256 of each .npz
+It is written under a temporary name, fsynced, then renamed; pointers are updated the same way, last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from model.rnn import ModelConfig, Params
+from model.vocab import Vocab
+
+FORMAT = 1
+FILES = ("weights.npz", "optim.npz")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt or of an unknown format."""
+
+
+class Meta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: int
+    vocab: list[str]
+    model: ModelConfig
+    train: dict[str, Any] = {}
+    step: int = 0
+    rng: dict[str, Any] | None = None
+    data_pos: int = 0
+    metrics: dict[str, Any] = {}
+    fingerprint: str | None = None
+    parent: str | None = None
+    sha256: dict[str, str] = {}
+    created: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    params: Params
+    meta: Meta
+    optim: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(tuple(self.meta.vocab))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.meta.model
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_dir(
+    path: Path, params: Params, meta: Meta, optim: dict[str, np.ndarray] | None = None
+) -> Path:
+    """Write a checkpoint directory atomically at `path` (which must not exist yet)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        blobs = {"weights.npz": npz_bytes(params)}
+        if optim is not None:
+            blobs["optim.npz"] = npz_bytes(optim)
+        digests = {}
+        for name, data in blobs.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            digests[name] = hashlib.sha256(data).hexdigest()
+        meta = meta.model_copy(update={"sha256": digests, "format": FORMAT})
+        with open(tmp / "meta.json", "w") as f:
+            f.write(meta.model_dump_json(indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def read_meta(path: Path) -> Meta:
+    """The validated meta.json of the checkpoint directory `path`."""
+    f = Path(path) / "meta.json"
+    try:
+        meta = Meta.model_validate_json(f.read_bytes())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no meta.json; is this a checkpoint directory?") from e
+    except (ValidationError, ValueError) as e:
+        raise CheckpointError(
+            f"{f}: unreadable checkpoint metadata ({e.__class__.__name__})"
+        ) from e
+    if meta.format != FORMAT:
+        raise CheckpointError(f"{f}: checkpoint format {meta.format}, this code reads {FORMAT}")
+    return meta
+
+
+def load_dir(path: Path, with_optim: bool = True) -> Checkpoint:
+    """Load one checkpoint directory, verifying every file's sha256 and every array's shape."""
+    path = Path(path)
+    meta = read_meta(path)
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    for name in FILES:
+        if name == "optim.npz" and (not with_optim or name not in meta.sha256):
+            continue
+        f = path / name
+        if name not in meta.sha256:
+            raise CheckpointError(f"{path / 'meta.json'}: no checksum recorded for {name}")
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing")
+        if sha256(f) != meta.sha256[name]:
+            raise CheckpointError(f"{f}: checksum mismatch (truncated or corrupted file)")
+        try:
+            arrays[name] = read_npz(f)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{f}: unreadable ({e})") from e
+    params = arrays["weights.npz"]
+    check_shapes(params, meta.model, path)
+    return Checkpoint(path, params, meta, arrays.get("optim.npz", {}))
+
+
+def check_shapes(params: Params, cfg: ModelConfig, where: Path) -> None:
+    H, V = cfg.hidden, cfg.vocab_size
+    want = {"V": (H, V), "c": (V,)}
+    for l in range(cfg.layers):
+        want |= {f"U{l}": (V if l == 0 else H, H), f"W{l}": (H, H), f"b{l}": (H,)}
+    got = {k: v.shape for k, v in params.items()}
+    if got != want:
+        raise CheckpointError(f"{where}: weights do not match the model config ({got} vs {want})")
+    if any(v.dtype != np.dtype(cfg.dtype) for v in params.values()):
+        raise CheckpointError(f"{where}: weights are not {cfg.dtype}")
+
+
+# --- a folder of checkpoints -------------------------------------------------------------------
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, newest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def read_pointer(root: Path, name: str) -> Path | None:
+    f = Path(root) / name
+    if not f.exists():
+        return None
+    target = Path(root) / f.read_text().strip()
+    return target if target.is_dir() else None
+
+
+def save(
+    root: Path,
+    params: Params,
+    meta: Meta,
+    optim: dict[str, np.ndarray] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Save step `meta.step` under `root`, move `latest` (and `best`), prune to the last `keep` + best."""
+    root = Path(root)
+    path = write_dir(root / f"step-{meta.step:07d}", params, meta, optim)
+    val = meta.metrics.get("val_loss")
+    best = read_pointer(root, "best")
+    if val is not None:
+        best_val = None
+        if best is not None:
+            try:
+                best_val = read_meta(best).metrics.get("val_loss")
+            except CheckpointError:
+                best_val = None
+        if best_val is None or val <= best_val:
+            write_atomic(root / "best", path.name.encode())
+            best = path
+    write_atomic(root / "latest", path.name.encode())
+    keepers = set(step_dirs(root)[: max(1, keep)]) | {path} | ({best} if best else set())
+    for old in step_dirs(root):
+        if old not in keepers:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load(path: Path, with_optim: bool = True, pointer: str = "latest") -> Checkpoint:
+    """Load a checkpoint directory, or the newest good one in a folder of checkpoints.
+
+    In a folder, `pointer` names where to start; a checkpoint that fails its checks is refused with a
+    warning and the next older one is tried."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or folder")
+    if (path / "meta.json").exists():
+        return load_dir(path, with_optim)
+    first = read_pointer(path, pointer)
+    candidates = ([first] if first else []) + [p for p in step_dirs(path) if p != first]
+    if not candidates:
+        raise CheckpointError(f"{path}: no checkpoints here; train one with `char-rnn train`")
+    errors = []
+    for c in candidates:
+        try:
+            ck = load_dir(c, with_optim)
+        except CheckpointError as e:
+            warnings.warn(f"refused checkpoint: {e}", stacklevel=2)
+            errors.append(str(e))
+            continue
+        return ck
+    raise CheckpointError(f"{path}: no good checkpoint; " + "; ".join(errors))

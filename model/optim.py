@@ -1,0 +1,133 @@
+"""Optimizers (Adam, Adagrad, SGD), global-norm gradient clipping and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+from model.rnn import Params
+
+OptimName = Literal["adam", "adagrad", "sgd"]
+
+
+def clip_(grads: Params, max_norm: float) -> float:
+    """Scale `grads` in place so their global L2 norm is at most `max_norm` (0 = off); the norm before."""
+    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+def lr_at(step: int, lr: float, steps: int, warmup: int, min_lr: float) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to `min_lr` at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if steps <= warmup:
+        return lr
+    frac = min(1.0, (step - warmup) / (steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to matrices, not to biases."""
+    return name not in ("c",) and not name.startswith("b")
+
+
+class Optimizer:
+    """Base: holds named state arrays so a checkpoint can save and restore them exactly."""
+
+    slots: tuple[str, ...] = ()
+
+    def __init__(self, params: Params, weight_decay: float = 0.0):
+        self.wd = weight_decay
+        self.t = 0
+        self.state = {f"{s}.{k}": np.zeros_like(v) for s in self.slots for k, v in params.items()}
+
+    def step(self, params: Params, grads: Params, lr: float) -> None:
+        self.t += 1
+        for k, p in params.items():
+            if self.wd and decays(k):
+                p *= 1.0 - lr * self.wd
+            self.update(k, p, grads[k], lr)
+
+    def update(self, k: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {**self.state, "t": np.array(self.t, np.int64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        missing = set(self.state) - set(state)
+        if missing:
+            raise ValueError(f"optimizer state lacks {sorted(missing)[:5]}")
+        for k in self.state:
+            if state[k].shape != self.state[k].shape:
+                raise ValueError(f"optimizer state {k} has shape {state[k].shape}")
+            self.state[k][...] = state[k]
+        self.t = int(state["t"])
+
+
+class SGD(Optimizer):
+    slots = ("m",)
+
+    def __init__(self, params: Params, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, weight_decay)
+        self.momentum = momentum
+
+    def update(self, k: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+        m = self.state[f"m.{k}"]
+        m *= self.momentum
+        m += g
+        p -= lr * m
+
+
+class Adagrad(Optimizer):
+    slots = ("v",)
+    eps = 1e-8
+
+    def update(self, k: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+        v = self.state[f"v.{k}"]
+        v += g * g
+        p -= lr * g / (np.sqrt(v) + self.eps)
+
+
+class Adam(Optimizer):
+    slots = ("m", "v")
+
+    def __init__(
+        self,
+        params: Params,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(params, weight_decay)
+        self.b1, self.b2 = betas
+        self.eps = eps
+
+    def update(self, k: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+        m, v = self.state[f"m.{k}"], self.state[f"v.{k}"]
+        m *= self.b1
+        m += (1.0 - self.b1) * g
+        v *= self.b2
+        v += (1.0 - self.b2) * (g * g)
+        c1 = 1.0 - self.b1**self.t
+        c2 = 1.0 - self.b2**self.t
+        denom = np.sqrt(v / c2)
+        denom += self.eps
+        p -= (lr / c1) * m / denom
+
+
+def make(name: OptimName, params: Params, weight_decay: float = 0.0) -> Optimizer:
+    """The optimizer called `name`."""
+    if name == "adam":
+        return Adam(params, weight_decay=weight_decay)
+    if name == "adagrad":
+        return Adagrad(params, weight_decay=weight_decay)
+    if name == "sgd":
+        return SGD(params, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: choose adam, adagrad or sgd")

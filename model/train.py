@@ -1,0 +1,225 @@
+"""The training loop: parallel streams, truncated BPTT, clipping, schedule, validation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from model import checkpoint, optim, rnn
+from model.checkpoint import Checkpoint, Meta
+from model.rnn import ModelConfig, Params
+from model.vocab import Vocab
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(3000, ge=1, le=10_000_000, description="total optimizer steps")
+    batch: int = Field(32, ge=1, le=4096, description="parallel sequences (B)")
+    seq: int = Field(64, ge=1, le=4096, description="truncated BPTT length (T)")
+    lr: float = Field(3e-3, gt=0, le=10)
+    min_lr: float = Field(3e-4, ge=0, le=10, description="learning rate at the end of cosine decay")
+    warmup: int = Field(100, ge=0)
+    optimizer: optim.OptimName = "adam"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    clip: float = Field(1.0, ge=0, description="global gradient-norm limit; 0 turns it off")
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(250, ge=1)
+    eval_chars: int = Field(0, ge=0, description="validation characters per evaluation; 0 = all")
+    checkpoint_every: int = Field(500, ge=1)
+    keep: int = Field(3, ge=1, description="recent checkpoints kept (besides the best)")
+    log_every: int = Field(10, ge=1)
+    max_loss_factor: float = Field(3.0, gt=1, description="stop when loss > this x ln(vocab)")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became non-finite or exploded."""
+
+
+@dataclass
+class Progress:
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    grad_norm: float
+    chars_per_s: float
+    eta_s: float
+    val_loss: float | None = None
+
+
+class Streams:
+    """B contiguous streams over the training ids; each batch is the next T characters of every stream."""
+
+    def __init__(self, ids: np.ndarray, batch: int, seq: int):
+        self.length = (len(ids) - 1) // batch  # characters per stream
+        if self.length < seq + 1:
+            raise ValueError(
+                f"the training text has {len(ids)} characters, too few for batch {batch} x seq {seq} "
+                f"(needs at least {batch * (seq + 1) + 1}); lower --batch or --seq, or add text"
+            )
+        self.ids, self.seq = ids, seq
+        self.index = np.arange(batch)[:, None] * self.length + np.arange(seq)[None, :]  # (B, T)
+
+    def get(self, pos: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Inputs and targets (B, T) at `pos`, and the next position (0 when the streams wrap)."""
+        idx = self.index + pos
+        nxt = pos + self.seq
+        return self.ids[idx], self.ids[idx + 1], (0 if nxt + self.seq + 1 > self.length else nxt)
+
+
+def evaluate(
+    p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq: int = 128
+) -> float:
+    """Mean cross-entropy of `ids` in nats/char (each stream starts from a zero state)."""
+    if len(ids) < 2:
+        raise ValueError("validation needs at least 2 characters")
+    b = min(batch, len(ids) - 1)
+    n = (len(ids) - 1) // b
+    base = np.arange(b)[:, None] * n
+    h = rnn.zeros_hidden(cfg, b)
+    total = 0.0
+    for s in range(0, n, seq):
+        idx = base + np.arange(s, min(s + seq, n))[None, :]
+        loss, _, h = rnn.forward(p, cfg, ids[idx], ids[idx + 1], h)
+        total += loss * idx.size
+    return total / (b * n)
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)
+
+
+def train(
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    vocab: Vocab,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    init_params: Params | None = None,
+    parent: str | None = None,
+    fingerprint: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Checkpoint:
+    """Train for `cfg.steps` total steps, checkpointing into `out`; returns the final checkpoint.
+
+    With `resume`, continues bitwise-exactly from the newest good checkpoint in `out`.
+    `init_params` warm-starts (e.g. from a promoted model grown to `vocab`)."""
+    if model_cfg.vocab_size != len(vocab):
+        raise ValueError(f"model vocab_size {model_cfg.vocab_size} != vocabulary size {len(vocab)}")
+    out = Path(out)
+    streams = Streams(train_ids, cfg.batch, cfg.seq)
+    rng = np.random.default_rng(cfg.seed)
+    params = init_params if init_params is not None else rnn.init(model_cfg, rng)
+    params = {k: np.array(v, dtype=model_cfg.dtype) for k, v in params.items()}
+    opt = optim.make(cfg.optimizer, params, cfg.weight_decay)
+    h = rnn.zeros_hidden(model_cfg, cfg.batch)
+    step, pos = 0, 0
+    metrics: dict = {"train": [], "val": []}
+    if resume and checkpoint.step_dirs(out):
+        ck = checkpoint.load(out)
+        step, pos, params, metrics, parent = restore(ck, model_cfg, cfg, vocab, fingerprint, opt, h)
+        rng.bit_generator.state = ck.meta.rng
+    if step >= cfg.steps:
+        return checkpoint.load(out)
+
+    limit = cfg.max_loss_factor * math.log(max(len(vocab), 2))
+    drop_rng = rng if model_cfg.dropout > 0 else None
+    t0, step0 = time.perf_counter(), step
+    while step < cfg.steps:
+        x, y, nxt = streams.get(pos)
+        loss, cache, h = rnn.forward(params, model_cfg, x, y, h, drop_rng)
+        if not math.isfinite(loss) or loss > limit:
+            raise TrainingDiverged(
+                f"loss {loss:.3g} at step {step + 1} (limit {limit:.3g}); no checkpoint was written "
+                f"for it. Lower the learning rate (--lr {cfg.lr / 3:.2g}) or the clip (--clip)"
+            )
+        grads = rnn.backward(params, model_cfg, cache)
+        norm = optim.clip_(grads, cfg.clip)
+        if not math.isfinite(norm):
+            raise TrainingDiverged(
+                f"gradient norm {norm} at step {step + 1}; lower the learning rate"
+            )
+        lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr)
+        opt.step(params, grads, lr)
+        step += 1
+        if nxt == 0:
+            h[...] = 0.0  # streams wrapped: start from a clean state
+        pos = nxt
+        val = None
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            v_ids = val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids
+            val = evaluate(params, model_cfg, v_ids)
+            metrics["val"].append([step, round(val, 6)])
+        if step % cfg.log_every == 0 or val is not None or step == cfg.steps:
+            metrics["train"].append([step, round(loss, 6)])
+            if on_progress:
+                rate = (step - step0) * cfg.batch * cfg.seq / max(time.perf_counter() - t0, 1e-9)
+                eta = (cfg.steps - step) * cfg.batch * cfg.seq / max(rate, 1e-9)
+                on_progress(Progress(step, cfg.steps, loss, lr, norm, rate, eta, val))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            vals = [v for _, v in metrics["val"]]
+            metrics |= {
+                "train_loss": loss,
+                "val_loss": vals[-1] if vals else None,
+                "best_val_loss": min(vals) if vals else None,
+            }
+            meta = Meta(
+                format=checkpoint.FORMAT,
+                vocab=list(vocab.chars),
+                model=model_cfg,
+                train=cfg.model_dump(),
+                step=step,
+                rng=rng.bit_generator.state,
+                data_pos=pos,
+                metrics=metrics,
+                fingerprint=fingerprint,
+                parent=parent,
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            state = opt.state_dict() | {f"hidden.{l}": h[l] for l in range(model_cfg.layers)}
+            checkpoint.save(out, params, meta, state, keep=cfg.keep)
+    return checkpoint.load(out)
+
+
+def restore(
+    ck: Checkpoint,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    vocab: Vocab,
+    fingerprint: str | None,
+    opt: optim.Optimizer,
+    h: np.ndarray,
+) -> tuple[int, int, Params, dict, str | None]:
+    """Check that `ck` belongs to this run, load its optimizer and hidden state; step, pos, params..."""
+    if ck.config != model_cfg:
+        raise ValueError(
+            f"{ck.path}: model config differs from this run's; resume with the same one"
+        )
+    if ck.vocab != vocab:
+        raise ValueError(f"{ck.path}: vocabulary differs; the corpus changed since this checkpoint")
+    if fingerprint and ck.meta.fingerprint and fingerprint != ck.meta.fingerprint:
+        raise ValueError(f"{ck.path}: trained on another corpus (fingerprint differs)")
+    same = {k: v for k, v in ck.meta.train.items() if k not in ("steps", "eval_every", "log_every")}
+    differs = {k for k, v in same.items() if getattr(cfg, k) != v}
+    if differs:
+        raise ValueError(
+            f"{ck.path}: training settings {sorted(differs)} differ from the checkpoint's"
+        )
+    if not ck.optim:
+        raise ValueError(f"{ck.path}: no optimizer state saved; cannot resume from it")
+    opt.load_state_dict(ck.optim)
+    for l in range(model_cfg.layers):
+        h[l] = ck.optim[f"hidden.{l}"]
+    params = {k: v.copy() for k, v in ck.params.items()}
+    return ck.meta.step, ck.meta.data_pos, params, ck.meta.metrics, ck.meta.parent

@@ -1,0 +1,69 @@
+"""Character vocabulary: sorted, stable ids, growable without renumbering."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Unknown = Literal["error", "skip"]
+
+
+class UnknownCharsError(ValueError):
+    """Text holds characters the vocabulary does not know."""
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        shown = ", ".join(repr(c) for c in self.chars[:20])
+        more = f" (+{len(self.chars) - 20} more)" if len(self.chars) > 20 else ""
+        super().__init__(
+            f"{len(self.chars)} character(s) not in the vocabulary: {shown}{more}; "
+            "drop them with unknown='skip' or retrain on text that contains them"
+        )
+
+
+@dataclass(frozen=True)
+class Vocab:
+    chars: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("vocabulary characters must be unique")
+        if any(len(c) != 1 for c in self.chars):
+            raise ValueError("vocabulary entries must be single characters")
+        object.__setattr__(self, "_ids", {c: i for i, c in enumerate(self.chars)})
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        """The sorted set of characters of `text`."""
+        return cls(tuple(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, ch: str) -> bool:
+        return ch in self._ids
+
+    def unknown(self, text: str) -> list[str]:
+        """Characters of `text` not in the vocabulary, sorted."""
+        return sorted(set(text) - self._ids.keys())
+
+    def encode(self, text: str, unknown: Unknown = "error") -> np.ndarray:
+        """Ids of `text` as int32; unknown characters raise or are dropped."""
+        missing = self.unknown(text)
+        if missing:
+            if unknown == "error":
+                raise UnknownCharsError(missing)
+            drop = set(missing)
+            text = "".join(c for c in text if c not in drop)
+        ids = self._ids
+        return np.fromiter((ids[c] for c in text), dtype=np.int32, count=len(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def grow(self, text: str) -> Vocab:
+        """A vocabulary with the new characters of `text` appended (sorted); old ids unchanged."""
+        return Vocab(self.chars + tuple(self.unknown(text)))
