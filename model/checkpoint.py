@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -106,9 +105,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def write_dir(
-    path: Path, params: Params, meta: Meta, optim: dict[str, np.ndarray] | None = None
-) -> Path:
+def write_dir(path: Path, params: Params, meta: Meta, optim: dict[str, np.ndarray] | None = None) -> Path:
     """Write a checkpoint directory atomically at `path` (which must not exist yet)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +150,7 @@ def read_meta(path: Path) -> Meta:
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no meta.json; is this a checkpoint directory?") from e
     except (ValidationError, ValueError) as e:
-        raise CheckpointError(
-            f"{f}: unreadable checkpoint metadata ({e.__class__.__name__})"
-        ) from e
+        raise CheckpointError(f"{f}: unreadable checkpoint metadata ({e.__class__.__name__})") from e
     if meta.format != FORMAT:
         raise CheckpointError(f"{f}: checkpoint format {meta.format}, this code reads {FORMAT}")
     return meta

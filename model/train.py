@@ -75,9 +75,7 @@ class Streams:
         return self.ids[idx], self.ids[idx + 1], (0 if nxt + self.seq + 1 > self.length else nxt)
 
 
-def evaluate(
-    p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq: int = 128
-) -> float:
+def evaluate(p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq: int = 128) -> float:
     """Mean cross-entropy of `ids` in nats/char (each stream starts from a zero state)."""
     if len(ids) < 2:
         raise ValueError("validation needs at least 2 characters")
@@ -147,9 +145,7 @@ def train(
         grads = rnn.backward(params, model_cfg, cache)
         norm = optim.clip_(grads, cfg.clip)
         if not math.isfinite(norm):
-            raise TrainingDiverged(
-                f"gradient norm {norm} at step {step + 1}; lower the learning rate"
-            )
+            raise TrainingDiverged(f"gradient norm {norm} at step {step + 1}; lower the learning rate")
         lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr)
         opt.step(params, grads, lr)
         step += 1
@@ -203,9 +199,7 @@ def restore(
 ) -> tuple[int, int, Params, dict, str | None]:
     """Check that `ck` belongs to this run, load its optimizer and hidden state; step, pos, params..."""
     if ck.config != model_cfg:
-        raise ValueError(
-            f"{ck.path}: model config differs from this run's; resume with the same one"
-        )
+        raise ValueError(f"{ck.path}: model config differs from this run's; resume with the same one")
     if ck.vocab != vocab:
         raise ValueError(f"{ck.path}: vocabulary differs; the corpus changed since this checkpoint")
     if fingerprint and ck.meta.fingerprint and fingerprint != ck.meta.fingerprint:
@@ -213,9 +207,7 @@ def restore(
     same = {k: v for k, v in ck.meta.train.items() if k not in ("steps", "eval_every", "log_every")}
     differs = {k for k, v in same.items() if getattr(cfg, k) != v}
     if differs:
-        raise ValueError(
-            f"{ck.path}: training settings {sorted(differs)} differ from the checkpoint's"
-        )
+        raise ValueError(f"{ck.path}: training settings {sorted(differs)} differ from the checkpoint's")
     if not ck.optim:
         raise ValueError(f"{ck.path}: no optimizer state saved; cannot resume from it")
     opt.load_state_dict(ck.optim)
