@@ -164,6 +164,8 @@ def train(
                 eta = (cfg.steps - step) * cfg.batch * cfg.seq / max(rate, 1e-9)
                 on_progress(Progress(step, cfg.steps, loss, lr, norm, rate, eta, val))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if not all(np.isfinite(v).all() for v in params.values()):
+                raise TrainingDiverged(f"non-finite weights at step {step}; no checkpoint was written")
             vals = [v for _, v in metrics["val"]]
             metrics |= {
                 "train_loss": loss,

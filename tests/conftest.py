@@ -1,0 +1,36 @@
+"""Shared fixtures. Every test session writes under its own temporary CHAR_RNN_HOME, never under ~ or ./."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))
+os.environ.update(
+    {
+        "CHAR_RNN_HOME": str(_HOME),
+        "PREFECT_HOME": str(_HOME / "prefect"),
+        "BENTOML_HOME": str(_HOME / "bentoml"),
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+)
+os.environ.pop("CHAR_RNN_RUNS", None)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def small_text() -> str:
+    """The first 20k characters of tiny shakespeare: enough to learn something in a few seconds."""
+    return SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+
+
+@pytest.fixture
+def small_corpus(tmp_path, small_text) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(small_text, encoding="utf-8")
+    return path
