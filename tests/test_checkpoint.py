@@ -1,0 +1,122 @@
+"""Checkpoints: round trip, checksums, fallback to the previous good one, pruning, no pickles."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from model import checkpoint, rnn
+from model.checkpoint import CheckpointError, Meta
+
+
+def make(step: int, val: float | None = None, V: int = 5, H: int = 4):
+    cfg = rnn.ModelConfig(vocab_size=V, hidden=H)
+    params = rnn.init(cfg, np.random.default_rng(step))
+    meta = Meta(
+        format=checkpoint.FORMAT,
+        vocab=list("abcde"[:V]),
+        model=cfg,
+        step=step,
+        metrics={"val_loss": val},
+    )
+    return params, meta, {"t": np.array(step), "hidden.0": np.zeros((2, H), np.float32)}
+
+
+def test_round_trip(tmp_path):
+    params, meta, opt = make(10, 1.5)
+    path = checkpoint.save(tmp_path, params, meta, opt)
+    ck = checkpoint.load(tmp_path)
+    assert ck.path == path and ck.meta.step == 10 and ck.vocab.chars == tuple("abcde")
+    assert all(np.array_equal(ck.params[k], params[k]) for k in params)
+    assert int(ck.optim["t"]) == 10 and set(ck.meta.sha256) == {"weights.npz", "optim.npz"}
+    assert checkpoint.load(tmp_path, with_optim=False).optim == {}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_checkpoint_is_refused_and_previous_used(tmp_path, damage):
+    for s in (10, 20):
+        checkpoint.save(tmp_path, *make(s))
+    f = tmp_path / "step-0000020" / "weights.npz"
+    raw = bytearray(f.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"step-0000020/weights.npz: checksum mismatch"):
+        checkpoint.load(tmp_path / "step-0000020")
+    with pytest.warns(UserWarning, match="refused checkpoint.*step-0000020"):
+        ck = checkpoint.load(tmp_path)
+    assert ck.meta.step == 10
+
+
+def test_missing_or_garbled_meta(tmp_path):
+    checkpoint.save(tmp_path, *make(10))
+    d = tmp_path / "step-0000010"
+    (d / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint metadata"):
+        checkpoint.load(d)
+    meta = make(10)[1].model_dump()
+    meta["format"] = 99
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format 99"):
+        checkpoint.load(d)
+    with pytest.raises(CheckpointError, match="no good checkpoint"), pytest.warns(UserWarning):
+        checkpoint.load(tmp_path)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints here"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        checkpoint.load(tmp_path / "nope")
+
+
+def test_pickled_arrays_are_never_loaded(tmp_path):
+    params, meta, _ = make(10)
+    path = checkpoint.save(tmp_path, params, meta)
+    buf = io.BytesIO()
+    np.savez(buf, **(params | {"V": np.array([{"evil": 1}], dtype=object)}))
+    (path / "weights.npz").write_bytes(buf.getvalue())
+    m = json.loads((path / "meta.json").read_text())
+    m["sha256"]["weights.npz"] = checkpoint.sha256(path / "weights.npz")
+    (path / "meta.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        checkpoint.load(path)
+
+
+def test_shapes_must_match_config(tmp_path):
+    params, meta, _ = make(10)
+    meta = meta.model_copy(update={"model": meta.model.model_copy(update={"hidden": 3})})
+    checkpoint.save(tmp_path, params, meta)
+    with pytest.raises(CheckpointError, match="do not match the model config"):
+        checkpoint.load(tmp_path / "step-0000010")
+
+
+def test_keeps_last_k_and_the_best(tmp_path):
+    vals = {10: 2.0, 20: 1.0, 30: 1.5, 40: 1.7, 50: 1.8}
+    for s, v in vals.items():
+        checkpoint.save(tmp_path, *make(s, v), keep=2)
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == [
+        "step-0000050",
+        "step-0000040",
+        "step-0000020",
+    ]
+    assert checkpoint.read_pointer(tmp_path, "best").name == "step-0000020"
+    assert checkpoint.load(tmp_path, pointer="best").meta.step == 20
+    assert checkpoint.read_pointer(tmp_path, "latest").name == "step-0000050"
+
+
+def test_interrupted_write_leaves_no_valid_looking_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, *make(10))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, *make(20))
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step-0000010"]
+    assert not list(tmp_path.glob(".tmp-*")) and checkpoint.load(tmp_path).meta.step == 10

@@ -1,0 +1,154 @@
+"""The training loop: it learns, it is deterministic, it resumes bitwise, it refuses to diverge quietly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import checkpoint, corpus, optim, rnn, train
+from model.vocab import Vocab
+
+CFG = train.TrainConfig(
+    steps=60, batch=8, seq=16, lr=1e-2, min_lr=1e-3, warmup=5, eval_every=20, checkpoint_every=20, log_every=5
+)
+
+
+def data(text: str):
+    vocab = Vocab.from_text(text)
+    tr, va = corpus.split(vocab.encode(text))
+    return tr, va[:2000], vocab, rnn.ModelConfig(vocab_size=len(vocab), hidden=32)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_learns_and_reports_progress(tmp_path, small_text):
+    tr, va, vocab, mcfg = data(small_text)
+    seen: list[train.Progress] = []
+    ck = train.train(tr, va, vocab, mcfg, CFG, tmp_path, on_progress=seen.append)
+    uniform = np.log(len(vocab))
+    assert ck.meta.step == 60 and ck.meta.metrics["val_loss"] < uniform - 0.8
+    assert [p.step for p in seen] == list(range(5, 61, 5))
+    assert all(p.chars_per_s > 0 and p.eta_s >= 0 for p in seen) and seen[-1].eta_s == 0
+    assert [s for s, _ in ck.meta.metrics["val"]] == [20, 40, 60]
+
+
+def test_deterministic_for_a_seed(tmp_path, small_text):
+    tr, va, vocab, mcfg = data(small_text)
+    a = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "a")
+    b = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "b")
+    c = train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"seed": 1}), tmp_path / "c")
+    assert same_weights(a.params, b.params) and not same_weights(a.params, c.params)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_after_crash_is_bitwise_identical(tmp_path, small_text, dropout):
+    tr, va, vocab, mcfg = data(small_text)
+    mcfg = mcfg.model_copy(update={"dropout": dropout, "layers": 2})
+    full = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "full")
+
+    def crash_at_45(p: train.Progress) -> None:
+        if p.step == 45:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train.train(tr, va, vocab, mcfg, CFG, tmp_path / "cut", on_progress=crash_at_45)
+    assert checkpoint.load(tmp_path / "cut").meta.step == 40
+    resumed = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "cut", resume=True)
+    assert resumed.meta.step == 60 and same_weights(full.params, resumed.params)
+    assert resumed.meta.metrics["val"] == full.meta.metrics["val"]
+
+
+def test_resume_refuses_another_run(tmp_path, small_text):
+    tr, va, vocab, mcfg = data(small_text)
+    train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"steps": 20}), tmp_path)
+    with pytest.raises(ValueError, match="model config"):
+        train.train(tr, va, vocab, mcfg.model_copy(update={"hidden": 16}), CFG, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="batch"):
+        train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"batch": 4}), tmp_path, resume=True)
+
+
+def test_divergence_stops_without_a_bad_checkpoint(tmp_path, small_text):
+    tr, va, vocab, mcfg = data(small_text)
+    wild = CFG.model_copy(
+        update={"optimizer": "sgd", "lr": 50.0, "clip": 0.0, "warmup": 0, "checkpoint_every": 1}
+    )
+    with pytest.raises(train.TrainingDiverged, match="lower the learning rate|Lower the learning rate"):
+        train.train(tr, va, vocab, mcfg, wild, tmp_path)
+    for d in checkpoint.step_dirs(tmp_path):
+        assert all(np.isfinite(v).all() for v in checkpoint.load_dir(d).params.values())
+
+
+def test_clipping_bounds_the_global_norm():
+    g = {"a": np.full((3, 3), 10.0, np.float32), "b": np.full(4, -10.0, np.float32)}
+    before = optim.clip_(g, 1.0)
+    assert before == pytest.approx(np.sqrt(13) * 10)
+    assert np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in g.values())) == pytest.approx(1.0, rel=1e-5)
+    assert optim.clip_(g, 0.0) == pytest.approx(1.0, rel=1e-5)  # 0 = off
+
+
+def test_schedule_warms_up_then_decays():
+    lrs = [optim.lr_at(s, 1.0, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] > 0.1
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad", "sgd"])
+def test_every_optimizer_lowers_the_loss(tmp_path, small_text, name):
+    tr, va, vocab, mcfg = data(small_text)
+    lr = {"adam": 1e-2, "adagrad": 5e-2, "sgd": 0.5}[name]
+    ck = train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"optimizer": name, "lr": lr}), tmp_path)
+    assert ck.meta.metrics["val_loss"] < np.log(len(vocab)) - 0.5
+
+
+def test_warm_start_with_a_grown_vocabulary(tmp_path, small_text):
+    tr, va, vocab, mcfg = data(small_text)
+    old = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "old")
+    new_text = small_text + "\u00e9\u00e8\U0001f600 " * 50
+    big = vocab.grow(new_text)
+    tr2, va2 = corpus.split(big.encode(new_text))
+    cfg2 = mcfg.model_copy(update={"vocab_size": len(big)})
+    init = rnn.grow(old.params, mcfg, len(big), np.random.default_rng(0))
+    ck = train.train(tr2, va2, big, cfg2, CFG, tmp_path / "new", init_params=init, parent=str(old.path))
+    assert ck.meta.vocab[: len(vocab)] == list(vocab.chars) and ck.meta.parent == str(old.path)
+    # a warm start is already good at the old text before any step of its own
+    assert train.evaluate(init, cfg2, big.encode(small_text[-2000:])) < np.log(len(big)) - 0.8
+
+
+def run_cli(*args: str, **kw) -> subprocess.Popen:
+    env = os.environ | {"OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "model.cli", *args], env=env, **kw)
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, small_corpus):
+    """A real training process killed with SIGKILL at two points, resumed each time."""
+    flags = ["--data", str(small_corpus), "--steps", "400", "--hidden", "48", "--batch", "8", "--seq", "16"]
+    flags += ["--checkpoint-every", "10", "--eval-every", "40"]
+    assert run_cli("train", *flags, "--out", str(tmp_path / "full")).wait(120) == 0
+    cut = tmp_path / "cut"
+    for kill_after in (60, 250):
+        p = run_cli("train", *flags, "--out", str(cut), "--resume", stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and p.poll() is None:
+            latest = checkpoint.read_pointer(cut, "latest")
+            if latest and int(latest.name[5:]) >= kill_after:
+                break
+            time.sleep(0.01)
+        assert p.poll() is None, "training ended before it could be killed; make it longer"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert checkpoint.load(cut).meta.step < 400
+    assert run_cli("train", *flags, "--out", str(cut), "--resume").wait(120) == 0
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(cut)
+    assert b.meta.step == 400 and same_weights(a.params, b.params)
+    assert not list(Path(cut).glob(".tmp-*"))
