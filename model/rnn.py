@@ -66,7 +66,29 @@ class Cache:
     hs: list[np.ndarray]  # per layer (T+1, B, H), hs[l][0] = initial state
     outs: list[np.ndarray]  # per layer (T, B, H), the layer output after dropout
     masks: list[np.ndarray | None]  # per layer (T, B, H) dropout masks (scaled)
-    probs: np.ndarray  # (T*B, V)
+    dz: np.ndarray  # (T*B, V) softmax / (T*B); backward turns it into the logits' gradient in place
+
+
+def recur(h: np.ndarray, W: np.ndarray) -> None:
+    """In place: h[t+1] = tanh(h[t+1] + h[t] W), where h[1:] holds the input pre-activations."""
+    tmp = np.empty_like(h[0])  # (B, H)
+    for t in range(h.shape[0] - 1):
+        np.matmul(h[t], W, out=tmp)
+        h[t + 1] += tmp
+        np.tanh(h[t + 1], out=h[t + 1])
+
+
+def recur_back(d: np.ndarray, h: np.ndarray, W: np.ndarray) -> None:
+    """In place: d (T, B, H) from the gradient w.r.t. the states to the one before tanh, through time."""
+    dtanh = np.multiply(h[1:], h[1:])  # (T, B, H)
+    np.subtract(1.0, dtanh, out=dtanh)
+    tmp = np.empty_like(d[0])  # (B, H)
+    WT = W.T
+    d[-1] *= dtanh[-1]
+    for t in range(d.shape[0] - 1, 0, -1):
+        np.matmul(d[t], WT, out=tmp)
+        d[t - 1] += tmp
+        d[t - 1] *= dtanh[t - 1]
 
 
 def forward(
@@ -81,44 +103,51 @@ def forward(
 
     Dropout is applied only when `rng` is given (training)."""
     B, T = ids.shape
-    H, L = cfg.hidden, cfg.layers
+    H, L, N, dt = cfg.hidden, cfg.layers, T * B, cfg.dtype
     ids_t = np.ascontiguousarray(ids.T)  # (T, B)
-    tgt = np.ascontiguousarray(targets.T).reshape(-1)  # (T*B,)
+    tgt = np.ascontiguousarray(targets.T).reshape(-1)  # (N,)
     hs, outs, masks = [], [], []
     x = None  # (T, B, H) the layer below's output
-    tmp = np.empty((B, H), cfg.dtype)
     for l in range(L):
-        h = np.empty((T + 1, B, H), cfg.dtype)
+        h = np.empty((T + 1, B, H), dt)
         h[0] = h0[l]
-        if l == 0:
-            np.take(p["U0"], ids_t, axis=0, out=h[1:])  # (T, B, H) embedding rows
+        if l == 0:  # embedding rows with the bias folded in
+            np.take(p["U0"] + p["b0"], ids_t, axis=0, out=h[1:])  # (T, B, H)
         else:
-            np.matmul(x.reshape(T * B, H), p[f"U{l}"], out=h[1:].reshape(T * B, H))
-        h[1:] += p[f"b{l}"]
-        W = p[f"W{l}"]
-        for t in range(T):
-            np.matmul(h[t], W, out=tmp)
-            h[t + 1] += tmp
-            np.tanh(h[t + 1], out=h[t + 1])
+            np.matmul(x.reshape(N, H), p[f"U{l}"], out=h[1:].reshape(N, H))
+            h[1:] += p[f"b{l}"]
+        recur(h, p[f"W{l}"])
         x, mask = h[1:], None
         if rng is not None and cfg.dropout > 0:
             keep = 1.0 - cfg.dropout
-            mask = (rng.random((T, B, H)) < keep).astype(cfg.dtype)
+            mask = np.less(rng.random((T, B, H), dtype=dt), keep).astype(dt)
             mask *= 1.0 / keep
             x = x * mask
         hs.append(h)
         outs.append(x)
         masks.append(mask)
-    logits = x.reshape(T * B, H) @ p["V"]  # (T*B, V)
-    logits += p["c"]
-    logits -= logits.max(axis=1, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=1, keepdims=True)
-    probs = logits
-    picked = probs[np.arange(T * B), tgt]
-    loss = float(-np.log(np.maximum(picked, np.finfo(cfg.dtype).tiny)).astype(np.float64).mean())
+    z = x.reshape(N, H) @ p["V"]  # (N, V) logits
+    z += p["c"]
+    z -= z.max(axis=1, keepdims=True)
+    zt = z[np.arange(N), tgt]  # (N,) target logits, shifted
+    np.exp(z, out=z)
+    s = z.sum(axis=1, keepdims=True)  # (N, 1)
+    loss = float((np.log(s[:, 0]) - zt).astype(np.float64).mean())
+    z *= 1.0 / (s * N)
     hT = np.stack([h[-1] for h in hs])  # (L, B, H)
-    return loss, Cache(ids_t, tgt, hs, outs, masks, probs), hT
+    return loss, Cache(ids_t, tgt, hs, outs, masks, z), hT
+
+
+def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:
+    """sum of the rows of d (N, H) per id (N,) as a (V, H) array: a one-hot product when that is small."""
+    N = len(ids)
+    if V <= N and V * N <= 1 << 26:
+        onehot = np.zeros((V, N), d.dtype)
+        onehot[ids, np.arange(N)] = 1.0
+        return onehot @ d
+    g = np.zeros((V, d.shape[1]), d.dtype)
+    np.add.at(g, ids, d)
+    return g
 
 
 def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
@@ -126,36 +155,24 @@ def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     T, B = c.ids.shape
     H, N = cfg.hidden, T * B
     g: Params = {}
-    dy = c.probs  # reused in place: (N, V)
-    dy[np.arange(N), c.tgt] -= 1.0
-    dy /= N
-    top = c.outs[-1].reshape(N, H)
-    g["V"] = top.T @ dy
-    g["c"] = dy.sum(axis=0)
-    dout = (dy @ p["V"].T).reshape(T, B, H)  # (T, B, H)
-    dnext = np.empty((B, H), cfg.dtype)
+    dz = c.dz  # reused in place: (N, V)
+    dz[np.arange(N), c.tgt] -= 1.0 / N
+    g["V"] = c.outs[-1].reshape(N, H).T @ dz
+    g["c"] = dz.sum(axis=0)
+    dout = (dz @ p["V"].T).reshape(T, B, H)  # (T, B, H)
     for l in reversed(range(cfg.layers)):
-        h, W = c.hs[l], p[f"W{l}"]
+        h = c.hs[l]
         if c.masks[l] is not None:
             dout *= c.masks[l]
-        draw = dout  # overwritten in place: (T, B, H) gradient before tanh
-        dtanh = 1.0 - h[1:] * h[1:]  # (T, B, H)
-        dnext.fill(0.0)
-        WT = np.ascontiguousarray(W.T)
-        for t in reversed(range(T)):
-            draw[t] += dnext
-            draw[t] *= dtanh[t]
-            np.matmul(draw[t], WT, out=dnext)
-        flat = draw.reshape(N, H)
+        recur_back(dout, h, p[f"W{l}"])  # dout is now the gradient before tanh
+        flat = dout.reshape(N, H)
         g[f"W{l}"] = h[:-1].reshape(N, H).T @ flat
-        g[f"b{l}"] = flat.sum(axis=0)
         if l == 0:
-            gU = np.zeros_like(p["U0"])
-            np.add.at(gU, c.ids.reshape(-1), flat)
-            g["U0"] = gU
+            g["U0"] = embed_grad(c.ids.reshape(-1), flat, cfg.vocab_size)
+            g["b0"] = g["U0"].sum(axis=0)
         else:
-            below = c.outs[l - 1].reshape(N, H)
-            g[f"U{l}"] = below.T @ flat
+            g[f"U{l}"] = c.outs[l - 1].reshape(N, H).T @ flat
+            g[f"b{l}"] = flat.sum(axis=0)
             dout = (flat @ p[f"U{l}"].T).reshape(T, B, H)
     return g
 
