@@ -1,0 +1,270 @@
+"""The service's HTTP face, in-process: Starlette's TestClient over the BentoML ASGI app.
+
+One app per test process (module-scoped). The registry pointer is redirected to a file of this module's own,
+so the service sees exactly the models these tests promote (none at first, for the 503 test).
+"""
+
+import os
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+os.environ["CHAR_RNN_RELOAD_INTERVAL"] = "0.1"  # before `service` is imported
+
+from model import sample  # noqa: E402
+from model.checkpoint import Checkpoint  # noqa: E402
+from model.rnn import ModelConfig  # noqa: E402
+from model.train import TrainConfig, train  # noqa: E402
+from model.vocab import Vocab  # noqa: E402
+
+EXTRA = "\nCafé — naïve, déjà vu: “quoted” ½ ☃ 日本語.\n"
+
+
+def tiny_checkpoint(text: str, out: Path, seed: int = 0) -> Checkpoint:
+    """A hidden-16 model trained for a few steps on `text`."""
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text)
+    cut = len(ids) * 9 // 10
+    cfg = ModelConfig(vocab_size=len(vocab), hidden=16)
+    tc = TrainConfig(steps=10, batch=4, seq=16, warmup=0, eval_every=10, checkpoint_every=10, seed=seed)
+    return train(ids[:cut], ids[cut:], vocab, cfg, tc, out, fingerprint=f"test-{seed}")
+
+
+def expected(ck: Checkpoint, prompt: str, n: int, temp: float, seed: int, samples: int = 1) -> list[str]:
+    """What the service must answer for a seeded request, computed directly (unbatched)."""
+    rows = [sample.Settings(temp, seed=seed + i * 2**32) for i in range(samples)]
+    return sample.sample(ck.params, ck.config, ck.vocab, [prompt] * samples, n, rows)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from starlette.testclient import TestClient
+
+    import service
+    from flows import registry
+
+    pointer = tmp_path_factory.mktemp("registry") / "promoted.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "pointer", lambda: pointer)
+        with TestClient(service.CharRNN.to_asgi()) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def model(client, tmp_path_factory, small_text) -> tuple[str, Checkpoint]:
+    """A promoted tiny model, once the service serves it."""
+    from flows import registry
+
+    ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("run") / "checkpoints")
+    tag = registry.promote(ck.path, {"source": "tests"})
+    for _ in range(100):
+        r = client.post("/model_info")
+        if r.status_code == 200 and r.json()["model"] == tag:
+            return tag, ck
+        __import__("time").sleep(0.05)
+    pytest.fail(f"the service did not pick up {tag}")
+
+
+def test_without_a_model_it_starts_unready_and_answers_503_saying_how_to_train(client):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    for route in ("/generate", "/generate_stream"):
+        r = client.post(route, json={"prompt": "a"})
+        assert r.status_code == 503
+        assert "char-rnn pipeline" in r.json()["error"]
+        assert "Traceback" not in r.text
+    assert client.post("/model_info").status_code == 503
+
+
+def test_ready_with_model_info(client, model):
+    tag, ck = model
+    assert client.get("/readyz").status_code == 200
+    info = client.post("/model_info").json()
+    assert info["model"] == tag
+    assert info["vocab"] == list(ck.vocab.chars)
+    assert info["config"]["hidden"] == 16
+    assert info["val_loss"] == pytest.approx(ck.meta.metrics["val_loss"])
+    assert info["fingerprint"] == "test-0" and info["trained_at"] and info["step"] == 10
+
+
+def test_defaults(client, model):
+    r = client.post("/generate", json={})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == model[0] and body["skipped_chars"] == [] and body["elapsed_ms"] > 0
+    assert [len(c) for c in body["completions"]] == [200]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_new_chars", 1),
+        ("max_new_chars", 2000),
+        ("temperature", 0.05),
+        ("temperature", 5),
+        ("top_k", 1),
+        ("top_p", 1),
+        ("top_p", 1e-9),
+        ("seed", 0),
+        ("seed", 2**32 - 1),
+        ("num_samples", 16),
+        ("prompt", ""),
+        ("prompt", "a" * 2000),
+        ("unknown_chars", "skip"),
+    ],
+)
+def test_bounds_accepted(client, model, field, value):
+    r = client.post("/generate", json={"max_new_chars": 5, field: value})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "field,value,rule",
+    [
+        ("max_new_chars", 0, "greater_than_equal"),
+        ("max_new_chars", 2001, "less_than_equal"),
+        ("temperature", 0.04, "greater_than_equal"),
+        ("temperature", 5.01, "less_than_equal"),
+        ("top_k", 0, "greater_than_equal"),
+        ("top_p", 0, "value_error"),
+        ("top_p", -0.5, "value_error"),
+        ("top_p", 1.01, "less_than_equal"),
+        ("seed", -1, "greater_than_equal"),
+        ("seed", 2**32, "less_than_equal"),
+        ("num_samples", 0, "greater_than_equal"),
+        ("num_samples", 17, "less_than_equal"),
+        ("prompt", "a" * 2001, "string_too_long"),
+        ("unknown_chars", "ignore", "literal_error"),
+        ("max_new_chars", "10", "int_type"),
+        ("max_new_chars", 10.5, "int_type"),
+        ("max_new_chars", True, "int_type"),
+        ("temperature", "hot", "float_type"),
+        ("prompt", 42, "string_type"),
+        ("prompt", None, "string_type"),
+        ("seed", 1.0, "int_type"),
+        ("num_samples", [1], "int_type"),
+    ],
+)
+def test_invalid_fields_are_400_naming_field_and_rule(client, model, field, value, rule):
+    r = client.post("/generate", json={field: value})
+    assert r.status_code == 400, r.text
+    [err] = r.json()["detail"]
+    assert err["loc"] == [field] and err["type"] == rule and err["msg"]
+
+
+def test_unknown_fields_are_forbidden(client, model):
+    r = client.post("/generate", json={"prompt": "a", "length": 5})
+    assert r.status_code == 400
+    assert r.json()["detail"][0] == r.json()["detail"][0] | {"loc": ["length"], "type": "extra_forbidden"}
+
+
+@pytest.mark.parametrize(
+    "body,content_type,status",
+    [
+        (b"", "application/json", 400),
+        (b"   ", "application/json", 400),
+        (b"{", "application/json", 400),
+        (b"null", "application/json", 400),
+        (b"[]", "application/json", 400),
+        (b'"prompt"', "application/json", 400),
+        (b'{"temperature": NaN}', "application/json", 400),
+        (b'{"prompt": "\\ud800"}', "application/json", 400),
+        (b"\xff\xfe{}", "application/json", 400),
+        (b'{"prompt": "a"}', None, 200),
+        (b"prompt=a", "application/x-www-form-urlencoded", 415),
+        (b"--x\r\n\r\nhi\r\n--x--", "multipart/form-data; boundary=x", 415),
+        (b'{"prompt": "a"}', "text/plain", 415),
+        (b"\x80\x04\x95", "application/vnd.bentoml+pickle", 415),
+        (b'{"prompt": "' + b"a" * 100_000 + b'"}', "application/json", 413),
+    ],
+)
+def test_malformed_bodies_of_any_content_type_are_4xx_with_json(client, model, body, content_type, status):
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post("/generate", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()
+
+
+def test_other_methods_and_routes_are_4xx(client, model):
+    assert client.get("/generate").status_code == 405
+    assert client.post("/nope", json={}).status_code == 404
+
+
+def test_unknown_prompt_characters_are_listed_or_skipped(client, model):
+    r = client.post("/generate", json={"prompt": "ROMEO ✈ 🙂 ✈", "max_new_chars": 3})
+    assert r.status_code == 400
+    [err] = r.json()["detail"]
+    assert err["loc"] == ["prompt"] and err["type"] == "unknown_chars" and err["chars"] == ["✈", "🙂"]
+    r = client.post("/generate", json={"prompt": "ROMEO ✈ 🙂 ✈", "max_new_chars": 3, "unknown_chars": "skip"})
+    assert r.status_code == 200 and r.json()["skipped_chars"] == ["✈", "🙂"]
+
+
+def test_unicode_prompts_are_nfc_normalised(client, model):
+    tag, ck = model
+    decomposed = unicodedata.normalize("NFD", "Café naïve 日本語")
+    assert decomposed != "Café naïve 日本語"
+    r = client.post("/generate", json={"prompt": decomposed, "max_new_chars": 30, "seed": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["completions"] == expected(ck, "Café naïve 日本語", 30, 0.8, 5)
+    assert set("".join(r.json()["completions"])) <= set(ck.vocab.chars)
+
+
+def test_seed_reproducible_and_equal_to_unbatched_sampling(client, model):
+    tag, ck = model
+    req = {"prompt": "ROMEO:", "max_new_chars": 80, "seed": 7, "temperature": 1.2, "num_samples": 3}
+    first = client.post("/generate", json=req).json()
+    assert client.post("/generate", json=req).json()["completions"] == first["completions"]
+    assert first["completions"] == expected(ck, "ROMEO:", 80, 1.2, 7, samples=3)
+    assert len(set(first["completions"])) == 3  # each sample draws its own stream
+    unseeded = [client.post("/generate", json=req | {"seed": None}).json()["completions"] for _ in range(3)]
+    assert len({tuple(c) for c in unseeded}) == 3
+
+
+def test_concurrent_requests_batched_give_the_same_answers(client, model):
+    tag, ck = model
+    reqs = [
+        {"prompt": "ab"[: i % 3] + "MEN", "max_new_chars": 20 + 7 * i, "seed": i, "temperature": 0.5 + i / 10}
+        for i in range(24)
+    ]
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda r: client.post("/generate", json=r), reqs))
+    for req, r in zip(reqs, got, strict=True):
+        assert r.status_code == 200, r.text
+        want = expected(ck, req["prompt"], req["max_new_chars"], req["temperature"], req["seed"])
+        assert r.json()["completions"] == want and r.json()["model"] == tag
+
+
+def test_top_k_and_top_p(client, model):
+    tag, ck = model
+    r = client.post("/generate", json={"prompt": "A", "max_new_chars": 50, "top_k": 1, "temperature": 3})
+    greedy = client.post("/generate", json={"prompt": "A", "max_new_chars": 50, "top_p": 1e-9}).json()
+    assert r.json()["completions"] == greedy["completions"]  # both keep only the most likely character
+
+
+def test_stream_sends_the_same_characters_as_generate(client, model):
+    tag, ck = model
+    req = {"prompt": "MENENIUS", "max_new_chars": 60, "seed": 3}
+    with client.stream("POST", "/generate_stream", json=req) as r:
+        assert r.status_code == 200 and r.headers["x-model-tag"] == tag
+        assert r.headers["content-type"].startswith("text/plain")
+        text = "".join(r.iter_text())
+    assert [text] == expected(ck, "MENENIUS", 60, 0.8, 3)
+    assert client.post("/generate", json=req).json()["completions"] == [text]
+
+
+def test_stream_validates_like_generate(client, model):
+    assert client.post("/generate_stream", json={"temperature": 0}).status_code == 400
+    r = client.post("/generate_stream", json={"num_samples": 2})
+    assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["num_samples"]
+    assert client.post("/generate_stream", json={"prompt": "✈"}).json()["detail"][0]["chars"] == ["✈"]
+
+
+def test_openapi_documents_the_request_bounds(client, model):
+    spec = client.get("/docs.json").json()
+    assert {"/generate", "/generate_stream", "/model_info"} <= set(spec["paths"])
+    body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["additionalProperties"] is False
+    fields = body["properties"]
+    assert fields["max_new_chars"]["maximum"] == 2000 and fields["temperature"]["minimum"] == 0.05
