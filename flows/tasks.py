@@ -1,0 +1,342 @@
+"""The pipeline's steps as small Prefect tasks. They pass paths, hashes and small models, never big arrays."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from model import paths
+
+paths.configure_env()
+
+import numpy as np  # noqa: E402
+from prefect import runtime, task  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
+from prefect.exceptions import MissingContextError  # noqa: E402
+from prefect.logging import get_logger, get_run_logger  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from flows import registry, report  # noqa: E402
+from flows.report import Comparison, Decision, Outcome, Score  # noqa: E402
+from model import checkpoint, corpus, rnn, train  # noqa: E402
+from model.checkpoint import write_atomic  # noqa: E402
+from model.rnn import ModelConfig  # noqa: E402
+from model.sample import Settings, sample  # noqa: E402
+from model.train import Progress, TrainConfig  # noqa: E402
+from model.vocab import Vocab  # noqa: E402
+
+PROMPTS = ("\n", "The ", "ROMEO:")  # fixed, so samples are comparable across runs; unknown chars skipped
+SAMPLE_CHARS = 200
+SAMPLING = [Settings(temperature=0.8, seed=i) for i in range(len(PROMPTS))]
+
+
+class CorpusInfo(BaseModel):
+    """What ingest found: the fingerprint and the files used and skipped (not the text itself)."""
+
+    fingerprint: str
+    files: list[str]
+    skipped: dict[str, str]
+    chars: int
+
+
+class CurrentModel(BaseModel):
+    """The promoted model: its tag, its checkpoint directory in the store, and what it was trained on."""
+
+    tag: str
+    path: Path
+    fingerprint: str | None
+    vocab: list[str]
+    config: ModelConfig
+
+    def can_warm_start(self, hidden: int, layers: int) -> bool:
+        return (self.config.hidden, self.config.layers) == (hidden, layers)
+
+
+class Encoded(BaseModel):
+    """An encoded corpus on disk (this is its manifest.json): vocabulary, split sizes, file checksums."""
+
+    dir: Path
+    fingerprint: str
+    vocab: list[str]
+    new_chars: list[str]  # appended to the warm-start model's vocabulary
+    train_chars: int
+    val_chars: int
+    sha256: dict[str, str]
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.json"
+
+    def load(self, name: str) -> np.ndarray:
+        return np.load(self.dir / f"{name}.npy", allow_pickle=False)
+
+
+class Trained(BaseModel):
+    """The candidate: its final checkpoint and how training went."""
+
+    checkpoint: Path
+    step: int
+    resumed_from: int  # 0 when training started fresh
+    warm_start: str | None  # the promoted tag it started from
+    seconds: float
+
+
+def log() -> logging.Logger | logging.LoggerAdapter:
+    """The run logger inside a flow or task run; a plain Prefect logger when called through .fn()."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("char-rnn")
+
+
+@task
+def ingest(data_dir: Path) -> CorpusInfo:
+    """Read the corpus's .txt files as NFC UTF-8 (unusable ones skipped with a warning); fingerprint it."""
+    c = corpus.read(data_dir)
+    for name, why in c.skipped.items():
+        log().warning("Skipped %s: %s", Path(data_dir) / name, why)
+    log().info(
+        "Corpus %s: %d file(s), %d chars, fingerprint %s", data_dir, len(c.files), len(c.text), c.fingerprint
+    )
+    return CorpusInfo(fingerprint=c.fingerprint, files=c.files, skipped=c.skipped, chars=len(c.text))
+
+
+@task
+def current_model() -> CurrentModel | None:
+    """The promoted model a candidate has to beat, or None when there is none yet."""
+    found = registry.load_promoted()
+    if found is None:
+        return None
+    tag, ck = found
+    return CurrentModel(
+        tag=tag, path=ck.path, fingerprint=ck.meta.fingerprint, vocab=ck.meta.vocab, config=ck.config
+    )
+
+
+@task(cache_policy=INPUTS + TASK_SOURCE)
+def encode(data_dir: Path, fingerprint: str, root: Path, base_vocab: list[str] | None = None) -> Encoded:
+    """Build the vocabulary (grown from `base_vocab`), split off the last 10% and write the arrays."""
+    c = corpus.read(data_dir)
+    if c.fingerprint != fingerprint:
+        raise RuntimeError(f"{data_dir} changed while the pipeline ran (fingerprint differs); run it again")
+    base = Vocab(tuple(base_vocab or ()))
+    vocab = base.grow(c.text)
+    train_ids, val_ids = corpus.split(vocab.encode(c.text))
+    blob = json.dumps(vocab.chars).encode()
+    out = Path(root) / f"data-{fingerprint[:12]}-{hashlib.sha256(blob).hexdigest()[:8]}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"vocab.json": blob}
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        buf = io.BytesIO()
+        np.save(buf, ids, allow_pickle=False)
+        files[f"{name}.npy"] = buf.getvalue()
+    for name, data in files.items():
+        write_atomic(out / name, data)
+    encoded = Encoded(
+        dir=out,
+        fingerprint=fingerprint,
+        vocab=list(vocab.chars),
+        new_chars=list(vocab.chars[len(base) :]) if base_vocab else [],
+        train_chars=len(train_ids),
+        val_chars=len(val_ids),
+        sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    )
+    write_atomic(encoded.manifest, encoded.model_dump_json(indent=1).encode())  # last: marks it complete
+    if encoded.new_chars:
+        log().info(
+            "Vocabulary grown by %d new character(s): %r", len(encoded.new_chars), "".join(encoded.new_chars)
+        )
+    return encoded
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir`/.lock, so two flow runs never train into the same checkpoints at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log().info("Another run is training into %s; waiting for it to finish", run_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+class Reporter:
+    """Training progress as a Prefect progress artifact and a log line, every `every` s and at evaluations."""
+
+    def __init__(self, steps: int, every: float = 2.0):
+        self.every, self.last = every, 0.0
+        self.artifact = create_progress_artifact(0.0, key="char-rnn-training", description=f"{steps} steps")
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        if p.val_loss is None and p.step < p.steps and now - self.last < self.every:
+            return
+        self.last = now
+        update_progress_artifact(self.artifact, 100.0 * p.step / p.steps)
+        val = f", val {p.val_loss:.4f} ({train.bits(p.val_loss):.3f} bits)" if p.val_loss is not None else ""
+        log().info(
+            "step %d/%d: loss %.4f nats/char%s, lr %.2g, |g| %.2f, %.0f chars/s, eta %.0f s",
+            *(p.step, p.steps, p.loss, val, p.lr, p.grad_norm, p.chars_per_s, p.eta_s),
+        )
+
+
+@task
+def train_model(
+    data: Encoded, run_dir: Path, model: ModelConfig, config: TrainConfig, warm: CurrentModel | None
+) -> Trained:
+    """Train with checkpoints, resuming this run's last one if any, else warm-starting from `warm`."""
+    out = run_dir / "checkpoints"
+    init = parent = None
+    if warm is not None:
+        ck = checkpoint.load_dir(warm.path, with_optim=False)
+        init = rnn.grow(ck.params, ck.config, model.vocab_size, np.random.default_rng(config.seed))
+        parent = warm.tag
+    t0 = time.perf_counter()
+    with exclusive(run_dir):
+        resumed_from = checkpoint.load(out, with_optim=False).meta.step if checkpoint.step_dirs(out) else 0
+        if resumed_from:
+            log().info("Resuming from the checkpoint at step %d in %s", resumed_from, out)
+        else:
+            log().info("Training %s into %s", f"from {parent}" if parent else "from scratch", out)
+        final = train.train(
+            *(data.load("train"), data.load("val"), Vocab(tuple(data.vocab)), model, config, out),
+            resume=True,
+            init_params=init,
+            parent=parent,
+            fingerprint=data.fingerprint,
+            on_progress=Reporter(config.steps),
+        )
+    return Trained(
+        checkpoint=final.path,
+        step=final.meta.step,
+        resumed_from=resumed_from,
+        warm_start=final.meta.parent,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def score(
+    model_dir: Path, data: Encoded, name: str, known: Collection[str] | None = None, samples: bool = True
+) -> Score:
+    """`name`'s loss on the validation text, leaving out characters it (or `known`) lacks; and samples."""
+    ck = checkpoint.load_dir(model_dir, with_optim=False)
+    text = Vocab(tuple(data.vocab)).decode(data.load("val"))
+    keep = set(ck.vocab.chars) & set(known if known is not None else ck.vocab.chars)
+    kept = "".join(ch for ch in text if ch in keep)
+    nats = train.evaluate(ck.params, ck.config, ck.vocab.encode(kept))
+    shown = {}
+    if samples:
+        outs = sample(ck.params, ck.config, ck.vocab, PROMPTS, SAMPLE_CHARS, SAMPLING, unknown="skip")
+        shown = dict(zip(PROMPTS, outs, strict=True))
+    return Score(model=name, nats=nats, chars=len(kept), dropped=len(text) - len(kept), samples=shown)
+
+
+@task
+def evaluate(model_dir: Path, data: Encoded) -> Score:
+    """The candidate's validation loss (nats, bits, perplexity) and its samples from the fixed prompts."""
+    s = score(model_dir, data, "candidate")
+    log().info("Candidate: %.4f nats/char, %.4f bits/char, perplexity %.2f", s.nats, s.bits, s.perplexity)
+    return s
+
+
+@task
+def compare(candidate_dir: Path, current: CurrentModel, data: Encoded) -> Comparison:
+    """Score the promoted model and the candidate on the same text (what the promoted model can read)."""
+    now = score(current.path, data, current.tag)
+    c = Comparison(
+        current=now, candidate=score(candidate_dir, data, "candidate", current.vocab, samples=False)
+    )
+    log().info(
+        "Current %s: %.4f nats/char, candidate %.4f on the same text (%s)",
+        *(current.tag, c.current.nats, c.candidate.nats, c.note),
+    )
+    return c
+
+
+@task
+def promote(
+    trained: Trained, candidate: Score, against: Comparison | None, data: Encoded, run_dir: Path
+) -> Decision:
+    """Register the candidate if it beats the promoted model, comparing and promoting under one lock."""
+    with registry.locked():
+        if registry.current_tag() != (against.current.model if against else None):
+            current = current_model.fn()
+            log().info(
+                "The promoted model changed during this run; comparing with %s", current and current.tag
+            )
+            against = compare.fn(trained.checkpoint, current, data) if current else None
+        if against and not against.wins:
+            tag = against.current.model
+        else:
+            labels = {
+                "fingerprint": data.fingerprint,
+                "val_loss": f"{candidate.nats:.6f}",
+                "parent": trained.warm_start or "",
+                "run_id": run_dir.name,
+            }
+            about = {
+                "bits": candidate.bits,
+                "perplexity": candidate.perplexity,
+                "flow_run_id": runtime.flow_run.id,
+            }
+            tag = registry.promote(trained.checkpoint, labels, about)
+    promoted = against is None or against.wins
+    reason = against.reason if against else "there was no promoted model yet"
+    log().info("%s %s: %s", "Promoted" if promoted else "Kept", tag, reason)
+    return Decision(promoted=promoted, tag=tag, reason=reason, run_dir=run_dir, against=against)
+
+
+@task
+def publish(
+    data_dir: Path, info: CorpusInfo, data: Encoded, trained: Trained, candidate: Score, decision: Decision
+) -> Outcome:
+    """Write metrics.json, loss.png and report.md beside the checkpoints; publish them as artifacts."""
+    run_dir = decision.run_dir
+    meta = checkpoint.read_meta(trained.checkpoint)
+    o = Outcome(
+        run_id=run_dir.name,
+        flow_run_id=runtime.flow_run.id,
+        data_dir=str(data_dir),
+        fingerprint=info.fingerprint,
+        files=info.files,
+        skipped=info.skipped,
+        vocab_size=len(data.vocab),
+        new_chars=data.new_chars,
+        model=meta.model.model_dump(),
+        train=meta.train,
+        warm_start=trained.warm_start,
+        resumed_from=trained.resumed_from,
+        step=trained.step,
+        train_seconds=trained.seconds,
+        candidate=candidate,
+        decision=decision,
+        history={k: meta.metrics.get(k, []) for k in ("train", "val")},
+    )
+    text = report.markdown(o)
+    write_atomic(run_dir / "metrics.json", o.model_dump_json(indent=1).encode())
+    write_atomic(run_dir / "loss.png", report.loss_curve_png(o.history))
+    write_atomic(run_dir / "report.md", text.encode())
+    create_table_artifact(
+        report.table(o), key="char-rnn-metrics", description=f"Validation scores of {o.run_id}"
+    )
+    create_markdown_artifact(text, key="char-rnn-report", description=decision.reason)
+    create_link_artifact(
+        run_dir.as_uri(), link_text=f"{run_dir} (metrics.json, loss.png, report.md)", key="char-rnn-files"
+    )
+    return o
