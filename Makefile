@@ -6,24 +6,23 @@ export BENTOML_DO_NOT_TRACK := True
 export CHAR_RNN_HOME ?= $(CURDIR)/.char-rnn
 export PREFECT_HOME ?= $(CHAR_RNN_HOME)/prefect
 export BENTOML_HOME ?= $(CHAR_RNN_HOME)/bentoml
-UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+PYTHON ?= python3
+UV := $(PYTHON) -m uv
 
 .PHONY: install test lint bench
 
-$(UV):
-	python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-
-install: $(UV)
+install:
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --frozen --extra dev
 
 test: install
-	$(UV) run ruff check .
-	$(UV) run ruff format --check .
-	$(UV) run pytest
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen pytest
 
 lint: install
-	$(UV) run ruff check --fix .
-	$(UV) run ruff format .
+	$(UV) run --frozen ruff check --fix .
+	$(UV) run --frozen ruff format .
 
 bench: install
-	$(UV) run python bench/train_speed.py --quick
+	$(UV) run --frozen python bench/train_speed.py --quick
