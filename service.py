@@ -25,10 +25,13 @@ from typing import Any, Literal
 
 from model import paths
 
+BENTOML_HOME_GIVEN = "BENTOML_HOME" in os.environ
 paths.configure_env()
 
 import bentoml  # noqa: E402
 import numpy as np  # noqa: E402
+from bentoml._internal.configuration.containers import BentoMLContainer  # noqa: E402
+from bentoml._internal.models import ModelStore  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
 from starlette.datastructures import Headers  # noqa: E402
 from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
@@ -294,8 +297,25 @@ def no_model_message() -> str:
     )
 
 
-# The promoted model at import time is declared so that `bentoml build` puts it into the Bento.
-PROMOTED = registry.current_tag()
+def follow_project_home() -> None:
+    """`bentoml serve` and `build` resolve BentoML's model store before importing this module: when
+    BENTOML_HOME was not set, move it to the project's (CHAR_RNN_HOME/bentoml), where models are promoted."""
+    if BENTOML_HOME_GIVEN:
+        return
+    home = Path(os.environ["BENTOML_HOME"])
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+
+
+def promoted_tag() -> str | None:
+    """The model that a start would serve (the newest promoted one that passes its checks), if any."""
+    found = registry.load_promoted()
+    return None if found is None else found[0]
+
+
+follow_project_home()
+PROMOTED = promoted_tag()  # declared by the service below, so that `bentoml build` bundles it
 
 
 @bentoml.service(name="char_rnn", traffic={"timeout": TIMEOUT + 10, "max_concurrency": 512}, workers=1)
