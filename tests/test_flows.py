@@ -1,0 +1,184 @@
+"""The pipeline's tasks through .fn(), and the whole flow on a tiny corpus under prefect_test_harness."""
+
+import json
+import logging
+from pathlib import Path
+from uuid import UUID
+
+import bentoml
+import numpy as np
+import pytest
+from prefect import flow
+from prefect.artifacts import Artifact
+from prefect.exceptions import ParameterTypeError
+from prefect.testing.utilities import prefect_test_harness
+from threadpoolctl import threadpool_limits
+
+from flows import registry
+from flows.pipeline import pipeline
+from flows.report import Score
+from flows.tasks import Encoded, Trained, encode, ingest, promote
+from model import checkpoint, corpus
+from model.corpus import CorpusError
+
+TINY = {"steps": 40, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 20}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server and database for this module's flow runs (and one BLAS thread)."""
+    with prefect_test_harness(server_startup_timeout=120), threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """Each test its own CHAR_RNN_HOME and promoted-model pointer (BENTOML_HOME)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("CHAR_RNN_HOME", str(home))
+    monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
+    monkeypatch.delenv("CHAR_RNN_RUNS", raising=False)
+    return home
+
+
+@pytest.fixture
+def texts(tmp_path, small_text) -> Path:
+    """A folder with a few KB of usable text, a file that is not UTF-8 and an empty one."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(small_text[:6000], encoding="utf-8")
+    (folder / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (folder / "empty.txt").write_text("")
+    return folder
+
+
+def run_dirs(home: Path) -> list[Path]:
+    return sorted((home / "runs").glob("run-*"))
+
+
+def test_ingest_fingerprints_and_names_skipped_files(texts, caplog):
+    info = ingest.fn(texts)
+    assert info.files == ["a.txt"]
+    assert info.skipped == {"empty.txt": "empty", "latin1.txt": "not valid UTF-8 (byte 3)"}
+    assert info.fingerprint == corpus.read(texts).fingerprint
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("latin1.txt" in m for m in warned) and any("empty.txt" in m for m in warned)
+
+
+def test_ingest_of_nothing_usable_is_a_clear_error(texts):
+    (texts / "a.txt").unlink()
+    with pytest.raises(CorpusError, match="no usable text.*empty.txt: empty"):
+        ingest.fn(texts)
+
+
+def test_encode_writes_split_arrays_and_a_manifest(texts, tmp_path):
+    info = ingest.fn(texts)
+    data = encode.fn(texts, info.fingerprint, tmp_path / "runs")
+    assert data == Encoded.model_validate_json(data.manifest.read_bytes())
+    train, val = data.load("train"), data.load("val")
+    assert train.dtype == np.int32 and (data.train_chars, data.val_chars) == (len(train), len(val))
+    text = corpus.read(texts).text
+    assert "".join(data.vocab[i] for i in val) == text[len(train) :]  # the last 10%
+    assert len(val) == round(0.1 * len(text))
+
+    grown = encode.fn(texts, info.fingerprint, tmp_path / "runs", base_vocab=["é", "a"])
+    assert grown.vocab[:2] == ["é", "a"] and grown.new_chars == grown.vocab[2:]
+    assert grown.dir != data.dir
+
+
+def test_encode_refuses_a_corpus_that_changed_since_ingest(texts, tmp_path):
+    info = ingest.fn(texts)
+    (texts / "b.txt").write_text("more")
+    with pytest.raises(RuntimeError, match="changed while the pipeline ran"):
+        encode.fn(texts, info.fingerprint, tmp_path)
+
+
+def test_encode_is_cached_by_fingerprint(prefect_api, texts, tmp_path):
+    @flow
+    def twice() -> list[str]:
+        info = ingest(texts)
+        return [encode(texts, info.fingerprint, tmp_path, return_state=True).name for _ in range(2)]
+
+    assert twice() == ["Completed", "Cached"]
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"hidden": 100_000}, {"data_dir": "/no/such/folder"}])
+def test_bad_parameters_fail_before_any_work(prefect_api, texts, home, bad):
+    with pytest.raises(ParameterTypeError):
+        pipeline(**({"data_dir": texts} | TINY | bad))
+    assert not (home / "runs").exists()
+
+
+def test_pipeline_trains_reports_and_promotes(prefect_api, texts, home):
+    decision = pipeline(data_dir=texts, **TINY)
+
+    assert decision.promoted and decision.reason == "there was no promoted model yet"
+    assert registry.current_tag() == decision.tag
+    (run,) = run_dirs(home)
+    assert decision.run_dir == run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 40 and metrics["skipped"].keys() == {"empty.txt", "latin1.txt"}
+    assert metrics["candidate"]["bits"] == pytest.approx(metrics["candidate"]["nats"] / np.log(2))
+    assert [s for s, _ in metrics["history"]["val"]] == [20, 40]
+    assert (run / "loss.png").read_bytes().startswith(b"\x89PNG")
+    report = (run / "report.md").read_text()
+    assert f"**Promoted** as `{decision.tag}`" in report and "prompt 'The '" in report
+
+    labels = bentoml.models.get(decision.tag).info.labels
+    assert labels == {
+        "fingerprint": metrics["fingerprint"],
+        "val_loss": f"{metrics['candidate']['nats']:.6f}",
+        "parent": "",
+        "run_id": run.name,
+    }
+    for key in ("char-rnn-report", "char-rnn-metrics", "char-rnn-files", "char-rnn-training"):
+        assert Artifact.get(key).flow_run_id == UUID(metrics["flow_run_id"]), key
+
+
+def test_second_run_on_unchanged_text_is_a_noop(prefect_api, texts, home):
+    first = pipeline(data_dir=texts, **TINY)
+    again = pipeline(data_dir=texts, only_if_changed=True, **TINY)
+
+    assert not again.promoted and again.tag == first.tag and again.run_dir is None
+    assert again.reason.startswith("corpus unchanged since")
+    assert registry.promoted_tags() == [first.tag] and len(run_dirs(home)) == 1
+
+
+def test_new_characters_grow_the_vocabulary_and_still_train(prefect_api, texts, home):
+    first = pipeline(data_dir=texts, **TINY)
+    old = checkpoint.read_meta(next(run_dirs(home)[0].glob("checkpoints/step-*"))).vocab
+    added = "Zoë’s façade — naïve “quotes” 0123456789\n"
+    (texts / "b.txt").write_text(added * 20, encoding="utf-8")
+
+    second = pipeline(data_dir=texts, only_if_changed=True, **TINY)
+
+    metrics = json.loads((second.run_dir / "metrics.json").read_text())
+    assert metrics["warm_start"] == first.tag and metrics["step"] == TINY["steps"]
+    assert metrics["new_chars"] == sorted(set(added) - set(old)) and len(metrics["new_chars"]) > 10
+    new = checkpoint.read_meta(next((second.run_dir / "checkpoints").glob("step-*"))).vocab
+    assert new == old + metrics["new_chars"]  # old ids unchanged
+    assert second.against.current.dropped > 0 and "new to" in (second.run_dir / "report.md").read_text()
+
+
+def test_worse_candidate_is_kept_and_the_report_says_why(prefect_api, texts):
+    first = pipeline(data_dir=texts, **(TINY | {"steps": 100}))
+    worse = pipeline(data_dir=texts, **(TINY | {"steps": 1, "hidden": 8}))  # another shape: from scratch
+
+    assert not worse.promoted and worse.tag == first.tag and registry.current_tag() == first.tag
+    assert "does not beat" in worse.reason
+    assert f"**Kept** `{first.tag}`: {worse.reason}" in (worse.run_dir / "report.md").read_text()
+
+
+def test_promote_compares_with_a_model_promoted_meanwhile(prefect_api, texts):
+    first = pipeline(data_dir=texts, **TINY)
+    metrics = json.loads((first.run_dir / "metrics.json").read_text())
+    data = Encoded.model_validate_json(next(first.run_dir.parent.glob("data-*/manifest.json")).read_bytes())
+    latest = checkpoint.load(first.run_dir / "checkpoints", with_optim=False).path
+    same = Trained(checkpoint=latest, step=40, resumed_from=0, warm_start=None, seconds=0)
+    score = Score.model_validate(metrics["candidate"])
+
+    # This candidate believes there is no promoted model; under the lock it must find the current one.
+    decision = promote.fn(same, score, None, data, first.run_dir)
+
+    assert not decision.promoted and decision.against.current.model == first.tag
+    assert registry.promoted_tags() == [first.tag]
