@@ -1,0 +1,74 @@
+"""Shared benchmark helpers: telemetry off, the corpus as ids, BLAS thread info, alternated timing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+for _k, _v in {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "True",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `uv run python bench/x.py` from anywhere
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_info  # noqa: E402
+
+from model import corpus  # noqa: E402
+from model.vocab import Vocab  # noqa: E402
+
+DATA = ROOT / "data" / "tinyshakespeare.txt"
+
+
+def load_ids(path: Path = DATA) -> tuple[np.ndarray, Vocab]:
+    """The corpus at `path` as int32 ids, and its vocabulary."""
+    text = corpus.read(path).text
+    vocab = Vocab.from_text(text)
+    return vocab.encode(text), vocab
+
+
+def blas_threads() -> int:
+    """Threads of NumPy's BLAS (the first BLAS threadpool found in this process)."""
+    for info in threadpool_info():
+        if info["user_api"] == "blas" and "numpy" in info["filepath"]:
+            return int(info["num_threads"])
+    return max(int(info["num_threads"]) for info in threadpool_info() if info["user_api"] == "blas")
+
+
+def blas_name() -> str:
+    for info in threadpool_info():
+        if info["user_api"] == "blas" and "numpy" in info["filepath"]:
+            return f"{info['internal_api']} {info.get('version')} ({info.get('architecture')})"
+    return "unknown"
+
+
+def alternate(
+    contenders: dict[str, Callable[[], int]], rounds: int, seconds: float
+) -> dict[str, list[float]]:
+    """Run each contender (a step returning the characters it processed) for `seconds` per round,
+    rotating the order every round; per-round characters/s for each."""
+    rates: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            step, n = contenders[k], 0
+            t0 = time.perf_counter()
+            while True:
+                n += step()
+                dt = time.perf_counter() - t0
+                if dt >= seconds:
+                    break
+            rates[k].append(n / dt)
+    return rates
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
