@@ -85,3 +85,29 @@ def test_grow_keeps_old_rows():
     np.testing.assert_array_equal(g["W0"], p["W0"])
     with pytest.raises(ValueError):
         rnn.grow(p, cfg, 4, np.random.default_rng(1))
+
+
+def test_gradients_large_vocab():
+    """More classes than characters in the chunk: the embedding gradient takes its scatter-add path."""
+    V, H, B, T = 23, 4, 2, 3
+    cfg = rnn.ModelConfig(vocab_size=V, hidden=H, dtype="float64")
+    r = np.random.default_rng(3)
+    p = rnn.init(cfg, r)
+    x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+    x[0, :2] = 5  # a repeated id must accumulate
+    h0 = 0.5 * r.standard_normal((1, B, H))
+    grads = rnn.backward(p, cfg, rnn.forward(p, cfg, x, y, h0)[1])
+    for name in p:
+        num = numeric_grad(p, cfg, x, y, h0, None, name)
+        err = np.abs(grads[name] - num).max() / max(1e-8, np.abs(num).max())
+        assert err < 1e-6, (name, err)
+
+
+def test_embed_grad_paths_agree():
+    r = np.random.default_rng(4)
+    ids, d = r.integers(0, 6, 50), r.standard_normal((50, 3))
+    ref = np.zeros((6, 3))
+    for i, row in zip(ids, d, strict=True):
+        ref[i] += row
+    np.testing.assert_allclose(rnn.embed_grad(ids, d, 6), ref, atol=1e-12)  # one-hot product
+    np.testing.assert_allclose(rnn.embed_grad(ids, d, 60)[:6], ref, atol=1e-12)  # scatter-add (V > N)
