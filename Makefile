@@ -9,11 +9,14 @@ export BENTOML_HOME ?= $(CHAR_RNN_HOME)/bentoml
 PYTHON ?= python3
 UV := $(PYTHON) -m uv
 
-.PHONY: install test lint bench
+.PHONY: install run test lint bench
 
 install:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --frozen --extra dev
+
+run: install
+	bash scripts/run.sh
 
 test: install
 	$(UV) run --frozen ruff check .
