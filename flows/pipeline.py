@@ -35,6 +35,23 @@ def run_name(fingerprint: str, model: ModelConfig, config: TrainConfig, parent: 
     return f"run-{fingerprint[:12]}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
+def train_config(
+    steps: int, batch: int, seq: int, lr: float, checkpoint_every: int, seed: int
+) -> TrainConfig:
+    """The training settings for the flow's parameters: validation at every checkpoint, short warmup."""
+    return TrainConfig(
+        steps=steps,
+        batch=batch,
+        seq=seq,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup=min(100, steps // 10),
+        checkpoint_every=checkpoint_every,
+        eval_every=checkpoint_every,
+        seed=seed,
+    )
+
+
 @flow(name="char-rnn-pipeline")
 def pipeline(
     data_dir: Annotated[Path, AfterValidator(existing)] = DEFAULT_DATA,
@@ -87,17 +104,7 @@ def pipeline(
     if not data.manifest.exists():  # a cached result whose files were deleted since
         data = encode.with_options(refresh_cache=True)(data_dir, corpus.fingerprint, root, base_vocab)
     model = ModelConfig(vocab_size=len(data.vocab), hidden=hidden, layers=layers)
-    config = TrainConfig(
-        steps=steps,
-        batch=batch,
-        seq=seq,
-        lr=lr,
-        min_lr=lr / 10,
-        warmup=min(100, steps // 10),
-        checkpoint_every=checkpoint_every,
-        eval_every=checkpoint_every,
-        seed=seed,
-    )
+    config = train_config(steps, batch, seq, lr, checkpoint_every, seed)
     run_dir = root / run_name(corpus.fingerprint, model, config, warm.tag if warm else None)
     trained = train_model(data, run_dir, model, config, warm)
     candidate = evaluate(trained.checkpoint, data)

@@ -1,0 +1,130 @@
+"""What Prefect adds: the pipeline flow's wall time against the same model/ functions called directly.
+
+  uv run python bench/flow_overhead.py [--repeat 3]
+
+Runs against the server at PREFECT_API_URL, or starts one with scripts/prefect-server.sh (temporary
+PREFECT_HOME, free port) and stops it afterwards. Each contender runs in a fresh CHAR_RNN_HOME (no promoted
+model, no cache), one BLAS thread, alternating, best of --repeat. Target: overhead <= max(10%, 5 s).
+Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `uv run python bench/flow_overhead.py` from anywhere
+WORK = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
+os.environ.update(
+    {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "BENTOML_DO_NOT_TRACK": "True",
+        "OPENBLAS_NUM_THREADS": "1",
+        "PREFECT_HOME": str(WORK / "prefect"),
+        "BENTOML_HOME": str(WORK / "bentoml"),
+        "CHAR_RNN_HOME": str(WORK / "home"),
+    }
+)
+os.environ.pop("CHAR_RNN_RUNS", None)
+
+from prefect.logging.handlers import APILogHandler  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+
+from flows.pipeline import pipeline, train_config  # noqa: E402
+from flows.tasks import PROMPTS, SAMPLE_CHARS, SAMPLING  # noqa: E402
+from model import corpus, train  # noqa: E402
+from model.rnn import ModelConfig  # noqa: E402
+from model.sample import sample  # noqa: E402
+from model.vocab import Vocab  # noqa: E402
+
+CASES = {  # corpus, then flow parameters
+    "smoke": (ROOT / "data" / "smoke.txt", {"steps": 200, "hidden": 32, "batch": 2, "seq": 8}),
+    "tinyshakespeare": (ROOT / "data" / "tinyshakespeare.txt", {"steps": 600, "hidden": 128}),
+}
+COMMON = {"lr": 3e-3, "checkpoint_every": 100, "seed": 0, "batch": 32, "seq": 64}
+
+
+def direct(data: Path, out: Path, p: dict) -> None:
+    """The pipeline's model work without Prefect: read, encode, split, train, evaluate, sample."""
+    c = corpus.read(data)
+    vocab = Vocab.from_text(c.text)
+    train_ids, val_ids = corpus.split(vocab.encode(c.text))
+    cfg = train_config(p["steps"], p["batch"], p["seq"], p["lr"], p["checkpoint_every"], p["seed"])
+    model = ModelConfig(vocab_size=len(vocab), hidden=p["hidden"])
+    ck = train.train(train_ids, val_ids, vocab, model, cfg, out / "checkpoints", fingerprint=c.fingerprint)
+    train.evaluate(ck.params, ck.config, val_ids)
+    sample(ck.params, ck.config, vocab, PROMPTS, SAMPLE_CHARS, SAMPLING, unknown="skip")
+
+
+def through_prefect(data: Path, out: Path, p: dict) -> None:
+    assert pipeline(data_dir=data, artifacts_root=out, **p).promoted
+
+
+def timed(fn: Callable[[Path, Path, dict], None], data: Path, p: dict, n: int) -> float:
+    """Wall seconds of `fn` in a fresh home (no promoted model, nothing cached)."""
+    home = WORK / f"run-{n}"
+    os.environ["CHAR_RNN_HOME"], os.environ["BENTOML_HOME"] = str(home), str(home / "bentoml")
+    t0 = time.perf_counter()
+    fn(data, home / "runs", p)
+    return time.perf_counter() - t0
+
+
+@contextmanager
+def server() -> Iterator[str]:
+    """The API URL of PREFECT_API_URL's server, or of one started (and stopped) with the project's script."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        yield url
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PREFECT_SERVER_PORT": str(port), "PYTHON": sys.executable}
+    script = ROOT / "scripts" / "prefect-server.sh"
+    try:
+        subprocess.run([script, "start"], env=env, check=True, capture_output=True)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; the best counts")
+    args = parser.parse_args()
+    with server() as url, temporary_settings({PREFECT_API_URL: url}):
+        data, params = CASES["smoke"]
+        through_prefect(data, WORK / "warmup", COMMON | params)  # lazy imports, the API client
+        results, n = {}, 0
+        for name, (data, params) in CASES.items():
+            p = COMMON | params
+            best = {"direct": float("inf"), "prefect": float("inf")}
+            for _ in range(args.repeat):
+                for who, fn in (("direct", direct), ("prefect", through_prefect)):
+                    n += 1
+                    best[who] = min(best[who], timed(fn, data, p, n))
+            extra = best["prefect"] - best["direct"]
+            limit = max(0.10 * best["direct"], 5.0)
+            results[name] = best | {"overhead_s": extra, "overhead_pct": 100 * extra / best["direct"]}
+            results[name] |= {"limit_s": limit, "ok": extra <= limit}
+            print(
+                f"{name:16} direct {best['direct']:6.2f} s   prefect {best['prefect']:6.2f} s   "
+                f"overhead {extra:+5.2f} s ({100 * extra / best['direct']:+.0f}%)   limit {limit:.2f} s   "
+                f"{'ok' if extra <= limit else 'OVER'}"
+            )
+        APILogHandler().flush()  # send the runs' queued logs before the server stops
+    print(json.dumps({"cases": results, "ok": all(r["ok"] for r in results.values())}))
+
+
+if __name__ == "__main__":
+    main()

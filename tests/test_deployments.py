@@ -1,0 +1,196 @@
+"""End to end: a real `prefect server` (scripts/prefect-server.sh), `python -m flows.serve`, deployment runs.
+
+Everything started here is stopped by PID in the fixture's teardown.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"steps": "40", "hidden": "16", "batch": "4", "seq": "16", "checkpoint_every": "20"}
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    url: str
+    serve_log: Path
+
+    def corpus(self, name: str, text: str) -> Path:
+        folder = self.home / name
+        folder.mkdir()
+        (folder / "a.txt").write_text(text, encoding="utf-8")
+        return folder
+
+    def promoted(self) -> list[str]:
+        pointer = self.home / "bentoml" / "char-rnn-promoted.json"
+        return json.loads(pointer.read_text())["promoted"] if pointer.exists() else []
+
+    def run(self, deployment: str, **params: object) -> tuple[subprocess.CompletedProcess, float]:
+        """`prefect deployment run NAME --param k=v ... --watch`; the process and its wall time."""
+        args = [f"--param={k}={v}" for k, v in params.items()]
+        cmd = [sys.executable, "-m", "prefect", "deployment", "run", deployment, *args, "--watch"]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
+        return done, time.perf_counter() - t0
+
+    def explain(self, done: subprocess.CompletedProcess) -> str:
+        return (
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\nserve log:\n{self.serve_log.read_text()[-5000:]}"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End `proc` and its process group (it was started in a session of its own)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def wait_for_deployments(url: str, serve: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 90
+    for name in ("on-demand", "scheduled-retrain"):
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/deployments/name/char-rnn-pipeline/{name}", timeout=2)
+                break
+            except OSError:
+                assert serve.poll() is None, f"flows.serve exited:\n{log.read_text()[-5000:]}"
+                assert time.monotonic() < deadline, f"deployments not registered:\n{log.read_text()[-5000:]}"
+                time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    home = tmp_path_factory.mktemp("deployments")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CHAR_RNN_"))} | {
+        "CHAR_RNN_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "BENTOML_HOME": str(home / "bentoml"),
+        "PREFECT_SERVER_PORT": str(port),
+        "PREFECT_API_URL": url,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "BENTOML_DO_NOT_TRACK": "True",
+        "OPENBLAS_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+    }
+    script = [str(ROOT / "scripts" / "prefect-server.sh")]
+    log = home / "serve.log"
+    serve = None
+    try:
+        subprocess.run([*script, "start"], env=env, check=True, timeout=180, capture_output=True)
+        with open(log, "w") as out:
+            serve = subprocess.Popen(
+                [sys.executable, "-m", "flows.serve", "--cron", "0 0 1 1 *"],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_deployments(url, serve, log)
+        yield Stack(home, env, url, log)
+    finally:
+        if serve is not None:
+            stop(serve)
+        subprocess.run([*script, "stop"], env=env, timeout=60, capture_output=True)
+
+
+def test_on_demand_deployment_trains_and_promotes(stack, small_text):
+    texts = stack.corpus("on-demand", small_text[:6000])
+    before = stack.promoted()
+
+    done, _ = stack.run("char-rnn-pipeline/on-demand", data_dir=texts, **TINY)
+
+    assert done.returncode == 0 and "Completed" in done.stdout, stack.explain(done)
+    assert len(stack.promoted()) == len(before) + 1
+
+
+def test_scheduled_retrain_skips_unchanged_text_and_trains_on_new(stack, small_text):
+    texts = stack.corpus("scheduled", small_text[6000:12000])
+    seconds = {}
+    for case, steps in (("first", 200), ("unchanged", 40), ("new text", 40)):
+        if case == "new text":
+            (texts / "b.txt").write_text("Zoë’s naïve façade — 0123456789\n" * 20, encoding="utf-8")
+        runs, tags = set(stack.home.glob("runs/run-*")), stack.promoted()
+        params = TINY | {"steps": steps}
+        done, seconds[case] = stack.run("char-rnn-pipeline/scheduled-retrain", data_dir=texts, **params)
+        assert done.returncode == 0 and "Completed" in done.stdout, stack.explain(done)
+        trained = set(stack.home.glob("runs/run-*")) - runs
+        assert bool(trained) == (case != "unchanged"), case
+        if case == "first":  # so that the next run finds its fingerprint promoted
+            assert len(stack.promoted()) == len(tags) + 1, stack.explain(done)
+        if case == "unchanged":
+            assert stack.promoted() == tags
+    log = stack.serve_log.read_text()
+    assert "Nothing to retrain: corpus unchanged since" in log and "Vocabulary grown by" in log
+    print(f"scheduled-retrain, wall seconds through `prefect deployment run --watch`: {seconds}")
+
+
+def test_invalid_parameter_is_refused_before_a_run(stack):
+    done, _ = stack.run("char-rnn-pipeline/on-demand", steps=0)
+    assert done.returncode != 0
+    assert "steps" in done.stdout + done.stderr and "minimum of 1" in done.stdout + done.stderr
+
+
+def test_killed_flow_resumes_from_its_last_checkpoint(stack, small_text):
+    texts = stack.corpus("killed", small_text[:12000])
+    root = stack.home / "killed-runs"
+    code = (
+        "import sys; from flows.pipeline import run_pipeline; "
+        "d = run_pipeline(sys.argv[1], steps=2000, hidden=32, batch=8, seq=32, checkpoint_every=100, "
+        "artifacts_root=sys.argv[2]); print('RESULT', d.model_dump_json())"
+    )
+    cmd = [sys.executable, "-c", code, str(texts), str(root)]
+    first = subprocess.Popen(
+        cmd,
+        env=stack.env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(root.glob("run-*/checkpoints/step-*")):
+            assert first.poll() is None, "the first run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        stop(first)
+    assert first.wait() == -signal.SIGKILL
+    assert not list(root.glob("run-*/metrics.json")), "killed too late: the run had finished"
+
+    again = subprocess.run(cmd, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (metrics,) = root.glob("run-*/metrics.json")
+    outcome = json.loads(metrics.read_text())
+    assert outcome["resumed_from"] >= 100 and outcome["step"] == 2000
+    assert "Resuming from the checkpoint at step" in again.stdout + again.stderr
