@@ -192,7 +192,14 @@ class Reporter:
         val = f", val {p.val_loss:.4f} ({train.bits(p.val_loss):.3f} bits)" if p.val_loss is not None else ""
         log().info(
             "step %d/%d: loss %.4f nats/char%s, lr %.2g, |g| %.2f, %.0f chars/s, eta %.0f s",
-            *(p.step, p.steps, p.loss, val, p.lr, p.grad_norm, p.chars_per_s, p.eta_s),
+            p.step,
+            p.steps,
+            p.loss,
+            val,
+            p.lr,
+            p.grad_norm,
+            p.chars_per_s,
+            p.eta_s,
         )
 
 
@@ -215,7 +222,12 @@ def train_model(
         else:
             log().info("Training %s into %s", f"from {parent}" if parent else "from scratch", out)
         final = train.train(
-            *(data.load("train"), data.load("val"), Vocab(tuple(data.vocab)), model, config, out),
+            data.load("train"),
+            data.load("val"),
+            Vocab(tuple(data.vocab)),
+            model,
+            config,
+            out,
             resume=True,
             init_params=init,
             parent=parent,
@@ -264,7 +276,10 @@ def compare(candidate_dir: Path, current: CurrentModel, data: Encoded) -> Compar
     )
     log().info(
         "Current %s: %.4f nats/char, candidate %.4f on the same text (%s)",
-        *(current.tag, c.current.nats, c.candidate.nats, c.note),
+        current.tag,
+        c.current.nats,
+        c.candidate.nats,
+        c.note,
     )
     return c
 

@@ -103,7 +103,8 @@ def stack(tmp_path_factory) -> Stack:
     log = home / "serve.log"
     serve = None
     try:
-        subprocess.run([*script, "start"], env=env, check=True, timeout=180, capture_output=True)
+        started = subprocess.run([*script, "start"], env=env, timeout=180, capture_output=True, text=True)
+        assert started.returncode == 0, f"prefect server did not start:\n{started.stdout}\n{started.stderr}"
         with open(log, "w") as out:
             serve = subprocess.Popen(
                 [sys.executable, "-m", "flows.serve", "--cron", "0 0 1 1 *"],
