@@ -1,0 +1,195 @@
+"""Serving latency and throughput of the real `bentoml serve`, with and without batching across requests.
+
+Trains and promotes a quick model (hidden 256 by default) into a temporary CHAR_RNN_HOME, starts the server
+on a free loopback port (batching on, off, and on with 2 worker processes) and keeps `concurrency` clients
+busy with 200-character generations. Prints p50/p95/p99 latency and generated characters/s per point as a
+table; the last line is JSON. Targets (hidden 256, 2 cores): p50 <= 10 ms at concurrency 1; throughput at
+32 >= 5x that at 1, batching on. The cores are shared, so the JSON records the load average.
+
+    uv run python bench/serve_latency.py [--seconds 5] [--hidden 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOME = Path(tempfile.mkdtemp(prefix="char-rnn-bench-serve-"))
+ENV = os.environ | {
+    "CHAR_RNN_HOME": str(HOME),
+    "BENTOML_HOME": str(HOME / "bentoml"),
+    "PREFECT_HOME": str(HOME / "prefect"),
+    "OPENBLAS_NUM_THREADS": "1",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "True",
+}
+os.environ.update(ENV)  # before bentoml is imported (by flows.registry)
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model import corpus  # noqa: E402
+from model.rnn import ModelConfig  # noqa: E402
+from model.train import TrainConfig, train  # noqa: E402
+from model.vocab import Vocab  # noqa: E402
+
+CHARS = 200
+LEVELS = (1, 8, 32)
+
+
+def promote_quick_model(hidden: int) -> str:
+    """Train a few steps on tiny shakespeare (speed does not depend on quality) and promote it."""
+    from flows import registry
+
+    text = corpus.read(ROOT / "data" / "tinyshakespeare.txt").text[:200_000]
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text)
+    cfg = ModelConfig(vocab_size=len(vocab), hidden=hidden)
+    tc = TrainConfig(
+        steps=20, batch=16, seq=32, warmup=0, eval_every=20, checkpoint_every=20, eval_chars=5000
+    )
+    ck = train(ids[:180_000], ids[180_000:], vocab, cfg, tc, HOME / "run")
+    return registry.promote(ck.path, {"source": "bench"})
+
+
+class Server:
+    """`bentoml serve` from the repository root in its own process group, stopped by that group's id."""
+
+    def __init__(self, max_batch: int, workers: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        port = self.url.rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", port]
+        env = ENV | {"CHAR_RNN_MAX_BATCH": str(max_batch), "CHAR_RNN_WORKERS": str(workers)}
+        self.log = open(HOME / f"server-{max_batch}-{workers}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def __enter__(self) -> Server:
+        end = time.monotonic() + 120
+        with httpx.Client(trust_env=False) as c:
+            while time.monotonic() < end and self.proc.poll() is None:
+                try:
+                    if c.get(f"{self.url}/readyz").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"the server did not become ready; see {self.log.name}")
+
+    def __exit__(self, *_: object) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client for POST /generate: the load generator shares the cores with the
+    server, so it must cost little CPU per request (httpx costs about as much as the server's HTTP stack)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict) -> dict:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        self.writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        status, *lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        if status.split()[1] != "200":
+            raise RuntimeError(f"{status}")
+        size = next(int(v) for k, _, v in (h.partition(":") for h in lines) if k.lower() == "content-length")
+        return json.loads(await self.reader.readexactly(size))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def load(url: str, concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients sending requests back to back for `seconds` (after a short warm-up)."""
+    host, port = url.removeprefix("http://").split(":")
+    conns = [Connection(host, int(port)) for _ in range(concurrency)]
+    latencies: list[float] = []
+    chars = 0
+
+    async def worker(k: int, until: float, record: bool) -> None:
+        nonlocal chars
+        i = k
+        while time.perf_counter() < until:
+            t = time.perf_counter()
+            body = await conns[k].post("/generate", {"prompt": "ROMEO:", "max_new_chars": CHARS, "seed": i})
+            i += concurrency
+            if record:
+                latencies.append(time.perf_counter() - t)
+                chars += sum(map(len, body["completions"]))
+
+    warm = time.perf_counter() + min(1.0, seconds / 4)
+    await asyncio.gather(*(worker(k, warm, False) for k in range(concurrency)))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k, t0 + seconds, True) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    ms = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "chars_per_s": round(chars / wall),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured time per point")
+    ap.add_argument("--hidden", type=int, default=256)
+    a = ap.parse_args()
+    tag = promote_quick_model(a.hidden)
+    rows = []
+    for batching, max_batch, workers in (("on", 64, 1), ("off", 1, 1), ("on", 64, 2)):
+        with Server(max_batch, workers) as server:
+            for c in LEVELS:
+                point = asyncio.run(load(server.url, c, a.seconds))
+                rows.append({"batching": batching, "workers": workers} | point)
+    cols = ("batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s")
+    print(f"model {tag}, hidden {a.hidden}, {CHARS} chars/request, {os.cpu_count()} cores, {a.seconds:g} s")
+    print(" ".join(f"{c:>11}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>11}" for c in cols))
+    rate = {(r["batching"], r["workers"], r["concurrency"]): r["chars_per_s"] for r in rows}
+    scale = {f"{b}/{w}w": round(rate[(b, w, 32)] / rate[(b, w, 1)], 2) for b, w, _ in rate if _ == 1}
+    p50_c1 = next(r["p50_ms"] for r in rows if r["batching"] == "on" and r["concurrency"] == 1)
+    print("throughput at 32 / at 1: " + ", ".join(f"{k} {v}x" for k, v in scale.items()))
+    targets = {"p50_c1_le_10ms": p50_c1 <= 10, "c32_over_c1_ge_5x": scale["on/1w"] >= 5}
+    load_avg = round(os.getloadavg()[0], 2)
+    summary = {"model": tag, "hidden": a.hidden, "chars": CHARS, "load_avg_1m": load_avg, "results": rows}
+    print(json.dumps(summary | {"scale_32_over_1": scale, "targets_met": targets}))
+
+
+if __name__ == "__main__":
+    main()
