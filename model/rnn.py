@@ -7,11 +7,14 @@ Dropout (inverted) applies to each layer's output, never to the recurrence.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import ThreadpoolController
 
 Params = dict[str, np.ndarray]
 
@@ -69,13 +72,30 @@ class Cache:
     dz: np.ndarray  # (T*B, V) softmax / (T*B); backward turns it into the logits' gradient in place
 
 
+SMALL_FLOPS = 1 << 26  # per-step products below this run on one BLAS thread
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_thread(B: int, H: int) -> nullcontext | object:
+    """BLAS on one thread for the T sequential (B, H) x (H, H) products when they are small: a thread
+    hand-off per tiny product costs more than it saves, and much more when other jobs share the cores."""
+    if 2 * B * H * H >= SMALL_FLOPS:
+        return nullcontext()
+    return _blas().limit(limits=1, user_api="blas")
+
+
 def recur(h: np.ndarray, W: np.ndarray) -> None:
     """In place: h[t+1] = tanh(h[t+1] + h[t] W), where h[1:] holds the input pre-activations."""
     tmp = np.empty_like(h[0])  # (B, H)
-    for t in range(h.shape[0] - 1):
-        np.matmul(h[t], W, out=tmp)
-        h[t + 1] += tmp
-        np.tanh(h[t + 1], out=h[t + 1])
+    with one_thread(*tmp.shape):
+        for t in range(h.shape[0] - 1):
+            np.matmul(h[t], W, out=tmp)
+            h[t + 1] += tmp
+            np.tanh(h[t + 1], out=h[t + 1])
 
 
 def recur_back(d: np.ndarray, h: np.ndarray, W: np.ndarray) -> None:
@@ -85,10 +105,11 @@ def recur_back(d: np.ndarray, h: np.ndarray, W: np.ndarray) -> None:
     tmp = np.empty_like(d[0])  # (B, H)
     WT = W.T
     d[-1] *= dtanh[-1]
-    for t in range(d.shape[0] - 1, 0, -1):
-        np.matmul(d[t], WT, out=tmp)
-        d[t - 1] += tmp
-        d[t - 1] *= dtanh[t - 1]
+    with one_thread(*tmp.shape):
+        for t in range(d.shape[0] - 1, 0, -1):
+            np.matmul(d[t], WT, out=tmp)
+            d[t - 1] += tmp
+            d[t - 1] *= dtanh[t - 1]
 
 
 def forward(
