@@ -50,6 +50,7 @@ MAX_PROMPT = int(os.environ.get("CHAR_RNN_MAX_PROMPT", "2000"))
 TIMEOUT = float(os.environ.get("CHAR_RNN_TIMEOUT", "30"))
 MAX_BATCH = int(os.environ.get("CHAR_RNN_MAX_BATCH", "64"))
 WORKERS = int(os.environ.get("CHAR_RNN_WORKERS", "1"))
+GATHER_GAP, GATHER_MAX = 0.002, 0.01  # seconds: how long the batcher waits for stragglers
 MAX_BODY = 12 * MAX_PROMPT + 4096  # a prompt of \uXXXX escapes, plus the other fields
 GENERATE_ROUTES = ("/generate", "/generate_stream")
 
@@ -187,14 +188,19 @@ class Batcher:
 
     def run(self) -> None:
         carry: Job | None = None
+        last_rows = 0
         while not self.stopping:
             first = carry or self.jobs.get()
             if first is None:
                 continue
             batch, rows, carry = [first], len(first.rows), None
+            # After a batch of several requests, more are likely on their way: wait for them while they
+            # keep arriving (each within GATHER_GAP), up to GATHER_MAX. A lone client never waits.
+            until = time.monotonic() + GATHER_MAX if last_rows > rows else 0.0
             while rows < self.max_rows:
                 try:
-                    job = self.jobs.get_nowait()
+                    wait = min(GATHER_GAP, until - time.monotonic())
+                    job = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
@@ -204,6 +210,7 @@ class Batcher:
                     break
                 batch.append(job)
                 rows += len(job.rows)
+            last_rows = rows
             self.run_batch(batch)
 
     def run_batch(self, batch: list[Job]) -> None:
