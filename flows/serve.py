@@ -10,34 +10,52 @@ else hourly. PREFECT_API_URL names the server.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 from model import paths
 
 paths.configure_env()
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
 
 from prefect import serve  # noqa: E402
 from prefect.deployments.runner import EntrypointType, RunnerDeployment  # noqa: E402
+from prefect.exceptions import ParameterTypeError, SignatureMismatchError  # noqa: E402
 from prefect.settings import get_current_settings  # noqa: E402
 
 from flows.pipeline import pipeline  # noqa: E402
 
 
-def deployments(**timing: timedelta | str) -> list[RunnerDeployment]:
-    """The on-demand deployment and the scheduled retrain; `timing` is interval= or cron=."""
+def deployments(params: dict[str, Any], **timing: timedelta | str) -> list[RunnerDeployment]:
+    """The on-demand deployment and the scheduled retrain (`timing`: interval= or cron=), given `params`."""
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["char-rnn"]}
     return [
-        pipeline.to_deployment("on-demand", description="Train, evaluate and maybe promote, now.", **common),
+        pipeline.to_deployment(
+            "on-demand", description="Train, evaluate and maybe promote, now.", parameters=params, **common
+        ),
         pipeline.to_deployment(
             "scheduled-retrain",
             description="Retrain, warm-starting from the promoted model, when the corpus has changed.",
-            parameters={"only_if_changed": True},
+            parameters=params | {"only_if_changed": True},
             **timing,
             **common,
         ),
     ]
+
+
+def param(text: str) -> tuple[str, Any]:
+    """KEY=VALUE; VALUE read as JSON when it is JSON (300, 3e-3, true), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, for example steps=500")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def timing(interval: float | None, cron: str | None) -> dict[str, timedelta | str]:
@@ -57,8 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--interval", type=float, help="seconds between retrains ($CHAR_RNN_RETRAIN_INTERVAL)")
     when.add_argument("--cron", help="cron expression for retrains ($CHAR_RNN_RETRAIN_CRON)")
+    parser.add_argument(
+        "--param",
+        type=param,
+        action="append",
+        default=[],
+        help="a default flow parameter, KEY=VALUE (repeatable)",
+    )
     parser.add_argument("--limit", type=int, default=1, help="flow runs executed at once (default 1)")
     args = parser.parse_args(argv)
+    params = dict(args.param)
     if not get_current_settings().api.url:
         sys.exit(
             "PREFECT_API_URL is not set: start a server with `scripts/prefect-server.sh start`, then "
@@ -66,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         when = timing(args.interval, args.cron)
-    except ValueError as e:
+        pipeline.validate_parameters(params)
+    except (ValueError, ParameterTypeError, SignatureMismatchError) as e:
         parser.error(str(e))
-    serve(*deployments(**when), limit=args.limit)
+    serve(*deployments(params, **when), limit=args.limit)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from flows import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"steps": "40", "hidden": "16", "batch": "4", "seq": "16", "checkpoint_every": "20"}
@@ -195,3 +198,29 @@ def test_killed_flow_resumes_from_its_last_checkpoint(stack, small_text):
     outcome = json.loads(metrics.read_text())
     assert outcome["resumed_from"] >= 100 and outcome["step"] == 2000
     assert "Resuming from the checkpoint at step" in again.stdout + again.stderr
+
+
+def test_retrain_schedule_from_the_command_line_else_the_environment(monkeypatch):
+    monkeypatch.delenv("CHAR_RNN_RETRAIN_CRON", raising=False)
+    monkeypatch.delenv("CHAR_RNN_RETRAIN_INTERVAL", raising=False)
+    assert serve.timing(None, None) == {"interval": timedelta(hours=1)}
+    monkeypatch.setenv("CHAR_RNN_RETRAIN_INTERVAL", "600")
+    assert serve.timing(None, None) == {"interval": timedelta(minutes=10)}
+    monkeypatch.setenv("CHAR_RNN_RETRAIN_CRON", "0 3 * * *")
+    assert serve.timing(None, None) == {"cron": "0 3 * * *"}
+    assert serve.timing(30, None) == {"interval": timedelta(seconds=30)}
+    with pytest.raises(ValueError, match="must be > 0"):
+        serve.timing(0, None)
+
+
+def test_both_deployments_share_parameters_and_only_the_retrain_is_scheduled():
+    on_demand, retrain = serve.deployments({"steps": 300}, cron="0 3 * * *")
+    assert (on_demand.name, retrain.name) == ("on-demand", "scheduled-retrain")
+    assert on_demand.parameters == {"steps": 300} and not on_demand.schedules
+    assert retrain.parameters == {"steps": 300, "only_if_changed": True}
+    assert retrain.schedules[0].schedule.cron == "0 3 * * *"
+    assert on_demand.entrypoint == "flows.pipeline.pipeline"
+    assert serve.param("lr=3e-3") == ("lr", 3e-3) and serve.param("data_dir=/srv/text") == (
+        "data_dir",
+        "/srv/text",
+    )
