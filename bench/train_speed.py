@@ -1,7 +1,8 @@
 """Training throughput (characters/s: forward + backward + clipping + optimizer update) on tiny shakespeare.
 
 Contenders, alternated round by round in one process (medians reported):
-  numpy      model.rnn (batched, time-major) + model.optim Adam + global-norm clipping
+  numpy      model.rnn (batched, time-major) + model.optim Adam + global-norm clipping; its T small
+             sequential (B, H) x (H, H) products run on one BLAS thread (rnn.one_thread), the rest on all
   seed_loop  the original notebook's RNN: one-hot column vectors, a Python loop per character, plain SGD
              (no clipping, as in the notebook), float64, batch 1; same hidden size and sequence length
   torch      PyTorch CPU nn.Embedding + nn.RNN(tanh) + nn.Linear, Adam, clip_grad_norm_ (float32)
@@ -198,6 +199,7 @@ def main() -> None:
         row["torch"] = round(med["torch"]) if "torch" in med else None
         row["vs_seed"] = round(med["numpy"] / med["seed_loop"], 2)
         row["vs_torch"] = round(med["numpy"] / med["torch"], 2) if "torch" in med else None
+        row["numpy_step_threads"] = 1 if 2 * B * H * H < rnn.SMALL_FLOPS else threads
         row["spread"] = {k: [round(min(v)), round(max(v))] for k, v in rates.items()}
         rows.append(row)
 
