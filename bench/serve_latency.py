@@ -4,7 +4,8 @@ Trains and promotes a quick model (hidden 256 by default) into a temporary CHAR_
 on a free loopback port (batching on, off, and on with 2 worker processes) and keeps `concurrency` clients
 busy with 200-character generations. Prints p50/p95/p99 latency and generated characters/s per point as a
 table; the last line is JSON. Targets (hidden 256, 2 cores): p50 <= 10 ms at concurrency 1; throughput at
-32 >= 5x that at 1, batching on. The cores are shared, so the JSON records the load average.
+32 >= 5x that at 1, batching on. The cores are shared: levels alternate over rounds, and the server's CPU
+time per request (robust to contention) and the load average are recorded too.
 
     uv run python bench/serve_latency.py [--seconds 5] [--hidden 256]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +68,7 @@ def promote_quick_model(hidden: int) -> str:
 
 
 class Server:
-    """`bentoml serve` from the repository root in its own process group, stopped by that group's id."""
+    """`bentoml serve` from the repository root; stopped by the ids of its process and its workers."""
 
     def __init__(self, max_batch: int, workers: int):
         with socket.socket() as s:
@@ -75,9 +78,8 @@ class Server:
         cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", port]
         env = ENV | {"CHAR_RNN_MAX_BATCH": str(max_batch), "CHAR_RNN_WORKERS": str(workers)}
         self.log = open(HOME / f"server-{max_batch}-{workers}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pids = [self.proc.pid]
 
     def __enter__(self) -> Server:
         end = time.monotonic() + 120
@@ -85,6 +87,7 @@ class Server:
             while time.monotonic() < end and self.proc.poll() is None:
                 try:
                     if c.get(f"{self.url}/readyz").status_code == 200:
+                        self.pids = process_tree(self.proc.pid)
                         return self
                 except httpx.TransportError:
                     pass
@@ -93,12 +96,16 @@ class Server:
         raise RuntimeError(f"the server did not become ready; see {self.log.name}")
 
     def __exit__(self, *_: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        pids = process_tree(self.proc.pid)
+        self.proc.terminate()  # the arbiter stops its workers
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait()
+        for pid in pids[1:]:  # any worker left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.log.close()
 
 
@@ -128,59 +135,103 @@ class Connection:
             self.writer.close()
 
 
-async def load(url: str, concurrency: int, seconds: float) -> dict:
+@dataclass
+class Tally:
+    """Requests at one concurrency, summed over rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    chars: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def row(self) -> dict:
+        ms = np.array(self.latencies) * 1000
+        return {
+            "requests": len(ms),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "chars_per_s": round(self.chars / self.wall),
+            "cpu_ms_per_req": round(self.cpu / len(ms) * 1000, 2),
+        }
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (the server's workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                int(stat.parent.name)
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) used so far by the live processes `pids`."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: list[int]) -> None:
     """`concurrency` clients sending requests back to back for `seconds` (after a short warm-up)."""
     host, port = url.removeprefix("http://").split(":")
     conns = [Connection(host, int(port)) for _ in range(concurrency)]
-    latencies: list[float] = []
-    chars = 0
 
     async def worker(k: int, until: float, record: bool) -> None:
-        nonlocal chars
         i = k
         while time.perf_counter() < until:
             t = time.perf_counter()
             body = await conns[k].post("/generate", {"prompt": "ROMEO:", "max_new_chars": CHARS, "seed": i})
             i += concurrency
             if record:
-                latencies.append(time.perf_counter() - t)
-                chars += sum(map(len, body["completions"]))
+                tally.latencies.append(time.perf_counter() - t)
+                tally.chars += sum(map(len, body["completions"]))
 
-    warm = time.perf_counter() + min(1.0, seconds / 4)
+    warm = time.perf_counter() + 0.3
     await asyncio.gather(*(worker(k, warm, False) for k in range(concurrency)))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(pids)
     await asyncio.gather(*(worker(k, t0 + seconds, True) for k in range(concurrency)))
-    wall = time.perf_counter() - t0
+    tally.wall += time.perf_counter() - t0
+    tally.cpu += cpu_seconds(pids) - cpu0
     for c in conns:
         c.close()
-    ms = np.array(latencies) * 1000
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p95_ms": round(float(np.percentile(ms, 95)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "chars_per_s": round(chars / wall),
-    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="measured time per point")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the levels, against drifting load")
     ap.add_argument("--hidden", type=int, default=256)
     a = ap.parse_args()
     tag = promote_quick_model(a.hidden)
     rows = []
     for batching, max_batch, workers in (("on", 64, 1), ("off", 1, 1), ("on", 64, 2)):
         with Server(max_batch, workers) as server:
-            for c in LEVELS:
-                point = asyncio.run(load(server.url, c, a.seconds))
-                rows.append({"batching": batching, "workers": workers} | point)
+            tallies = {c: Tally() for c in LEVELS}
+            for r in range(a.rounds):
+                for c in LEVELS if r % 2 == 0 else LEVELS[::-1]:
+                    asyncio.run(load(server.url, c, a.seconds / a.rounds, tallies[c], server.pids))
+            for c, tally in tallies.items():
+                rows.append({"batching": batching, "workers": workers, "concurrency": c} | tally.row())
     cols = ("batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s")
+    cols += ("cpu_ms_per_req",)
     print(f"model {tag}, hidden {a.hidden}, {CHARS} chars/request, {os.cpu_count()} cores, {a.seconds:g} s")
-    print(" ".join(f"{c:>11}" for c in cols))
+    print(" ".join(f"{c:>14}" for c in cols))
     for r in rows:
-        print(" ".join(f"{r[c]:>11}" for c in cols))
+        print(" ".join(f"{r[c]:>14}" for c in cols))
     rate = {(r["batching"], r["workers"], r["concurrency"]): r["chars_per_s"] for r in rows}
     scale = {f"{b}/{w}w": round(rate[(b, w, 32)] / rate[(b, w, 1)], 2) for b, w, _ in rate if _ == 1}
     p50_c1 = next(r["p50_ms"] for r in rows if r["batching"] == "on" and r["concurrency"] == 1)
