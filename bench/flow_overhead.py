@@ -49,7 +49,7 @@ from model.sample import sample  # noqa: E402
 from model.vocab import Vocab  # noqa: E402
 
 CASES = {  # corpus, then flow parameters
-    "smoke": (ROOT / "data" / "smoke.txt", {"steps": 200, "hidden": 32, "batch": 2, "seq": 8}),
+    "smoke": (ROOT / "data" / "smoke" / "seed.txt", {"steps": 200, "hidden": 32, "batch": 2, "seq": 8}),
     "tinyshakespeare": (ROOT / "data" / "tinyshakespeare.txt", {"steps": 600, "hidden": 128}),
 }
 COMMON = {"lr": 3e-3, "checkpoint_every": 100, "seed": 0, "batch": 32, "seq": 64}

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from model import paths
 
 paths.configure_env()
-Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
 
 from prefect import flow, get_run_logger  # noqa: E402
 from pydantic import AfterValidator, Field  # noqa: E402

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ from pathlib import Path
 from model import paths
 
 paths.configure_env()
-Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
 
 import numpy as np  # noqa: E402
 from prefect import runtime, task  # noqa: E402

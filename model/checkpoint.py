@@ -28,6 +28,8 @@ from model.vocab import Vocab
 
 FORMAT = 1
 FILES = ("weights.npz", "optim.npz")
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 class CheckpointError(Exception):
@@ -88,6 +90,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

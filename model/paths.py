@@ -27,3 +27,4 @@ def configure_env() -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("PREFECT_HOME", str(home() / "prefect"))
     os.environ.setdefault("BENTOML_HOME", str(home() / "bentoml"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
