@@ -4,6 +4,7 @@ One app per test process (module-scoped). The registry pointer is redirected to 
 so the service sees exactly the models these tests promote (none at first, for the 503 test).
 """
 
+import json
 import os
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -268,3 +269,35 @@ def test_openapi_documents_the_request_bounds(client, model):
     assert body["additionalProperties"] is False
     fields = body["properties"]
     assert fields["max_new_chars"]["maximum"] == 2000 and fields["temperature"]["minimum"] == 0.05
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_bodies_never_get_a_5xx(client, model, mode):
+    """Schemathesis draws bodies from the published OpenAPI schema, valid then invalid: never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.core import NotSet
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_dict(client.get("/docs.json").json())
+    strategy = schema["/generate"]["POST"].as_strategy(generation_mode=GenerationMode(mode))
+
+    @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def check(case):
+        body = b"" if isinstance(case.body, NotSet) else case.body
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = client.post("/generate", content=content, headers={"content-type": case.media_type or ""})
+        assert r.status_code < 500 and r.json(), r.text
+
+    check()
+
+
+def test_a_request_past_its_deadline_gets_504_not_500(client, model, monkeypatch):
+    import service
+
+    monkeypatch.setattr(service, "TIMEOUT", 0.0)
+    r = client.post("/generate", json={"max_new_chars": 2000})
+    assert r.status_code == 504 and "longer than" in r.json()["error"]
+    monkeypatch.undo()
+    assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200
