@@ -23,9 +23,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     vocab_size: int = Field(ge=1, le=1_000_000)
-    hidden: int = Field(256, ge=1, le=8192)
-    layers: int = Field(1, ge=1, le=8)
-    dropout: float = Field(0.0, ge=0.0, le=0.9)
+    hidden: int = Field(384, ge=1, le=8192)
+    layers: int = Field(2, ge=1, le=8)
+    dropout: float = Field(0.25, ge=0.0, le=0.9)
     dtype: Literal["float32", "float64"] = "float32"
 
 

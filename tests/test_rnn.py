@@ -90,7 +90,7 @@ def test_grow_keeps_old_rows():
 def test_gradients_large_vocab():
     """More classes than characters in the chunk: the embedding gradient takes its scatter-add path."""
     V, H, B, T = 23, 4, 2, 3
-    cfg = rnn.ModelConfig(vocab_size=V, hidden=H, dtype="float64")
+    cfg = rnn.ModelConfig(vocab_size=V, hidden=H, layers=1, dropout=0.0, dtype="float64")
     r = np.random.default_rng(3)
     p = rnn.init(cfg, r)
     x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
