@@ -24,11 +24,11 @@ EXTRA = "\nCafé — naïve, déjà vu: “quoted” ½ ☃ 日本語.\n"
 
 
 def tiny_checkpoint(text: str, out: Path, seed: int = 0) -> Checkpoint:
-    """A hidden-16 model trained for a few steps on `text`."""
+    """A one-layer hidden-16 model trained for a few steps on `text`."""
     vocab = Vocab.from_text(text)
     ids = vocab.encode(text)
     cut = len(ids) * 9 // 10
-    cfg = ModelConfig(vocab_size=len(vocab), hidden=16)
+    cfg = ModelConfig(vocab_size=len(vocab), hidden=16, layers=1, dropout=0.0)
     tc = TrainConfig(steps=10, batch=4, seq=16, warmup=0, eval_every=10, checkpoint_every=10, seed=seed)
     return train(ids[:cut], ids[cut:], vocab, cfg, tc, out, fingerprint=f"test-{seed}")
 
