@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,6 +243,7 @@ def main() -> None:
     summary = {"model": tag, "hidden": a.hidden, "layers": a.layers, "chars": CHARS, "load_avg_1m": load_avg}
     summary["results"] = rows
     print(json.dumps(summary | {"scale_32_over_1": scale, "targets_met": targets}))
+    shutil.rmtree(HOME, ignore_errors=True)  # kept when a run fails, for the server logs
 
 
 if __name__ == "__main__":
