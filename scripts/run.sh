@@ -8,7 +8,7 @@
 # data/tinyshakespeare.txt), STEPS (1500), HIDDEN (256), PREFECT_SERVER_PORT (4200), SERVICE_PORT (3000),
 # CHAR_RNN_RETRAIN_INTERVAL (seconds between scheduled retrains; 120 here).
 set -euo pipefail
-set -m
+set -m  # each background job gets its own process group: Ctrl-C reaches only this script, which stops them
 cd "$(dirname "$0")/.."
 
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false BENTOML_DO_NOT_TRACK=True
@@ -51,7 +51,9 @@ wait_http() {  # URL SECONDS NAME LOG
 scripts/prefect-server.sh start
 
 echo "starting the deployments' runner (python -m flows.serve, log $LOGS/serve.log)"
-setsid "$PY" -m flows.serve >"$LOGS/serve.log" 2>&1 &
+# Both deployments train with these defaults, so a scheduled retrain warm-starts from what this run promotes.
+"$PY" -m flows.serve --param "data_dir=$CHAR_RNN_DATA" --param "steps=${STEPS:-1500}" \
+    --param "hidden=${HIDDEN:-256}" >"$LOGS/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 120); do
     .venv/bin/prefect deployment inspect 'char-rnn-pipeline/on-demand' >/dev/null 2>&1 && break
@@ -60,11 +62,10 @@ for _ in $(seq 120); do
 done
 
 echo "running the pipeline on $CHAR_RNN_DATA (steps=${STEPS:-1500}, hidden=${HIDDEN:-256})"
-.venv/bin/prefect deployment run 'char-rnn-pipeline/on-demand' --watch \
-    --param "data_dir=$CHAR_RNN_DATA" --param "steps=${STEPS:-1500}" --param "hidden=${HIDDEN:-256}"
+.venv/bin/prefect deployment run 'char-rnn-pipeline/on-demand' --watch
 
 echo "starting the service (bentoml serve, log $LOGS/service.log)"
-setsid .venv/bin/bentoml serve . --host 127.0.0.1 --port "$SERVICE_PORT" >"$LOGS/service.log" 2>&1 &
+.venv/bin/bentoml serve . --host 127.0.0.1 --port "$SERVICE_PORT" >"$LOGS/service.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$SERVICE_PORT/readyz" 120 "the service" "$LOGS/service.log"
 
