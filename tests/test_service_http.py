@@ -4,6 +4,7 @@ It starts with no model (503), picks up a promoted one, then switches to a secon
 requests: no request fails, and every response is wholly the work of the model it names. Models are promoted
 by a separate process, as the pipeline would."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,6 +28,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (BentoML's workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 def wait_for(check, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -38,7 +55,7 @@ def wait_for(check, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(client, env of the server's home); the server and its workers are stopped by process group id."""
+    """(client, env of the server's home); the server and its workers are stopped by their PIDs."""
     home = tmp_path_factory.mktemp("serve-home")
     env = os.environ | {
         "CHAR_RNN_HOME": str(home),
@@ -53,8 +70,7 @@ def server(tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(home / "server.log", "wb") as log:
-        out = {"stdout": log, "stderr": subprocess.STDOUT}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **out)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30)
     try:
 
@@ -69,12 +85,16 @@ def server(tmp_path_factory):
         yield client, env
     finally:
         client.close()
-        os.killpg(proc.pid, signal.SIGTERM)
+        pids = process_tree(proc.pid)
+        proc.terminate()  # the arbiter stops its workers
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
+        for pid in pids[1:]:  # any worker left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def promote(ck_dir: Path, env: dict) -> str:
