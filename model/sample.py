@@ -42,26 +42,37 @@ def prime(p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray]) -> np.ndar
     return h
 
 
+class Filter:
+    """Each row's temperature, top-k and top-p as arrays, built once per batch."""
+
+    def __init__(self, rows: Sequence[Settings], vocab_size: int):
+        self.inv_temp = np.array([1.0 / r.temperature for r in rows])[:, None]  # (B, 1)
+        self.k = np.array([r.top_k or vocab_size for r in rows])[:, None]
+        self.top_p = np.array([r.top_p for r in rows])[:, None]
+        self.active = bool((self.k < vocab_size).any() or (self.top_p < 1).any())
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """Unnormalised probabilities (B, V) after temperature, top-k and top-p."""
+        z = logits * self.inv_temp  # float64 (B, V)
+        z -= z.max(axis=1, keepdims=True)
+        probs = np.exp(z, out=z)
+        if self.active:
+            probs /= probs.sum(axis=1, keepdims=True)
+            order = np.argsort(-probs, axis=1, kind="stable")  # (B, V) most likely first
+            sorted_p = np.take_along_axis(probs, order, axis=1)
+            rank = np.arange(probs.shape[1])[None, :]
+            before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly ahead of each entry
+            keep_sorted = (rank < self.k) & ((before < self.top_p) | (rank == 0))
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, axis=1)
+            probs[~keep] = 0.0
+        return probs
+
+
 def filter_probs(logits: np.ndarray, rows: Sequence[Settings]) -> np.ndarray:
     """Probabilities (B, V) after each row's temperature, top-k and top-p."""
-    temp = np.array([r.temperature for r in rows], dtype=np.float64)[:, None]
-    z = logits.astype(np.float64) / temp
-    z -= z.max(axis=1, keepdims=True)
-    probs = np.exp(z)
-    probs /= probs.sum(axis=1, keepdims=True)
-    if any(r.top_k or r.top_p < 1 for r in rows):
-        order = np.argsort(-probs, axis=1, kind="stable")  # (B, V) most likely first
-        sorted_p = np.take_along_axis(probs, order, axis=1)
-        rank = np.arange(probs.shape[1])[None, :]
-        k = np.array([r.top_k or probs.shape[1] for r in rows])[:, None]
-        top_p = np.array([r.top_p for r in rows])[:, None]
-        before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly ahead of each entry
-        keep_sorted = (rank < k) & ((before < top_p) | (rank == 0))
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=1)
-        probs = np.where(keep, probs, 0.0)
-        probs /= probs.sum(axis=1, keepdims=True)
-    return probs
+    probs = Filter(rows, logits.shape[1])(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
 
 
 def generate_ids(
@@ -71,16 +82,19 @@ def generate_ids(
     length: int,
     rows: Sequence[Settings],
 ) -> Iterator[np.ndarray]:
-    """Yield the next id of every row (B,), `length` times; one matrix product per layer per step."""
+    """Yield the next id of every row (B,), `length` times; one matrix product per layer per step.
+
+    Row i draws its uniforms from its own generator seeded by rows[i].seed, so its text does not depend
+    on what else is in the batch."""
     if len(rows) != len(prompts):
         raise ValueError("one Settings per prompt")
-    rngs = [np.random.default_rng(r.seed) for r in rows]
+    filt = Filter(rows, cfg.vocab_size)
+    u = np.stack([np.random.default_rng(r.seed).random(length) for r in rows]) if rows else None  # (B, N)
     h = prime(p, cfg, prompts)
-    for _ in range(length):
-        probs = filter_probs(rnn.logits(p, h), rows)
-        u = np.array([g.random() for g in rngs])[:, None]
-        ids = (np.cumsum(probs, axis=1) < u * probs.sum(axis=1, keepdims=True)).sum(axis=1)
-        ids = np.minimum(ids, probs.shape[1] - 1)
+    for t in range(length):
+        cdf = np.cumsum(filt(rnn.logits(p, h)), axis=1)  # (B, V) unnormalised
+        ids = (cdf < u[:, t : t + 1] * cdf[:, -1:]).sum(axis=1)
+        ids = np.minimum(ids, cfg.vocab_size - 1)
         yield ids
         h = rnn.step(p, cfg, ids, h)
 
