@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from model import paths
 
@@ -112,13 +112,3 @@ def pipeline(
     decision = promote(trained, candidate, against, data, run_dir)
     publish(data_dir, corpus, data, trained, candidate, decision)
     return decision
-
-
-def run_pipeline(
-    data_dir: str | Path, steps: int | None = None, hidden: int | None = None, **options: Any
-) -> Decision:
-    """Run the pipeline flow in this process (for `char-rnn pipeline`); options are the flow's parameters.
-
-    Uses the Prefect server at PREFECT_API_URL, or a temporary local one when that is unset."""
-    given = {"steps": steps, "hidden": hidden} | options
-    return pipeline(data_dir=data_dir, **{k: v for k, v in given.items() if v is not None})

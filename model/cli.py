@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -115,9 +116,23 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(a: argparse.Namespace) -> None:
-    from flows.pipeline import run_pipeline  # Prefect is imported only for this command
+    from prefect.exceptions import ParameterTypeError  # Prefect is imported only for this command
 
-    run_pipeline(data_dir=a.data, steps=a.steps, hidden=a.hidden)
+    from flows.pipeline import pipeline
+
+    names = ("steps", "hidden", "layers", "batch", "seq", "lr")
+    params = {"data_dir": a.data} | {k: getattr(a, k) for k in names if getattr(a, k) is not None}
+    try:  # before Prefect's temporary server starts
+        logging.getLogger("prefect.flows").setLevel(logging.CRITICAL)  # we say it in one line below
+        params = pipeline.validate_parameters(params)
+        logging.getLogger("prefect.flows").setLevel(logging.NOTSET)
+    except ParameterTypeError as e:
+        raise ValueError(" ".join(str(e).split("\n")[1:]).replace(" - ", "", 1).replace(" - ", "; ")) from e
+    d = pipeline(**params)
+    print(
+        f"{'promoted' if d.promoted else 'kept'} {d.tag}: {d.reason}"
+        + (f"\nrun: {d.run_dir}" if d.run_dir else "")
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,8 +169,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run the Prefect pipeline once, in-process (no server needed)")
     p.add_argument("--data", default="data", help="corpus folder")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="(default: the flow's)")
+    for flag, kind in (("hidden", int), ("layers", int), ("batch", int), ("seq", int), ("lr", float)):
+        p.add_argument(f"--{flag}", type=kind, default=None, help="(default: the flow's)")
     p.set_defaults(fn=cmd_pipeline)
     return ap
 

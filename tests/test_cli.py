@@ -72,3 +72,9 @@ def test_console_script_is_installed():
         [exe, "sample", "--checkpoint", "/nonexistent"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_pipeline_parameters_are_checked_before_any_work(capsys):
+    assert main(["pipeline", "--data", "/nonexistent", "--steps", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("char-rnn: error: data_dir:") and "steps: Input should be greater" in err

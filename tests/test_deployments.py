@@ -166,8 +166,8 @@ def test_killed_flow_resumes_from_its_last_checkpoint(stack, small_text):
     texts = stack.corpus("killed", small_text[:12000])
     root = stack.home / "killed-runs"
     code = (
-        "import sys; from flows.pipeline import run_pipeline; "
-        "d = run_pipeline(sys.argv[1], steps=2000, hidden=32, batch=8, seq=32, checkpoint_every=100, "
+        "import sys; from flows.pipeline import pipeline; "
+        "d = pipeline(data_dir=sys.argv[1], steps=2000, hidden=32, batch=8, seq=32, checkpoint_every=100, "
         "artifacts_root=sys.argv[2]); print('RESULT', d.model_dump_json())"
     )
     cmd = [sys.executable, "-c", code, str(texts), str(root)]
