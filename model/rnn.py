@@ -25,7 +25,7 @@ class ModelConfig(BaseModel):
     vocab_size: int = Field(ge=1, le=1_000_000)
     hidden: int = Field(384, ge=1, le=8192)
     layers: int = Field(2, ge=1, le=8)
-    dropout: float = Field(0.25, ge=0.0, le=0.9)
+    dropout: float = Field(0.1, ge=0.0, le=0.9)
     dtype: Literal["float32", "float64"] = "float32"
 
 

@@ -24,7 +24,7 @@ class TrainConfig(BaseModel):
     steps: int = Field(3000, ge=1, le=10_000_000, description="total optimizer steps")
     batch: int = Field(32, ge=1, le=4096, description="parallel sequences (B)")
     seq: int = Field(64, ge=1, le=4096, description="truncated BPTT length (T)")
-    lr: float = Field(2e-3, gt=0, le=10)
+    lr: float = Field(3e-3, gt=0, le=10)
     min_lr: float = Field(3e-4, ge=0, le=10, description="learning rate at the end of cosine decay")
     warmup: int = Field(100, ge=0)
     optimizer: optim.OptimName = "adam"
