@@ -36,7 +36,7 @@ CONFIGS = [(32, 64, 256), (64, 128, 512)]  # (B, T, H)
 
 def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int) -> Callable[[], int]:
     """One training step of model.rnn per call, over consecutive batches of the corpus."""
-    cfg = rnn.ModelConfig(vocab_size=V, hidden=H)
+    cfg = rnn.ModelConfig(vocab_size=V, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
     p = rnn.init(cfg, np.random.default_rng(0))
     opt = optim.make("adam", p)
     streams = Streams(ids, B, T)

@@ -79,7 +79,7 @@ class Cache:
     dz: np.ndarray  # (T*B, V) softmax / (T*B); backward turns it into the logits' gradient in place
 
 
-SMALL_FLOPS = 1 << 26  # per-step products below this run on one BLAS thread
+SMALL_FLOPS = 1 << 24  # per-step products below this (B * H^2 < 8M) run on one BLAS thread
 
 
 @cache
