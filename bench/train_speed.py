@@ -1,8 +1,9 @@
 """Training throughput (characters/s: forward + backward + clipping + optimizer update) on tiny shakespeare.
 
 Contenders, alternated round by round in one process (medians reported):
-  numpy      model.rnn (batched, time-major) + model.optim Adam + global-norm clipping; its T small
-             sequential (B, H) x (H, H) products run on one BLAS thread (rnn.one_thread), the rest on all
+  numpy      model.rnn (batched, time-major) + model.optim Adam + global-norm clipping; its T sequential
+             (B, H) x (H, H) products run on one BLAS thread when small (rnn.one_thread: B=32, H=256),
+             everything else on all (JSON: numpy_step_threads)
   seed_loop  the original notebook's RNN: one-hot column vectors, a Python loop per character, plain SGD
              (no clipping, as in the notebook), float64, batch 1; same hidden size and sequence length
   torch      PyTorch CPU nn.Embedding + nn.RNN(tanh) + nn.Linear, Adam, clip_grad_norm_ (float32)
