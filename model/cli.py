@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -116,6 +117,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(a: argparse.Namespace) -> None:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy box is slow
     from prefect.exceptions import ParameterTypeError  # Prefect is imported only for this command
 
     from flows.pipeline import pipeline
