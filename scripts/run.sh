@@ -5,7 +5,7 @@
 # checkpoints, the promoted model).
 #
 # Environment: CHAR_RNN_HOME (./.char-rnn), CHAR_RNN_DATA (corpus folder, $CHAR_RNN_HOME/corpus, seeded with
-# data/tinyshakespeare.txt), STEPS (1500), HIDDEN (256), PREFECT_SERVER_PORT (4200), SERVICE_PORT (3000),
+# data/tinyshakespeare.txt), STEPS (4000), HIDDEN (256), PREFECT_SERVER_PORT (4200), SERVICE_PORT (3000),
 # CHAR_RNN_RETRAIN_INTERVAL (seconds between scheduled retrains; 120 here).
 set -euo pipefail
 set -m  # each background job gets its own process group: Ctrl-C reaches only this script, which stops them
@@ -27,6 +27,8 @@ mkdir -p "$LOGS" "$CHAR_RNN_DATA"
 pids=()
 stop_all() {
     trap - INT TERM EXIT
+    trap '' PIPE  # the terminal (or a `| tee`) may be gone already: stop everything regardless
+    set +e
     echo; echo "stopping..."
     for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do
@@ -52,7 +54,7 @@ scripts/prefect-server.sh start
 
 echo "starting the deployments' runner (python -m flows.serve, log $LOGS/serve.log)"
 # Both deployments train with these defaults, so a scheduled retrain warm-starts from what this run promotes.
-"$PY" -m flows.serve --param "data_dir=$CHAR_RNN_DATA" --param "steps=${STEPS:-1500}" \
+"$PY" -m flows.serve --param "data_dir=$CHAR_RNN_DATA" --param "steps=${STEPS:-4000}" \
     --param "hidden=${HIDDEN:-256}" >"$LOGS/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 120); do
@@ -61,8 +63,9 @@ for _ in $(seq 120); do
     sleep 1
 done
 
-echo "running the pipeline on $CHAR_RNN_DATA (steps=${STEPS:-1500}, hidden=${HIDDEN:-256})"
-.venv/bin/prefect deployment run 'char-rnn-pipeline/on-demand' --watch
+echo "running the pipeline on $CHAR_RNN_DATA (steps=${STEPS:-4000}, hidden=${HIDDEN:-256})"
+# only_if_changed: a second `make run` on the same corpus reuses the promoted model instead of training again.
+.venv/bin/prefect deployment run 'char-rnn-pipeline/on-demand' --param only_if_changed=true --watch
 
 echo "starting the service (bentoml serve, log $LOGS/service.log)"
 .venv/bin/bentoml serve . --host 127.0.0.1 --port "$SERVICE_PORT" >"$LOGS/service.log" 2>&1 &
