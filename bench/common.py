@@ -9,15 +9,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-for _k, _v in {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "BENTOML_DO_NOT_TRACK": "True",
-}.items():
-    os.environ.setdefault(_k, _v)
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `uv run python bench/x.py` from anywhere
+
+from model.paths import TELEMETRY_OFF  # noqa: E402
+
+for _k, _v in TELEMETRY_OFF.items():
+    os.environ.setdefault(_k, _v)
 
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info  # noqa: E402

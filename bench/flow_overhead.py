@@ -25,17 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `uv run python bench/flow_overhead.py` from anywhere
 WORK = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
-os.environ.update(
-    {
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "BENTOML_DO_NOT_TRACK": "True",
-        "OPENBLAS_NUM_THREADS": "1",
-        "PREFECT_HOME": str(WORK / "prefect"),
-        "BENTOML_HOME": str(WORK / "bentoml"),
-        "CHAR_RNN_HOME": str(WORK / "home"),
-    }
-)
+from model.paths import isolated_env  # noqa: E402
+
+os.environ.update(isolated_env(WORK) | {"OPENBLAS_NUM_THREADS": "1"})
 os.environ.pop("CHAR_RNN_RUNS", None)
 
 from prefect.logging.handlers import APILogHandler  # noqa: E402
@@ -52,7 +44,7 @@ CASES = {  # corpus, then flow parameters
     "smoke": (ROOT / "data" / "smoke" / "seed.txt", {"steps": 200, "hidden": 32, "batch": 2, "seq": 8}),
     "tinyshakespeare": (ROOT / "data" / "tinyshakespeare.txt", {"steps": 600, "hidden": 128}),
 }
-COMMON = {"lr": 3e-3, "checkpoint_every": 100, "seed": 0, "batch": 32, "seq": 64}
+COMMON = {"lr": 3e-3, "checkpoint_every": 100, "seed": 0, "batch": 32, "seq": 64, "layers": 1}
 
 
 def direct(data: Path, out: Path, p: dict) -> None:
@@ -61,7 +53,7 @@ def direct(data: Path, out: Path, p: dict) -> None:
     vocab = Vocab.from_text(c.text)
     train_ids, val_ids = corpus.split(vocab.encode(c.text))
     cfg = train_config(p["steps"], p["batch"], p["seq"], p["lr"], p["checkpoint_every"], p["seed"])
-    model = ModelConfig(vocab_size=len(vocab), hidden=p["hidden"])
+    model = ModelConfig(vocab_size=len(vocab), hidden=p["hidden"], layers=p["layers"])
     ck = train.train(train_ids, val_ids, vocab, model, cfg, out / "checkpoints", fingerprint=c.fingerprint)
     train.evaluate(ck.params, ck.config, val_ids)
     sample(ck.params, ck.config, vocab, PROMPTS, SAMPLE_CHARS, SAMPLING, unknown="skip")

@@ -29,17 +29,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = Path(tempfile.mkdtemp(prefix="char-rnn-bench-serve-"))
-ENV = os.environ | {
-    "CHAR_RNN_HOME": str(HOME),
-    "BENTOML_HOME": str(HOME / "bentoml"),
-    "PREFECT_HOME": str(HOME / "prefect"),
-    "OPENBLAS_NUM_THREADS": "1",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "BENTOML_DO_NOT_TRACK": "True",
-}
-os.environ.update(ENV)  # before bentoml is imported (by flows.registry)
 sys.path.insert(0, str(ROOT))
+from model.paths import isolated_env  # noqa: E402
+
+ENV = os.environ | isolated_env(HOME) | {"OPENBLAS_NUM_THREADS": "1"}
+os.environ.update(ENV)  # before bentoml is imported (by flows.registry)
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402

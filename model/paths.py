@@ -21,6 +21,16 @@ def runs() -> Path:
     return Path(os.environ.get("CHAR_RNN_RUNS") or home() / "runs").absolute()
 
 
+def isolated_env(root: Path) -> dict[str, str]:
+    """Environment variables for a process that keeps all its state under `root`, telemetry off."""
+    root = Path(root)
+    return TELEMETRY_OFF | {
+        "CHAR_RNN_HOME": str(root),
+        "PREFECT_HOME": str(root / "prefect"),
+        "BENTOML_HOME": str(root / "bentoml"),
+    }
+
+
 def configure_env() -> None:
     """Telemetry off and project-local Prefect/BentoML homes, unless already set. Call before import."""
     for k, v in TELEMETRY_OFF.items():

@@ -6,17 +6,9 @@ from pathlib import Path
 
 import pytest
 
-_HOME = Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))
-os.environ.update(
-    {
-        "CHAR_RNN_HOME": str(_HOME),
-        "PREFECT_HOME": str(_HOME / "prefect"),
-        "BENTOML_HOME": str(_HOME / "bentoml"),
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "BENTOML_DO_NOT_TRACK": "True",
-    }
-)
+from model.paths import isolated_env
+
+os.environ.update(isolated_env(Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))))
 os.environ.pop("CHAR_RNN_RUNS", None)
 
 ROOT = Path(__file__).resolve().parent.parent

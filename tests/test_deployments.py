@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows import serve
+from model.paths import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"steps": "40", "hidden": "16", "batch": "4", "seq": "16", "checkpoint_every": "20"}
@@ -89,16 +90,11 @@ def stack(tmp_path_factory) -> Stack:
     home = tmp_path_factory.mktemp("deployments")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CHAR_RNN_"))} | {
-        "CHAR_RNN_HOME": str(home),
-        "PREFECT_HOME": str(home / "prefect"),
-        "BENTOML_HOME": str(home / "bentoml"),
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CHAR_RNN_"))}
+    env |= isolated_env(home) | {
         "PREFECT_SERVER_PORT": str(port),
         "PREFECT_API_URL": url,
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "BENTOML_DO_NOT_TRACK": "True",
         "OPENBLAS_NUM_THREADS": "1",
         "PYTHON": sys.executable,
     }

@@ -18,7 +18,10 @@ import httpx
 import pytest
 from test_service import EXTRA, expected, tiny_checkpoint
 
+from model.paths import isolated_env
+
 ROOT = Path(__file__).resolve().parent.parent
+ASTRAL = "\U0001f600 \U0001d11e \U00010348\n"  # characters outside the Basic Multilingual Plane
 PROMOTE = "import sys; from flows import registry; print(registry.promote(sys.argv[1], {'source': 'tests'}))"
 
 
@@ -57,16 +60,7 @@ def wait_for(check, timeout: float, what: str) -> None:
 def server(tmp_path_factory):
     """(client, env of the server's home); the server and its workers are stopped by their PIDs."""
     home = tmp_path_factory.mktemp("serve-home")
-    env = os.environ | {
-        "CHAR_RNN_HOME": str(home),
-        "BENTOML_HOME": str(home / "bentoml"),
-        "PREFECT_HOME": str(home / "prefect"),
-        "CHAR_RNN_RELOAD_INTERVAL": "0.3",
-        "OPENBLAS_NUM_THREADS": "1",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "BENTOML_DO_NOT_TRACK": "True",
-    }
+    env = os.environ | isolated_env(home) | {"CHAR_RNN_RELOAD_INTERVAL": "0.3", "OPENBLAS_NUM_THREADS": "1"}
     port = free_port()
     cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(home / "server.log", "wb") as log:
@@ -127,8 +121,8 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     stop = threading.Event()
 
     def loop(k: int) -> None:  # bounded in count and time
-        end = time.monotonic() + 40
-        for i in range(1000):
+        end = time.monotonic() + 90
+        for i in range(3000):
             if stop.wait(0.02) or time.monotonic() > end:
                 return
             req = {"prompt": "THE ", "max_new_chars": 30 + i % 7, "seed": 1000 * k + i, "temperature": 0.9}
@@ -137,18 +131,24 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
-    wait_for(lambda: sum(map(len, results)) >= 20, 30, "requests before the switch")
-    ck = tiny_checkpoint(small_text.upper() + EXTRA, tmp_path / "b", seed=1)
-    tag_b = promote(ck.path, env)
-    cks[tag_b] = ck
+    wait_for(lambda: sum(map(len, results)) >= 20, 30, "requests before the first switch")
+    texts = {"b": small_text.upper() + EXTRA, "c": small_text + EXTRA + ASTRAL * 30}
+    order = [tag_a]
+    for seed, name in enumerate(texts, 1):  # two promotions while the clients keep asking
+        ck = tiny_checkpoint(texts[name], tmp_path / name, seed=seed)
+        tag = promote(ck.path, env)
+        cks[tag] = ck
+        order.append(tag)
 
-    def after_switch() -> bool:
-        return sum(r.json()["model"] == tag_b for rs in results for _, r in rs if r.status_code == 200) >= 20
+        def switched(tag: str = tag) -> bool:
+            answered = [r.json()["model"] for rs in results for _, r in rs if r.status_code == 200]
+            return answered.count(tag) >= 20
 
-    wait_for(after_switch, 30, f"responses from {tag_b}")
+        wait_for(switched, 30, f"responses from {tag}")
     stop.set()
     for t in threads:
         t.join()
+    newest = order[-1]
 
     for rs in results:
         seen = []
@@ -159,12 +159,17 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
             want = expected(cks[body["model"]], req["prompt"], req["max_new_chars"], 0.9, req["seed"])
             assert body["completions"] == want, "a response mixes models or is not its seed's"
             seen.append(body["model"])
-        assert seen == sorted(seen, key=[tag_a, tag_b].index), "a client went back to the old model"
+        assert seen == sorted(seen, key=order.index), "a client went back to an older model"
+    assert {m for rs in results for _, r in rs for m in [r.json()["model"]]} == set(order)
+
+    r = client.post("/generate", json={"prompt": "\U0001f600 ", "max_new_chars": 20, "seed": 3})
+    assert r.status_code == 200 and r.json()["model"] == newest, r.text
+    assert r.json()["completions"] == expected(cks[newest], "\U0001f600 ", 20, 0.8, 3)
 
     req = {"prompt": "THE ", "max_new_chars": 50, "seed": 4}
     with client.stream("POST", "/generate_stream", json=req) as r:
-        assert r.status_code == 200 and r.headers["x-model-tag"] == tag_b
-        assert ["".join(r.iter_text())] == expected(cks[tag_b], "THE ", 50, 0.8, 4)
+        assert r.status_code == 200 and r.headers["x-model-tag"] == newest
+        assert ["".join(r.iter_text())] == expected(cks[newest], "THE ", 50, 0.8, 4)
 
 
 def test_bentoml_build_bundles_the_promoted_model(server):
