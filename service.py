@@ -465,4 +465,54 @@ class CharRNN:
         return error(503, no_model_message()) if snap is None else snap.info
 
 
+ERRORS = {
+    "400": "a field breaks its rule, unknown prompt characters, or an empty or malformed body",
+    "413": "the body is larger than the limit",
+    "415": "the body is not JSON",
+    "503": "no model has been promoted yet",
+    "504": "generation took longer than CHAR_RNN_TIMEOUT",
+}
+
+
+def openapi() -> dict[str, Any]:
+    """BentoML's OpenAPI document, corrected to what the service does: request bodies are required,
+    top_p excludes 0, optional fields may be null, every error status is documented, and an error's
+    `detail` may be a list."""
+    spec = CharRNN.openapi_spec.asdict()
+    schemas = spec["components"]["schemas"]
+    detail = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        schemas[name]["properties"]["detail"] = detail
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    schemas["Error"]["properties"]["detail"] = detail
+    for route in (*GENERATE_ROUTES, "/model_info"):
+        op = spec["paths"][route]["post"]
+        if route in GENERATE_ROUTES:
+            op["requestBody"]["required"] = True
+            fields = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
+            fields["top_p"] |= {"minimum": 0, "exclusiveMinimum": True}  # (0, 1]: OpenAPI 3.0's form
+            for name in ("top_k", "top_p", "seed"):  # optional: null means "off" / "random"
+                fields[name]["nullable"] = True
+        for status, why in ERRORS.items():
+            ref = "InvalidArgument" if status == "400" else "Error"
+            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+            op["responses"][status] = {"description": why, "content": body}
+    return spec
+
+
+class OpenAPIDoc:
+    """ASGI middleware that serves the corrected OpenAPI document at /docs.json."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.spec: dict[str, Any] | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/docs.json":
+            self.spec = self.spec or openapi()
+            return await JSONResponse(self.spec)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 CharRNN.add_asgi_middleware(BodyGuard, max_body=MAX_BODY)
+CharRNN.add_asgi_middleware(OpenAPIDoc)

@@ -273,22 +273,27 @@ def test_openapi_documents_the_request_bounds(client, model):
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_fuzzed_bodies_never_get_a_5xx(client, model, mode):
-    """Schemathesis draws bodies from the published OpenAPI schema, valid then invalid: never a 5xx."""
+    """Schemathesis draws bodies from the published OpenAPI schema, valid then invalid: never a 5xx, and
+    every response (status, content type, body) conforms to the schema."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.core import NotSet
     from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_dict(client.get("/docs.json").json())
     strategy = schema["/generate"]["POST"].as_strategy(generation_mode=GenerationMode(mode))
 
-    @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def check(case):
         body = b"" if isinstance(case.body, NotSet) else case.body
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = client.post("/generate", content=content, headers={"content-type": case.media_type or ""})
         assert r.status_code < 500 and r.json(), r.text
+        # The prompt's alphabet is the served model's vocabulary, which changes on hot reload, so the schema
+        # cannot state it: a schema-valid prompt may be refused (400, naming the characters).
+        case.validate_response(r, excluded_checks=[positive_data_acceptance])
 
     check()
 
