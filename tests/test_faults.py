@@ -145,3 +145,33 @@ def test_two_pipeline_runs_at_once_both_finish_and_the_registry_stays_consistent
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == tags[-1]
+
+
+def test_odd_files_in_the_corpus_folder(tmp_path, small_text, store):
+    """Empty, binary, invalid UTF-8, BOM, CRLF and astral characters: usable text in, the rest named."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(small_text[:5000], encoding="utf-8")
+    (folder / "bom.txt").write_bytes(("\ufeff" + "With a byte-order mark.\n" * 20).encode())
+    (folder / "windows.txt").write_bytes(b"Windows line endings.\r\n" * 20)
+    (folder / "astral.txt").write_text("Beyond the BMP: \U0001f600 \U0001d11e \U00010348.\n" * 20)
+    (folder / "empty.txt").write_text("")
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    params = {"steps": 20, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 10}
+    with prefect_test_harness(server_startup_timeout=120):
+        d = pipeline(data_dir=folder, artifacts_root=tmp_path, **params)
+    metrics = json.loads((d.run_dir / "metrics.json").read_text())
+    assert set(metrics["skipped"]) == {"empty.txt", "binary.txt", "latin1.txt"}
+    assert metrics["files"] == ["a.txt", "astral.txt", "bom.txt", "windows.txt"]
+    vocab = checkpoint.load(d.run_dir / "checkpoints").vocab
+    assert {"\U0001f600", "\U0001d11e", "\U00010348"} <= set(vocab.chars)
+    assert "\r" not in vocab and "\ufeff" not in vocab
+    from model.sample import Settings, sample
+
+    ck = checkpoint.load(d.run_dir / "checkpoints")
+    assert len(sample(ck.params, ck.config, ck.vocab, ["\U0001f600 "], 10, Settings(seed=1))[0]) == 10
