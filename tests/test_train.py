@@ -131,14 +131,15 @@ def run_cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "model.cli", *args], env=env, **kw)
 
 
-def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, small_corpus):
-    """A real training process killed with SIGKILL at three random points, resumed each time."""
+@pytest.mark.parametrize("kills", [3, pytest.param(12, marks=pytest.mark.slow)])
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, small_corpus, kills):
+    """A real training process killed with SIGKILL at random points, resumed each time."""
     flags = ["--data", str(small_corpus), "--steps", "500", "--hidden", "48", "--batch", "8", "--seq", "16"]
     flags += ["--checkpoint-every", "10", "--eval-every", "40"]
     assert run_cli("train", *flags, "--out", str(tmp_path / "full")).wait(120) == 0
     cut = tmp_path / "cut"
     rng = random.Random()
-    points = sorted(rng.sample(range(20, 380, 10), 3))  # checkpoints come every 10 steps
+    points = sorted(rng.sample(range(20, 380, 10), kills))  # checkpoints come every 10 steps
     print("killing a little after the checkpoints at steps", points)
     for kill_after in points:
         p = run_cli("train", *flags, "--out", str(cut), "--resume", stderr=subprocess.DEVNULL)
