@@ -26,3 +26,13 @@ def small_corpus(tmp_path, small_text) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(small_text, encoding="utf-8")
     return path
+
+
+def damage(f: Path, how: str) -> None:
+    """Truncate `f` to a third, or flip bits in its middle byte."""
+    raw = bytearray(f.read_bytes())
+    if how == "truncate":
+        raw = raw[: len(raw) // 3]
+    else:
+        raw[len(raw) // 2] ^= 0x5A
+    f.write_bytes(bytes(raw))

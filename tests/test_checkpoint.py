@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import damage
 
 from model import checkpoint, rnn
 from model.checkpoint import CheckpointError, Meta
@@ -33,17 +34,11 @@ def test_round_trip(tmp_path):
     assert checkpoint.load(tmp_path, with_optim=False).optim == {}
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_checkpoint_is_refused_and_previous_used(tmp_path, damage):
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_damaged_checkpoint_is_refused_and_previous_used(tmp_path, how):
     for s in (10, 20):
         checkpoint.save(tmp_path, *make(s))
-    f = tmp_path / "step-0000020" / "weights.npz"
-    raw = bytearray(f.read_bytes())
-    if damage == "truncate":
-        raw = raw[: len(raw) // 2]
-    else:
-        raw[len(raw) // 2] ^= 0xFF
-    f.write_bytes(bytes(raw))
+    damage(tmp_path / "step-0000020" / "weights.npz", how)
     with pytest.raises(CheckpointError, match=r"step-0000020/weights.npz: checksum mismatch"):
         checkpoint.load(tmp_path / "step-0000020")
     with pytest.warns(UserWarning, match="refused checkpoint.*step-0000020"):

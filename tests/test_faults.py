@@ -8,21 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import damage
 
 from model import checkpoint, corpus, rnn, train
 from model.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = train.TrainConfig(steps=60, batch=8, seq=16, warmup=5, eval_every=20, checkpoint_every=10, keep=10)
-
-
-def damage(f: Path, how: str) -> None:
-    raw = bytearray(f.read_bytes())
-    if how == "truncate":
-        raw = raw[: len(raw) // 3]
-    else:
-        raw[len(raw) // 2] ^= 0x5A
-    f.write_bytes(bytes(raw))
 
 
 def fit(text: str, out: Path, cfg: train.TrainConfig = CFG, **kw) -> checkpoint.Checkpoint:
