@@ -69,12 +69,6 @@ class Filter:
         return probs
 
 
-def filter_probs(logits: np.ndarray, rows: Sequence[Settings]) -> np.ndarray:
-    """Probabilities (B, V) after each row's temperature, top-k and top-p."""
-    probs = Filter(rows, logits.shape[1])(logits)
-    return probs / probs.sum(axis=1, keepdims=True)
-
-
 def generate_ids(
     p: Params,
     cfg: ModelConfig,

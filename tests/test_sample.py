@@ -53,12 +53,17 @@ def test_degenerate_filters_are_greedy(rows):
     assert gen(["ab"], n=30, rows=rows)[0] == greedy("ab", 30)
 
 
-def test_filter_probs():
+def filter_probs(logits, rows):
+    probs = sample.Filter(rows, logits.shape[1])(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def test_filter():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    np.testing.assert_allclose(sample.filter_probs(logits, [Settings()]), [[0.5, 0.3, 0.15, 0.05]])
-    np.testing.assert_allclose(sample.filter_probs(logits, [Settings(top_k=2)]), [[0.625, 0.375, 0, 0]])
-    np.testing.assert_allclose(sample.filter_probs(logits, [Settings(top_p=0.7)]), [[0.625, 0.375, 0, 0]])
-    hot = sample.filter_probs(logits, [Settings(temperature=2.0)])[0]
+    np.testing.assert_allclose(filter_probs(logits, [Settings()]), [[0.5, 0.3, 0.15, 0.05]])
+    np.testing.assert_allclose(filter_probs(logits, [Settings(top_k=2)]), [[0.625, 0.375, 0, 0]])
+    np.testing.assert_allclose(filter_probs(logits, [Settings(top_p=0.7)]), [[0.625, 0.375, 0, 0]])
+    hot = filter_probs(logits, [Settings(temperature=2.0)])[0]
     assert hot[0] < 0.5 and hot[3] > 0.05
 
 
