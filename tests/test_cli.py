@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from model import checkpoint
-from model.cli import main
+from cli import main
 
 FAST = ["--steps", "30", "--hidden", "32", "--batch", "8", "--seq", "16", "--checkpoint-every", "10"]
 

@@ -111,7 +111,7 @@ def test_two_pipeline_runs_at_once_both_finish_and_the_registry_stays_consistent
         ]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "model.cli", *args],
+                [sys.executable, "-m", "cli", *args],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

@@ -128,7 +128,7 @@ def test_warm_start_with_a_grown_vocabulary(tmp_path, small_text):
 
 def run_cli(*args: str, **kw) -> subprocess.Popen:
     env = os.environ | {"OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "model.cli", *args], env=env, **kw)
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, **kw)
 
 
 @pytest.mark.parametrize("kills", [3, pytest.param(12, marks=pytest.mark.slow)])
