@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from model import checkpoint
 from cli import main
+from model import checkpoint
 
 FAST = ["--steps", "30", "--hidden", "32", "--batch", "8", "--seq", "16", "--checkpoint-every", "10"]
 
