@@ -124,12 +124,14 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
 
     names = ("steps", "hidden", "layers", "batch", "seq", "lr")
     params = {"data_dir": a.data} | {k: getattr(a, k) for k in names if getattr(a, k) is not None}
+    flows_log = logging.getLogger("prefect.flows")
+    flows_log.setLevel(logging.CRITICAL)  # it would log the errors at length; we say them in one line
     try:  # before Prefect's temporary server starts
-        logging.getLogger("prefect.flows").setLevel(logging.CRITICAL)  # we say it in one line below
         params = pipeline.validate_parameters(params)
-        logging.getLogger("prefect.flows").setLevel(logging.NOTSET)
-    except ParameterTypeError as e:
-        raise ValueError(" ".join(str(e).split("\n")[1:]).replace(" - ", "", 1).replace(" - ", "; ")) from e
+    except ParameterTypeError as e:  # "...parameters:\n - name: msg\n - name: msg"
+        raise ValueError("; ".join(x.removeprefix(" - ") for x in str(e).splitlines()[1:])) from e
+    finally:
+        flows_log.setLevel(logging.NOTSET)
     d = pipeline(**params)
     print(
         f"{'promoted' if d.promoted else 'kept'} {d.tag}: {d.reason}"
@@ -186,9 +188,10 @@ def one_line(e: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     if getattr(args, "length", 1) < 0:
-        parser().error("--length must be >= 0")
+        ap.error("--length must be >= 0")
     warnings.showwarning = lambda msg, *_a, **_k: print(f"char-rnn: warning: {msg}", file=sys.stderr)
     try:
         args.fn(args)
