@@ -82,7 +82,12 @@ class Encoded(BaseModel):
         return self.dir / "manifest.json"
 
     def load(self, name: str) -> np.ndarray:
-        return np.load(self.dir / f"{name}.npy", allow_pickle=False)
+        """The `name` array ("train" or "val"), checked against the manifest's sha256."""
+        f = self.dir / f"{name}.npy"
+        data = f.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256[f.name]:
+            raise ValueError(f"{f}: checksum mismatch; delete {self.dir} and run the pipeline again")
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class Trained(BaseModel):

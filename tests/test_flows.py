@@ -8,6 +8,7 @@ from uuid import UUID
 import bentoml
 import numpy as np
 import pytest
+from conftest import damage
 from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
@@ -84,6 +85,14 @@ def test_encode_writes_split_arrays_and_a_manifest(texts, tmp_path):
     grown = encode.fn(texts, info.fingerprint, tmp_path / "runs", base_vocab=["é", "a"])
     assert grown.vocab[:2] == ["é", "a"] and grown.new_chars == grown.vocab[2:]
     assert grown.dir != data.dir
+
+
+def test_damaged_encoded_arrays_are_refused(texts, tmp_path):
+    data = encode.fn(texts, ingest.fn(texts).fingerprint, tmp_path)
+    damage(data.dir / "val.npy", "flip")
+    assert len(data.load("train")) == data.train_chars
+    with pytest.raises(ValueError, match=r"val.npy: checksum mismatch"):
+        data.load("val")
 
 
 def test_encode_refuses_a_corpus_that_changed_since_ingest(texts, tmp_path):
