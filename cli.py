@@ -1,4 +1,4 @@
-"""The `char-rnn` command line: argument parsing only, over model/ (and flows/ for `pipeline`)."""
+"""The `char-rnn` command line: argument parsing only, over model/ (and flows/, registry, service)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import math
 import os
 import sys
 import time
-import warnings
+import typing
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+import settings
 from model import checkpoint, corpus, rnn, sample, train
 from model.checkpoint import CheckpointError
 from model.corpus import CorpusError
@@ -32,6 +33,7 @@ TRAIN_FLAGS = {
     "checkpoint_every": "steps between checkpoints",
     "eval_every": "steps between validation passes",
 }
+PIPELINE_FLAGS = ("steps", "hidden", "layers", "dropout", "batch", "seq", "lr", "checkpoint_every", "seed")
 
 
 class Bar:
@@ -60,6 +62,13 @@ class Bar:
         sys.stderr.flush()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that states a malformed command line in one line (`--help` shows the usage)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def checkpoint_path(arg: str) -> Path:
     """A checkpoint directory or folder; a file inside one means its directory."""
     p = Path(arg)
@@ -71,10 +80,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     for name, why in c.skipped.items():
         print(f"char-rnn: warning: skipped {name}: {why}", file=sys.stderr)
     vocab = Vocab.from_text(c.text)
-    ids = vocab.encode(c.text)
-    tr, va = corpus.split(ids)
+    tr_text, va_text = c.split()
+    tr, va = vocab.encode(tr_text), vocab.encode(va_text)
     if len(va) < 2:
-        raise ValueError(f"{a.data}: too little text for a validation split ({len(ids)} characters)")
+        raise ValueError(f"{a.data}: too little text for a validation split ({len(c.text)} characters)")
     model_kw: dict = {"vocab_size": len(vocab)}
     train_kw: dict = {}
     if a.resume and checkpoint.step_dirs(a.out):  # unspecified settings come from the run being resumed
@@ -89,9 +98,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         f"H={mcfg.hidden} L={mcfg.layers} B={tcfg.batch} T={tcfg.seq} steps={tcfg.steps}",
         file=sys.stderr,
     )
-    bar = Bar(sys.stderr.isatty())
     ck = train.train(
-        tr, va, vocab, mcfg, tcfg, Path(a.out), resume=a.resume, fingerprint=c.fingerprint, on_progress=bar
+        tr,
+        va,
+        vocab,
+        mcfg,
+        tcfg,
+        Path(a.out),
+        resume=a.resume,
+        overwrite=a.overwrite,
+        fingerprint=c.fingerprint,
+        on_progress=Bar(sys.stderr.isatty()),
     )
     val = ck.meta.metrics.get("val_loss")
     print(f"step {ck.meta.step}: val {val:.4f} nats/char ({train.bits(val):.4f} bits/char) -> {ck.path}")
@@ -99,16 +116,16 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_sample(a: argparse.Namespace) -> None:
     ck = checkpoint.load(checkpoint_path(a.checkpoint), with_optim=False)
-    settings = sample.Settings(a.temperature, a.top_k or 0, a.top_p, a.seed)
+    rows = sample.Settings(a.temperature, a.top_k, a.top_p, a.seed)
     prompt = a.prompt.replace("\\n", "\n")
-    (text,) = sample.sample(ck.params, ck.config, ck.vocab, [prompt], a.length, settings, a.unknown)
+    (text,) = sample.sample(ck.params, ck.config, ck.vocab, [prompt], a.length, rows, a.unknown)
     sys.stdout.write(text + "\n")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     ck = checkpoint.load(checkpoint_path(a.checkpoint), with_optim=False)
-    c = corpus.read(a.data)
-    _, va = corpus.split(ck.vocab.encode(c.text, a.unknown))
+    _, text = corpus.read(a.data).split()
+    va = ck.vocab.encode(text, a.unknown)
     nats = train.evaluate(ck.params, ck.config, va)
     print(
         f"{ck.path}: validation ({len(va):,} chars) {nats:.4f} nats/char, {train.bits(nats):.4f} bits/char, "
@@ -116,67 +133,120 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     )
 
 
+class Lines(logging.Handler):
+    """Log messages as plain lines on stderr, without tracebacks; errors are left to main(), which says them
+    once, in one line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.ERROR:
+            level = "warning: " if record.levelno >= logging.WARNING else ""
+            print(f"char-rnn: {level}{record.getMessage()}", file=sys.stderr)
+
+
+WARNINGS = Lines(logging.WARNING)  # refused checkpoints, damaged registry files
+
+
 def cmd_pipeline(a: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy box is slow
-    from prefect.exceptions import ParameterTypeError  # Prefect is imported only for this command
-
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # Lines says what matters
+    # the folder given on this command line may be read: the user who runs it chose it
+    os.environ.update(
+        settings.configure(allowed_roots=[*settings.load().allowed_roots, Path(a.data).absolute()])
+    )
+    from flows.params import checked  # Prefect reads its home when imported: only after configure
     from flows.pipeline import pipeline
 
-    names = ("steps", "hidden", "layers", "batch", "seq", "lr")
-    params = {"data_dir": a.data} | {k: getattr(a, k) for k in names if getattr(a, k) is not None}
-    flows_log = logging.getLogger("prefect.flows")
-    flows_log.setLevel(logging.CRITICAL)  # it would log the errors at length; we say them in one line
-    try:  # before Prefect's temporary server starts
-        params = pipeline.validate_parameters(params)
-    except ParameterTypeError as e:  # "...parameters:\n - name: msg\n - name: msg"
-        raise ValueError("; ".join(x.removeprefix(" - ") for x in str(e).splitlines()[1:])) from e
+    params = {"data_dir": a.data} | {k: getattr(a, k) for k in PIPELINE_FLAGS if getattr(a, k) is not None}
+    params = checked(pipeline, params)  # before Prefect's temporary server starts
+    lines = Lines(logging.INFO)
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    for lg in loggers:
+        lg.addHandler(lines)
+    try:
+        d = pipeline(**params)
     finally:
-        flows_log.setLevel(logging.NOTSET)
-    d = pipeline(**params)
+        for lg in loggers:
+            lg.removeHandler(lines)
     print(
         f"{'promoted' if d.promoted else 'kept'} {d.tag}: {d.reason}"
         + (f"\nrun: {d.run_dir}" if d.run_dir else "")
     )
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    """`bentoml serve` for service.py with this project's homes and settings (it replaces this process)."""
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service:CharRNN", "--working-dir", str(settings.ROOT)]
+    os.execve(sys.executable, cmd + a.bentoml_args, os.environ.copy())
+
+
+def number(kind: type, lo: float, hi: float) -> typing.Callable[[str], float]:
+    """An argparse type: a finite `kind` in [lo, hi]."""
+
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text!r}")
+        return v
+
+    return parse
+
+
+def flag_type(model: type[BaseModel], name: str) -> dict:
+    """argparse type (or choices) for the field `name` of `model`; pydantic checks the bounds later."""
+    kind = model.model_fields[name].annotation
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind)}
+    return {"type": kind if kind in (int, float) else str}
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="char-rnn", description="A character-level RNN in NumPy.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = Parser(prog="char-rnn", description="A character-level RNN in NumPy.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    configs = {k: rnn.ModelConfig for k in MODEL_FLAGS} | {k: train.TrainConfig for k in TRAIN_FLAGS}
 
     t = sub.add_parser("train", help="train a model on a text file or a folder of .txt files")
     t.add_argument("--data", required=True, help="a .txt file or a folder of .txt files")
     t.add_argument("--out", required=True, help="folder for the checkpoints")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
-    types = train.TrainConfig.model_fields | rnn.ModelConfig.model_fields
+    t.add_argument("--overwrite", action="store_true", help="replace the checkpoints already in --out")
     for name, help_ in (MODEL_FLAGS | TRAIN_FLAGS).items():
-        kind = types[name].annotation
-        kind = kind if kind in (int, float) else str
-        t.add_argument(f"--{name.replace('_', '-')}", type=kind, help=help_)
+        t.add_argument(f"--{name.replace('_', '-')}", help=help_, **flag_type(configs[name], name))
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a folder of them")
     s.add_argument("--prompt", default="\n", help="text that primes the model (may be empty; \\n = newline)")
-    s.add_argument("--length", type=int, default=300, help="characters to generate")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
-    s.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
-    s.add_argument("--seed", type=int, default=None, help="for reproducible output")
+    s.add_argument("--length", type=number(int, 0, 10**7), default=300, help="characters to generate")
+    s.add_argument("--temperature", type=number(float, 1e-3, 1e3), default=0.8)
+    s.add_argument("--top-k", type=number(int, 0, 10**7), default=0, help="sample among the k most likely")
+    s.add_argument("--top-p", type=number(float, 1e-9, 1), default=1.0, help="sample within this mass")
+    s.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=None, help="for reproducible output")
     s.add_argument("--unknown", choices=["error", "skip"], default="error", help="prompt chars not in vocab")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="validation loss of a checkpoint on the last 10%% of a corpus")
+    e = sub.add_parser("evaluate", help="validation loss of a checkpoint on the last 10%% of each file")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--unknown", choices=["error", "skip"], default="error", help="chars not in vocab")
     e.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("pipeline", help="run the Prefect pipeline once, in-process (no server needed)")
-    p.add_argument("--data", default="data", help="corpus folder")
-    p.add_argument("--steps", type=int, default=None, help="(default: the flow's)")
-    for flag, kind in (("hidden", int), ("layers", int), ("batch", int), ("seq", int), ("lr", float)):
-        p.add_argument(f"--{flag}", type=kind, default=None, help="(default: the flow's)")
+    p.add_argument("--data", default="data", help="corpus folder (may be outside the allowed roots)")
+    for name in PIPELINE_FLAGS:
+        model = rnn.ModelConfig if name in MODEL_FLAGS else train.TrainConfig
+        p.add_argument(f"--{name.replace('_', '-')}", help="(default: the flow's)", **flag_type(model, name))
     p.set_defaults(fn=cmd_pipeline)
+
+    v = sub.add_parser(
+        "serve", help="serve the promoted model over HTTP (bentoml serve, this project's homes)"
+    )
+    v.add_argument("bentoml_args", nargs=argparse.REMAINDER, help="passed to `bentoml serve` (e.g. --port)")
+    v.set_defaults(fn=cmd_serve)
     return ap
 
 
@@ -190,10 +260,9 @@ def one_line(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    if getattr(args, "length", 1) < 0:
-        ap.error("--length must be >= 0")
-    warnings.showwarning = lambda msg, *_a, **_k: print(f"char-rnn: warning: {msg}", file=sys.stderr)
+    logging.getLogger("char_rnn").addHandler(WARNINGS)  # once: a logger holds a handler at most once
     try:
+        os.environ.update(settings.configure())
         args.fn(args)
     except ERRORS as e:
         print(f"char-rnn: error: {one_line(e)}", file=sys.stderr)

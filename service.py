@@ -1,63 +1,57 @@
 """The BentoML service: POST /generate, /generate_stream and /model_info over the promoted char-rnn model.
 
-A thin HTTP face over model/. Requests are validated strictly, then queued to one generation thread that
-runs the rows of concurrent requests together, one matrix product per step (`sample.generate_ids`, with
-per-row settings and seeds, so a seeded request reads the same batched or not). Each request holds the
-immutable model snapshot it grabbed at its start; a watcher swaps in newly promoted models.
+A thin HTTP face over model/. `serving.http.Gate` checks every request before BentoML sees it; valid requests
+are queued to `serving.batcher`, whose thread runs the rows of concurrent requests together. Each request
+holds the immutable model snapshot it grabbed at its start; a watcher swaps in newly promoted models.
 
-Settings (environment, read at start): CHAR_RNN_RELOAD_INTERVAL seconds between registry checks (2),
-CHAR_RNN_MAX_PROMPT characters (2000), CHAR_RNN_TIMEOUT seconds per request (30), CHAR_RNN_MAX_BATCH rows
-per step (64; 1 turns batching across requests off), CHAR_RNN_WORKERS processes (1),
-CHAR_RNN_BLAS_THREADS (1).
+Settings (CHAR_RNN_*, see settings.py): HOST (127.0.0.1) and PORT (3000), API_KEY, RELOAD_INTERVAL,
+MAX_PROMPT, TIMEOUT, BODY_TIMEOUT, MAX_BATCH, MAX_CONCURRENCY, WORKERS, BLAS_THREADS.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import queue
-import sys
-import threading
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
 
-from model import paths
+import settings
 
-BENTOML_HOME_GIVEN = "BENTOML_HOME" in os.environ
-paths.configure_env()
+os.environ.update(
+    settings.configure()
+)  # before BentoML picks its home (under `bentoml serve`: refuses if it has)
 # BentoML samples no traces unless configured to, yet its OpenTelemetry spans cost ~30% of the HTTP overhead
 # per request; set OTEL_SDK_DISABLED=false when tracing is configured.
 os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
-import bentoml  # noqa: E402
-import numpy as np  # noqa: E402
-from bentoml._internal.configuration.containers import BentoMLContainer  # noqa: E402
-from bentoml._internal.models import ModelStore  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
-from starlette.datastructures import Headers  # noqa: E402
-from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
-from flows import registry  # noqa: E402
-from model import checkpoint, corpus, sample  # noqa: E402
-from model.checkpoint import Checkpoint  # noqa: E402
-from model.rnn import ModelConfig, Params  # noqa: E402
-from model.vocab import UnknownCharsError, Vocab  # noqa: E402
+import bentoml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.responses import JSONResponse, StreamingResponse
+from threadpoolctl import threadpool_limits
 
-RELOAD_INTERVAL = float(os.environ.get("CHAR_RNN_RELOAD_INTERVAL", "2"))
-MAX_PROMPT = int(os.environ.get("CHAR_RNN_MAX_PROMPT", "2000"))
-TIMEOUT = float(os.environ.get("CHAR_RNN_TIMEOUT", "30"))
-MAX_BATCH = int(os.environ.get("CHAR_RNN_MAX_BATCH", "64"))
-WORKERS = int(os.environ.get("CHAR_RNN_WORKERS", "1"))
-GATHER_GAP, GATHER_MAX = 0.002, 0.01  # seconds: how long the batcher waits for stragglers
-MAX_BODY = 12 * MAX_PROMPT + 4096  # a prompt of \uXXXX escapes, plus the other fields
-GENERATE_ROUTES = ("/generate", "/generate_stream")
+from model import checkpoint, corpus, sample
+from model.checkpoint import Checkpoint
+from model.rnn import ModelConfig, Params
+from model.vocab import Vocab
+from registry import NAME, Current, Registry
+from serving import openapi
+from serving.batcher import Batcher, Job
+from serving.http import Gate, QuietClientErrors, docs_page, error
 
-threadpool_limits(int(os.environ.get("CHAR_RNN_BLAS_THREADS", "1")))
+S = settings.current()
+GENERATE, STREAM, INFO = "/generate", "/generate_stream", "/model_info"
+MAX_BODY = 12 * S.max_prompt + 4096  # a prompt of \uXXXX escapes, plus the other fields
+REGISTRY = Registry(S.bentoml_dir)
+
+threadpool_limits(S.blas_threads)
 # The generation thread holds the GIL between NumPy calls; hand it to the HTTP loop within 0.2 ms, not 5.
 sys.setswitchinterval(0.0002)
 log = logging.getLogger("bentoml.char_rnn")
@@ -68,7 +62,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: str = Field("\n", max_length=MAX_PROMPT, description="text to continue (NFC-normalised)")
+    prompt: str = Field("\n", max_length=S.max_prompt, description="text to continue (NFC-normalised)")
     max_new_chars: int = Field(200, ge=1, le=2000)
     temperature: float = Field(0.8, ge=0.05, le=5)
     top_k: int | None = Field(None, ge=1, le=1_000_000, description="keep the k most likely characters")
@@ -102,9 +96,10 @@ class ModelInfo(BaseModel):
     vocab: list[str]
     config: ModelConfig
     train: dict[str, Any]
-    val_loss: float | None
+    val_loss: float | None = Field(description="nats/char on the whole validation text, when it was promoted")
     fingerprint: str | None
     trained_at: str | None
+    promoted_at: str | None
     step: int
     parent: str | None
 
@@ -120,227 +115,79 @@ class Snapshot:
     info: ModelInfo
 
     @classmethod
-    def of(cls, tag: str, ck: Checkpoint) -> Snapshot:
+    def of(cls, tag: str, ck: Checkpoint, labels: dict[str, str]) -> Snapshot:
         for a in ck.params.values():
             a.setflags(write=False)
         m = ck.meta
+        val = labels.get("val_loss") or m.metrics.get("val_loss")
         info = ModelInfo(
             model=tag,
             vocab=m.vocab,
             config=m.model,
             train=m.train,
-            val_loss=m.metrics.get("val_loss"),
+            val_loss=None if val is None else float(val),
             fingerprint=m.fingerprint,
             trained_at=m.created,
+            promoted_at=labels.get("promoted_at"),
             step=m.step,
             parent=m.parent,
         )
         return cls(tag, ck.params, ck.vocab, ck.config, info)
 
 
-@dataclass(eq=False)
-class Job:
-    """One request's rows, queued to the generation thread; results come back on the request's loop."""
-
-    snap: Snapshot
-    prompts: list[np.ndarray]
-    rows: list[sample.Settings]
-    length: int
-    loop: asyncio.AbstractEventLoop
-    done: asyncio.Future[np.ndarray]
-    stream: asyncio.Queue[np.ndarray | None] | None = None
-    deadline: float = field(default_factory=lambda: time.monotonic() + TIMEOUT)
-    cancelled: bool = False
-
-    def emit(self, ids: np.ndarray) -> None:
-        if self.stream is not None:
-            self.loop.call_soon_threadsafe(self.stream.put_nowait, ids)
-
-    def settle(self, result: np.ndarray | BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.done, result)
-        if self.stream is not None:
-            self.loop.call_soon_threadsafe(self.stream.put_nowait, None)
-
-
-def _settle(fut: asyncio.Future[np.ndarray], result: np.ndarray | BaseException) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
-
-
-class Batcher:
-    """One generation thread. Jobs waiting together for the same model run as one batch."""
-
-    def __init__(self, max_rows: int):
-        self.max_rows = max_rows
-        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="char-rnn-generate", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.jobs.put(None)  # wakes the thread
-        self.thread.join(timeout=10)
-
-    def run(self) -> None:
-        carry: Job | None = None
-        last_rows = 0
-        while not self.stopping:
-            first = carry or self.jobs.get()
-            if first is None:
-                continue
-            batch, rows, carry = [first], len(first.rows), None
-            # After a batch of several requests, more are likely on their way: wait for them while they
-            # keep arriving (each within GATHER_GAP), up to GATHER_MAX. A lone client never waits.
-            until = time.monotonic() + GATHER_MAX if last_rows > rows else 0.0
-            while rows < self.max_rows:
-                try:
-                    wait = min(GATHER_GAP, until - time.monotonic())
-                    job = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    break
-                if job.snap is not first.snap or rows + len(job.rows) > self.max_rows:
-                    carry = job  # starts the next batch
-                    break
-                batch.append(job)
-                rows += len(job.rows)
-            last_rows = rows
-            self.run_batch(batch)
-
-    def run_batch(self, batch: list[Job]) -> None:
-        snap = batch[0].snap
-        live: list[tuple[Job, slice]] = []
-        start = 0
-        for job in batch:
-            live.append((job, slice(start, start + len(job.rows))))
-            start += len(job.rows)
-        prompts = [q for job in batch for q in job.prompts]
-        rows = [r for job in batch for r in job.rows]
-        length = max(job.length for job in batch)
-        cols: list[np.ndarray] = []
-        try:
-            steps = sample.generate_ids(snap.params, snap.config, prompts, length, rows)
-            for t, ids in enumerate(steps, 1):
-                cols.append(ids)
-                now, out, still = time.monotonic(), None, []
-                for job, rs in live:
-                    if job.cancelled:
-                        continue
-                    job.emit(ids[rs])
-                    if t == job.length:
-                        out = np.stack(cols, axis=1) if out is None else out
-                        job.settle(out[rs])
-                    elif now > job.deadline:
-                        job.settle(TimeoutError(f"generation took longer than {TIMEOUT:g} s"))
-                    else:
-                        still.append((job, rs))
-                live = still
-                if not live:
-                    return
-        except Exception as e:  # keep the thread alive; the requests get the error
-            log.exception("generation failed")
-            for job, _ in live:
-                job.settle(e)
-
-
-def error(status: int, message: str, detail: list[dict[str, Any]] | None = None) -> JSONResponse:
-    """A JSON error body like BentoML's validation errors: {"error": ..., "detail": [{loc, msg, type}]}."""
-    return JSONResponse({"error": message} | ({"detail": detail} if detail else {}), status_code=status)
-
-
-class BodyGuard:
-    """ASGI middleware before BentoML parses a POST: JSON only (415), bounded size (413), not empty (400)."""
-
-    def __init__(self, app: Any, max_body: int):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            msg = f"send the body as JSON with 'Content-Type: application/json' (got {ctype!r})"
-            return await error(415, msg)(scope, receive, send)
-        too_big = error(413, f"request body larger than {self.max_body} bytes")
-        if not headers.get("content-length", "0").isdigit() or int(headers.get("content-length", "0")) > (
-            self.max_body
-        ):
-            return await too_big(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await too_big(scope, receive, send)
-        if not body.strip() and scope["path"].endswith(GENERATE_ROUTES):
-            msg = 'empty request body: send a JSON object, e.g. {"prompt": "ROMEO:"} ({} for all defaults)'
-            return await error(400, msg)(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
 def bundled_tags() -> list[str]:
     """The char-rnn models inside the Bento this service was loaded from, newest first ([] outside one)."""
     if CharRNN.bento is None:
         return []
-    models = [m for m in CharRNN.bento.info.all_models if m.tag.name == registry.NAME]
+    models = [m for m in CharRNN.bento.info.all_models if m.tag.name == NAME]
     return [str(m.tag) for m in sorted(models, key=lambda m: m.creation_time, reverse=True)]
 
 
 def no_model_message() -> str:
     return (
-        f"no model has been promoted yet under CHAR_RNN_HOME={paths.home()}; train and promote one with "
+        f"no model has been promoted yet under CHAR_RNN_HOME={S.home}; train and promote one with "
         "`char-rnn pipeline` (or `make run`) from the repository root, then retry: this service picks it "
-        f"up within {RELOAD_INTERVAL:g} s, no restart needed"
+        f"up within {S.reload_interval:g} s, no restart needed"
     )
 
 
-def follow_project_home() -> None:
-    """`bentoml serve` and `build` resolve BentoML's model store before importing this module: when
-    BENTOML_HOME was not set, move it to the project's (CHAR_RNN_HOME/bentoml), where models are promoted."""
-    if BENTOML_HOME_GIVEN:
-        return
-    home = Path(os.environ["BENTOML_HOME"])
-    (home / "models").mkdir(parents=True, exist_ok=True)
-    BentoMLContainer.bentoml_home.set(str(home))
-    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+def unknown_chars_error(chars: list[str]) -> JSONResponse:
+    shown = ", ".join(repr(c) for c in chars[:20]) + (
+        f" (+{len(chars) - 20} more)" if len(chars) > 20 else ""
+    )
+    msg = (
+        f"prompt: {len(chars)} character(s) not in the model's vocabulary: {shown}; "
+        'send "unknown_chars": "skip" to drop them'
+    )
+    return error(400, msg, [{"type": "unknown_chars", "loc": ["prompt"], "msg": msg, "chars": chars}])
 
 
-def promoted_tag() -> str | None:
-    """The model that a start would serve (the newest promoted one that passes its checks), if any."""
-    found = registry.load_promoted()
-    return None if found is None else found[0]
+def sse(event: str | None, data: dict) -> str:
+    """One server-sent event."""
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-follow_project_home()
-PROMOTED = promoted_tag()  # declared by the service below, so that `bentoml build` bundles it
+def share_logs() -> None:
+    """The project's loggers (registry, HTTP edge) write where BentoML's do, at INFO; BentoML's own record of
+    a client's bad request becomes one WARNING line."""
+    ours = logging.getLogger("char_rnn")
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    for h in logging.getLogger("bentoml").handlers:
+        if h not in ours.handlers:
+            ours.addHandler(h)
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietClientErrors())
+
+
+found = REGISTRY.current()
+PROMOTED = None if found is None else found.tag  # declared below, so that `bentoml build` bundles it
 
 
 @bentoml.service(
     name="char_rnn",
-    traffic={"timeout": TIMEOUT + 10, "max_concurrency": 512},
-    workers=WORKERS,
+    traffic={"timeout": S.timeout + S.body_timeout + 10},  # admission is Gate's (after the body arrived)
+    workers=S.workers,
+    http={"host": str(S.host), "port": S.port},
 )
 class CharRNN:
     """Character-level RNN text generation, served from the newest promoted model."""
@@ -349,14 +196,16 @@ class CharRNN:
         promoted_model = bentoml.models.BentoModel(PROMOTED)
 
     def __init__(self) -> None:
+        share_logs()
         self.snapshot: Snapshot | None = None
-        self.seen: str | None = None  # the pointer's last tag that was acted on
+        self.seen: tuple[int, int] | None | bool = False  # the registry version last acted on
         self.stopping = threading.Event()
-        self.batcher = Batcher(MAX_BATCH)
+        self.batcher = Batcher(S.max_batch)
         if bundled := bundled_tags():  # a Bento serves the model it was built with
             tag = bundled[0]
-            ck = checkpoint.load_dir(Path(bentoml.models.get(tag).path), with_optim=False)
-            self.snapshot = Snapshot.of(tag, ck)
+            model = bentoml.models.get(tag)
+            ck = checkpoint.load_dir(Path(model.path), with_optim=False)
+            self.snapshot = Snapshot.of(tag, ck, dict(model.info.labels))
             log.info("serving bundled model %s", tag)
             return
         self.refresh()
@@ -365,18 +214,18 @@ class CharRNN:
         threading.Thread(target=self.watch, name="char-rnn-reload", daemon=True).start()
 
     def refresh(self) -> None:
-        """Load the newest promoted model if the registry pointer moved since the last look."""
-        tag = registry.current_tag()
-        if tag == self.seen:
+        """Load the current promoted model if the registry changed since the last look."""
+        version = REGISTRY.version()
+        if version == self.seen:
             return
-        found = registry.load_promoted()
-        self.seen = tag
-        if found is not None and (self.snapshot is None or found[0] != self.snapshot.tag):
-            self.snapshot = Snapshot.of(*found)
-            log.info("now serving %s", found[0])
+        self.seen = version
+        cur: Current | None = REGISTRY.current()
+        if cur is not None and (self.snapshot is None or cur.tag != self.snapshot.tag):
+            self.snapshot = Snapshot.of(cur.tag, cur.checkpoint, cur.labels)
+            log.info("now serving %s", cur.tag)
 
     def watch(self) -> None:
-        while not self.stopping.wait(RELOAD_INTERVAL):
+        while not self.stopping.wait(S.reload_interval):
             try:
                 self.refresh()
             except Exception:  # a bad read must not stop the watcher; the current model keeps serving
@@ -399,20 +248,18 @@ class CharRNN:
             rule = {"type": "stream_one_sample", "loc": ["num_samples"], "msg": "streams 1 sample"}
             return error(400, "num_samples must be 1 for /generate_stream", [rule])
         prompt = corpus.normalise(req.prompt)
-        skipped = snap.vocab.unknown(prompt) if req.unknown_chars == "skip" else []
-        try:
-            ids = snap.vocab.encode(prompt, req.unknown_chars)
-        except UnknownCharsError as e:
-            rule = {"type": "unknown_chars", "loc": ["prompt"], "msg": str(e), "chars": e.chars}
-            return error(400, f"prompt: {e}", [rule])
+        unknown = snap.vocab.unknown(prompt)
+        if unknown and req.unknown_chars == "error":
+            return unknown_chars_error(unknown)
+        ids = snap.vocab.encode(prompt, "skip")
         loop, rows = asyncio.get_running_loop(), req.settings()
-        job = Job(snap, [ids] * len(rows), rows, req.max_new_chars, loop, loop.create_future())
+        job = Job(snap, [ids] * len(rows), rows, req.max_new_chars, loop, loop.create_future(), S.timeout)
         if stream:
             job.stream = asyncio.Queue()
         self.batcher.submit(job)
-        return snap, job, skipped
+        return snap, job, unknown
 
-    @bentoml.api(route="/generate")
+    @bentoml.api(route=GENERATE)
     async def generate(self, req: GenerateRequest, /) -> GenerateResponse:
         """Generate `num_samples` continuations of `prompt`; the response names the model that wrote them."""
         t0 = time.perf_counter()
@@ -433,16 +280,18 @@ class CharRNN:
             elapsed_ms=round((time.perf_counter() - t0) * 1000, 3),
         )
 
-    @bentoml.api(route="/generate_stream")
+    @bentoml.api(route=STREAM)
     async def generate_stream(self, req: GenerateRequest, /) -> AsyncIterator[str]:
-        """Stream one continuation as plain text while it is generated; header X-Model-Tag names the model."""
+        """Stream one continuation as server-sent events: `data: {"text": ...}` while it is generated, then
+        `event: done` (model, chars) or, if generation fails or times out, `event: error` (error, status)."""
         started = self.start(req, stream=True)
         if isinstance(started, JSONResponse):
             return started
         snap, job, _ = started
         assert job.stream is not None
 
-        async def chars() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[str]:
+            sent = 0
             try:
                 done = False
                 while not done:  # send what has been generated since the last chunk; None ends
@@ -451,68 +300,49 @@ class CharRNN:
                         got.append(job.stream.get_nowait())
                     done = got[-1] is None
                     if text := snap.vocab.decode(int(i[0]) for i in got if i is not None):
-                        yield text
+                        sent += len(text)
+                        yield sse(None, {"text": text})
+                try:
+                    job.done.result()
+                except TimeoutError as e:
+                    yield sse("error", {"error": str(e), "status": 504, "chars": sent})
+                    return
+                except Exception as e:
+                    yield sse("error", {"error": f"generation failed: {e}", "status": 500, "chars": sent})
+                    return
+                yield sse("done", {"model": snap.tag, "chars": sent})
             finally:
                 job.cancelled = True
 
-        headers = {"X-Model-Tag": snap.tag}
-        return StreamingResponse(chars(), media_type="text/plain; charset=utf-8", headers=headers)
+        headers = {"X-Model-Tag": snap.tag, "Cache-Control": "no-cache"}
+        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8", headers=headers)
 
-    @bentoml.api(route="/model_info")
+    @bentoml.api(route=INFO)
     async def model_info(self) -> ModelInfo:
         """The served model: tag, vocabulary, config, validation loss, corpus fingerprint, training time."""
         snap = self.snapshot
         return error(503, no_model_message()) if snap is None else snap.info
 
 
-ERRORS = {
-    "400": "a field breaks its rule, unknown prompt characters, or an empty or malformed body",
-    "413": "the body is larger than the limit",
-    "415": "the body is not JSON",
-    "503": "no model has been promoted yet",
-    "504": "generation took longer than CHAR_RNN_TIMEOUT",
-}
+class Spec:
+    """The corrected OpenAPI document, built on first request."""
+
+    doc: dict[str, Any] | None = None
+
+    @classmethod
+    def response(cls) -> JSONResponse:
+        if cls.doc is None:
+            cls.doc = openapi.corrected(CharRNN.openapi_spec.asdict(), (GENERATE, STREAM), STREAM, (INFO,))
+        return JSONResponse(cls.doc)
 
 
-def openapi() -> dict[str, Any]:
-    """BentoML's OpenAPI document, corrected to what the service does: request bodies are required,
-    top_p excludes 0, optional fields may be null, every error status is documented, and an error's
-    `detail` may be a list."""
-    spec = CharRNN.openapi_spec.asdict()
-    schemas = spec["components"]["schemas"]
-    detail = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
-    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
-        schemas[name]["properties"]["detail"] = detail
-    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-    schemas["Error"]["properties"]["detail"] = detail
-    for route in (*GENERATE_ROUTES, "/model_info"):
-        op = spec["paths"][route]["post"]
-        if route in GENERATE_ROUTES:
-            op["requestBody"]["required"] = True
-            fields = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
-            fields["top_p"] |= {"minimum": 0, "exclusiveMinimum": True}  # (0, 1]: OpenAPI 3.0's form
-            for name in ("top_k", "top_p", "seed"):  # optional: null means "off" / "random"
-                fields[name]["nullable"] = True
-        for status, why in ERRORS.items():
-            ref = "InvalidArgument" if status == "400" else "Error"
-            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
-            op["responses"][status] = {"description": why, "content": body}
-    return spec
-
-
-class OpenAPIDoc:
-    """ASGI middleware that serves the corrected OpenAPI document at /docs.json."""
-
-    def __init__(self, app: Any):
-        self.app = app
-        self.spec: dict[str, Any] | None = None
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/docs.json":
-            self.spec = self.spec or openapi()
-            return await JSONResponse(self.spec)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-CharRNN.add_asgi_middleware(BodyGuard, max_body=MAX_BODY)
-CharRNN.add_asgi_middleware(OpenAPIDoc)
+CharRNN.add_asgi_middleware(
+    Gate,
+    api_key=S.api_key.get_secret_value() if S.api_key else None,
+    protected=(GENERATE, STREAM, INFO),
+    schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest},
+    max_body=MAX_BODY,
+    body_timeout=S.body_timeout,
+    max_concurrency=S.max_concurrency,
+    pages={"/": docs_page, "/docs": docs_page, "/docs.json": Spec.response},
+)

@@ -70,6 +70,7 @@ class Decision(BaseModel):
     reason: str
     run_dir: Path | None = None
     against: Comparison | None = None  # the comparison the decision rests on
+    lost_to: str | None = None  # the model that stayed current when the candidate lost
 
 
 class Outcome(BaseModel):

@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from datetime import timedelta
 from typing import Any
 
-from model import paths
-
-paths.configure_env()
-
-from prefect import serve  # noqa: E402
-from prefect.deployments.runner import EntrypointType, RunnerDeployment  # noqa: E402
-from prefect.exceptions import ParameterTypeError, SignatureMismatchError  # noqa: E402
-from prefect.settings import get_current_settings  # noqa: E402
-
-from flows.pipeline import pipeline  # noqa: E402
+import settings
+from cli import Parser
 
 
-def deployments(params: dict[str, Any], **timing: timedelta | str) -> list[RunnerDeployment]:
+def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
     """The on-demand deployment and the scheduled retrain (`timing`: interval= or cron=), given `params`."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.pipeline import pipeline
+
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["char-rnn"]}
     return [
         pipeline.to_deployment(
@@ -56,22 +53,64 @@ def param(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def timing(interval: float | None, cron: str | None) -> dict[str, timedelta | str]:
-    """When the retrain is scheduled: the command line, else the environment (cron first), else hourly."""
-    if interval is None and not cron:
-        cron = os.environ.get("CHAR_RNN_RETRAIN_CRON")
-        interval = None if cron else float(os.environ.get("CHAR_RNN_RETRAIN_INTERVAL") or 3600)
-    if cron:
-        return {"cron": cron}
-    if not interval > 0:
-        raise ValueError(f"the retrain interval must be > 0 seconds, not {interval}")
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 < v <= 366 * 86400):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds in (0, 31622400]")
+    return v
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
+
+
+def cron(expr: str) -> str:
+    """A cron expression Prefect accepts."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=expr)
+    except ValidationError as e:
+        raise ValueError(f"{expr!r} is not a valid cron expression ({e.errors()[0]['msg']})") from None
+    return expr
+
+
+def timing(interval: float | None, cron_expr: str | None, s: settings.Settings) -> dict[str, timedelta | str]:
+    """When the retrain is scheduled: the command line, else the settings (cron first), else hourly."""
+    if interval is None and not cron_expr:
+        cron_expr = s.retrain_cron
+        interval = None if cron_expr else (s.retrain_interval or 3600)
+    if cron_expr:
+        return {"cron": cron(cron_expr)}
     return {"interval": timedelta(seconds=interval)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
+def reachable(url: str) -> None:
+    """Raise a one-line error unless the Prefect server at `url` answers its health check."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=5, trust_env=False).raise_for_status()
+    except httpx.HTTPError as e:
+        raise ValueError(
+            f"no Prefect server answers at PREFECT_API_URL={url} ({e.__class__.__name__}); start one with "
+            "`scripts/prefect-server.sh start`"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     when = parser.add_mutually_exclusive_group()
-    when.add_argument("--interval", type=float, help="seconds between retrains ($CHAR_RNN_RETRAIN_INTERVAL)")
+    when.add_argument(
+        "--interval", type=seconds, help="seconds between retrains ($CHAR_RNN_RETRAIN_INTERVAL)"
+    )
     when.add_argument("--cron", help="cron expression for retrains ($CHAR_RNN_RETRAIN_CRON)")
     parser.add_argument(
         "--param",
@@ -80,21 +119,33 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="a default flow parameter, KEY=VALUE (repeatable)",
     )
-    parser.add_argument("--limit", type=int, default=1, help="flow runs executed at once (default 1)")
+    parser.add_argument("--limit", type=positive, default=1, help="flow runs executed at once (default 1)")
     args = parser.parse_args(argv)
-    params = dict(args.param)
-    if not get_current_settings().api.url:
-        sys.exit(
-            "PREFECT_API_URL is not set: start a server with `scripts/prefect-server.sh start`, then "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
-        )
     try:
-        when = timing(args.interval, args.cron)
-        pipeline.validate_parameters(params)
-    except (ValueError, ParameterTypeError, SignatureMismatchError) as e:
-        parser.error(str(e))
+        os.environ.update(settings.configure())
+        s = settings.current()
+        # Prefect reads its home and API address when imported: only after configure()
+        from prefect import serve
+        from prefect.settings import get_current_settings
+
+        from flows.params import checked
+        from flows.pipeline import pipeline
+
+        url = get_current_settings().api.url
+        if not url:
+            raise ValueError(
+                "PREFECT_API_URL is not set: start a server with `scripts/prefect-server.sh start`, then "
+                "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+            )
+        when = timing(args.interval, args.cron, s)
+        params = dict(args.param)
+        checked(pipeline, params)
+        reachable(url)
+    except ValueError as e:  # SettingsError included
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     serve(*deployments(params, **when), limit=args.limit)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,43 +1,41 @@
-"""The pipeline's steps as small Prefect tasks. They pass paths, hashes and small models, never big arrays."""
+"""The pipeline's steps as small Prefect tasks. They pass paths, hashes and small models, never big arrays.
+
+No task result is persisted (nothing is ever unpickled): work that is worth reusing leaves files whose names
+are their cache keys (encoded data under its fingerprint, checkpoints in a run folder named by its config).
+"""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import time
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from pathlib import Path
 
-from model import paths
-
-paths.configure_env()
-
-import numpy as np  # noqa: E402
-from prefect import runtime, task  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
+import numpy as np
+from prefect import runtime, task
+from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
-from prefect.exceptions import MissingContextError  # noqa: E402
-from prefect.logging import get_logger, get_run_logger  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger, get_run_logger
+from pydantic import BaseModel, ValidationError
 
-from flows import registry, report  # noqa: E402
-from flows.report import Comparison, Decision, Outcome, Score  # noqa: E402
-from model import checkpoint, corpus, rnn, train  # noqa: E402
-from model.checkpoint import write_atomic  # noqa: E402
-from model.rnn import ModelConfig  # noqa: E402
-from model.sample import Settings, sample  # noqa: E402
-from model.train import Progress, TrainConfig  # noqa: E402
-from model.vocab import Vocab  # noqa: E402
+from flows import report
+from flows.report import Comparison, Decision, Outcome, Score
+from model import checkpoint, corpus, rnn, train
+from model.files import locked, make_dirs, write_atomic
+from model.rnn import ModelConfig
+from model.sample import Settings, sample
+from model.train import Progress, Streams, TrainConfig
+from model.vocab import Vocab
+from registry import Current, Registry, Verdict
 
 PROMPTS = ("\n", "The ", "ROMEO:")  # fixed, so samples are comparable across runs; unknown chars skipped
 SAMPLE_CHARS = 200
@@ -62,8 +60,20 @@ class CurrentModel(BaseModel):
     vocab: list[str]
     config: ModelConfig
 
-    def can_warm_start(self, hidden: int, layers: int) -> bool:
-        return (self.config.hidden, self.config.layers) == (hidden, layers)
+    @classmethod
+    def of(cls, cur: Current) -> CurrentModel:
+        m = cur.checkpoint.meta
+        return cls(
+            tag=cur.tag, path=cur.checkpoint.path, fingerprint=m.fingerprint, vocab=m.vocab, config=m.model
+        )
+
+    def shape_differs(self, model: ModelConfig) -> str | None:
+        """Why a candidate of config `model` cannot warm-start from this one (None when it can)."""
+        mine, theirs = (c.model_dump(exclude={"vocab_size", "dropout"}) for c in (self.config, model))
+        if mine == theirs:
+            return None
+        diff = ", ".join(f"{k}={mine[k]}" for k in mine if mine[k] != theirs[k])
+        return f"{self.tag} has {diff}, unlike this run"
 
 
 class Encoded(BaseModel):
@@ -108,7 +118,7 @@ def log() -> logging.Logger | logging.LoggerAdapter:
         return get_logger("char-rnn")
 
 
-@task
+@task(persist_result=False)
 def ingest(data_dir: Path) -> CorpusInfo:
     """Read the corpus's .txt files as NFC UTF-8 (unusable ones skipped with a warning); fingerprint it."""
     c = corpus.read(data_dir)
@@ -120,34 +130,44 @@ def ingest(data_dir: Path) -> CorpusInfo:
     return CorpusInfo(fingerprint=c.fingerprint, files=c.files, skipped=c.skipped, chars=len(c.text))
 
 
-@task
-def current_model() -> CurrentModel | None:
-    """The promoted model a candidate has to beat, or None when there is none yet."""
-    found = registry.load_promoted()
-    if found is None:
+@task(persist_result=False)
+def current_model(store: Path) -> CurrentModel | None:
+    """The promoted model a candidate has to beat (the newest that passes its checks), or None."""
+    cur = Registry(store).current()
+    return None if cur is None else CurrentModel.of(cur)
+
+
+def reuse(out: Path) -> Encoded | None:
+    """The encoded data already in `out`, if its manifest and arrays check out."""
+    try:
+        found = Encoded.model_validate_json((out / "manifest.json").read_bytes())
+        for name in ("train", "val"):
+            found.load(name)
+    except (OSError, ValueError, ValidationError):
         return None
-    tag, ck = found
-    return CurrentModel(
-        tag=tag, path=ck.path, fingerprint=ck.meta.fingerprint, vocab=ck.meta.vocab, config=ck.config
-    )
+    return found if found.dir == out else None
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE)
+@task(persist_result=False)
 def encode(data_dir: Path, fingerprint: str, root: Path, base_vocab: list[str] | None = None) -> Encoded:
-    """Build the vocabulary (grown from `base_vocab`), split off the last 10% and write the arrays."""
+    """Build the vocabulary (grown from `base_vocab`), split every file 90/10 and write the arrays; reuse
+    them when a run already encoded the same text with the same vocabulary."""
     c = corpus.read(data_dir)
     if c.fingerprint != fingerprint:
         raise RuntimeError(f"{data_dir} changed while the pipeline ran (fingerprint differs); run it again")
     base = Vocab(tuple(base_vocab or ()))
     vocab = base.grow(c.text)
-    train_ids, val_ids = corpus.split(vocab.encode(c.text))
     blob = json.dumps(vocab.chars).encode()
     out = Path(root) / f"data-{fingerprint[:12]}-{hashlib.sha256(blob).hexdigest()[:8]}"
-    out.mkdir(parents=True, exist_ok=True)
+    if found := reuse(out):
+        log().info("Reusing the encoded corpus in %s", out)
+        return found
+    make_dirs(out)
+    train_text, val_text = c.split()
     files = {"vocab.json": blob}
-    for name, ids in (("train", train_ids), ("val", val_ids)):
+    for name, text in (("train", train_text), ("val", val_text)):
         buf = io.BytesIO()
-        np.save(buf, ids, allow_pickle=False)
+        np.save(buf, vocab.encode(text), allow_pickle=False)
         files[f"{name}.npy"] = buf.getvalue()
     for name, data in files.items():
         write_atomic(out / name, data)
@@ -156,8 +176,8 @@ def encode(data_dir: Path, fingerprint: str, root: Path, base_vocab: list[str] |
         fingerprint=fingerprint,
         vocab=list(vocab.chars),
         new_chars=list(vocab.chars[len(base) :]) if base_vocab else [],
-        train_chars=len(train_ids),
-        val_chars=len(val_ids),
+        train_chars=len(train_text),
+        val_chars=len(val_text),
         sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
     )
     write_atomic(encoded.manifest, encoded.model_dump_json(indent=1).encode())  # last: marks it complete
@@ -168,17 +188,21 @@ def encode(data_dir: Path, fingerprint: str, root: Path, base_vocab: list[str] |
     return encoded
 
 
-@contextmanager
-def exclusive(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir`/.lock, so two flow runs never train into the same checkpoints at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log().info("Another run is training into %s; waiting for it to finish", run_dir)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+@task(persist_result=False)
+def preflight(data: Encoded, config: TrainConfig, current: CurrentModel | None) -> None:
+    """Check everything training, evaluation and comparison need, before any training time is spent."""
+    Streams(np.zeros(data.train_chars, np.int32), config.batch, config.seq)  # raises when too short
+    if data.val_chars < 2:
+        raise ValueError(f"{data.dir}: the validation text has {data.val_chars} characters; add text")
+    if current is not None:
+        known = set(current.vocab)
+        usable = sum(1 for i in data.load("val") if data.vocab[i] in known)
+        if usable < 2:
+            raise ValueError(
+                f"the promoted model {current.tag} knows none of the validation text's characters, so the "
+                "candidate cannot be compared with it; keep some of the text it was trained on in the corpus "
+                "folder, or train this text under a new CHAR_RNN_HOME"
+            )
 
 
 class Reporter:
@@ -208,7 +232,7 @@ class Reporter:
         )
 
 
-@task
+@task(persist_result=False)
 def train_model(
     data: Encoded, run_dir: Path, model: ModelConfig, config: TrainConfig, warm: CurrentModel | None
 ) -> Trained:
@@ -220,7 +244,7 @@ def train_model(
         init = rnn.grow(ck.params, ck.config, model.vocab_size, np.random.default_rng(config.seed))
         parent = warm.tag
     t0 = time.perf_counter()
-    with exclusive(run_dir):
+    with locked(make_dirs(run_dir) / ".lock", f"another run is training into {run_dir}; waiting for it"):
         resumed_from = checkpoint.load(out, with_optim=False).meta.step if checkpoint.step_dirs(out) else 0
         if resumed_from:
             log().info("Resuming from the checkpoint at step %d in %s", resumed_from, out)
@@ -264,7 +288,7 @@ def score(
     return Score(model=name, nats=nats, chars=len(kept), dropped=len(text) - len(kept), samples=shown)
 
 
-@task
+@task(persist_result=False)
 def evaluate(model_dir: Path, data: Encoded) -> Score:
     """The candidate's validation loss (nats, bits, perplexity) and its samples from the fixed prompts."""
     s = score(model_dir, data, "candidate")
@@ -272,7 +296,7 @@ def evaluate(model_dir: Path, data: Encoded) -> Score:
     return s
 
 
-@task
+@task(persist_result=False)
 def compare(candidate_dir: Path, current: CurrentModel, data: Encoded) -> Comparison:
     """Score the promoted model and the candidate on the same text (what the promoted model can read)."""
     now = score(current.path, data, current.tag)
@@ -289,40 +313,49 @@ def compare(candidate_dir: Path, current: CurrentModel, data: Encoded) -> Compar
     return c
 
 
-@task
+@task(persist_result=False)
 def promote(
-    trained: Trained, candidate: Score, against: Comparison | None, data: Encoded, run_dir: Path
+    trained: Trained,
+    candidate: Score,
+    against: Comparison | None,
+    data: Encoded,
+    run_dir: Path,
+    store: Path,
 ) -> Decision:
-    """Register the candidate if it beats the promoted model, comparing and promoting under one lock."""
-    with registry.locked():
-        if registry.current_tag() != (against.current.model if against else None):
-            current = current_model.fn()
-            log().info(
-                "The promoted model changed during this run; comparing with %s", current and current.tag
-            )
-            against = compare.fn(trained.checkpoint, current, data) if current else None
-        if against and not against.wins:
-            tag = against.current.model
-        else:
-            labels = {
-                "fingerprint": data.fingerprint,
-                "val_loss": f"{candidate.nats:.6f}",
-                "parent": trained.warm_start or "",
-                "run_id": run_dir.name,
-            }
-            about = {
-                "bits": candidate.bits,
-                "perplexity": candidate.perplexity,
-                "flow_run_id": runtime.flow_run.id,
-            }
-            tag = registry.promote(trained.checkpoint, labels, about)
-    promoted = against is None or against.wins
-    reason = against.reason if against else "there was no promoted model yet"
-    log().info("%s %s: %s", "Promoted" if promoted else "Kept", tag, reason)
-    return Decision(promoted=promoted, tag=tag, reason=reason, run_dir=run_dir, against=against)
+    """Register the candidate if it beats the model that is current when the registry's lock is held."""
+    compared = [against]
+
+    def judge(cur: Current) -> Verdict:
+        if against is None or cur.tag != against.current.model:  # another run promoted meanwhile
+            log().info("%s became current during this run; comparing the candidate with it", cur.tag)
+            compared[0] = compare.fn(trained.checkpoint, CurrentModel.of(cur), data)
+        return Verdict(compared[0].wins, compared[0].reason)
+
+    labels = {
+        "fingerprint": data.fingerprint,
+        "val_loss": f"{candidate.nats:.6f}",
+        "parent": trained.warm_start or "",
+        "run_id": run_dir.name,
+        "corpus_chars": str(data.train_chars + data.val_chars),
+    }
+    about = {
+        "bits": candidate.bits,
+        "perplexity": candidate.perplexity,
+        "flow_run_id": str(runtime.flow_run.id),
+    }
+    p = Registry(store).promote(trained.checkpoint, labels, about, judge)
+    log().info("%s %s: %s", "Promoted" if p.promoted else "Kept", p.tag, p.reason)
+    return Decision(
+        promoted=p.promoted,
+        tag=p.tag,
+        reason=p.reason,
+        run_dir=run_dir,
+        against=compared[0],
+        lost_to=p.lost_to,
+    )
 
 
-@task
+@task(persist_result=False)
 def publish(
     data_dir: Path, info: CorpusInfo, data: Encoded, trained: Trained, candidate: Score, decision: Decision
 ) -> Outcome:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import secrets
 import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from model.files import fsync_dir, named, sha256, write_atomic, write_file
 from model.rnn import ModelConfig, Params
 from model.vocab import Vocab
 
 FORMAT = 1
 FILES = ("weights.npz", "optim.npz")
-UMASK = os.umask(0o022)
-os.umask(UMASK)
+log = logging.getLogger("char_rnn")
 
 
 class CheckpointError(Exception):
@@ -69,39 +69,6 @@ class Checkpoint:
         return self.meta.model
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -109,31 +76,27 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def write_dir(path: Path, params: Params, meta: Meta, optim: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a checkpoint directory atomically at `path` (which must not exist yet)."""
+    """Write a checkpoint directory atomically at `path` (replacing one that is there)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(4)}"
     try:
+        os.makedirs(tmp)  # mode from the umask (mkdtemp would make it 0700)
         blobs = {"weights.npz": npz_bytes(params)}
         if optim is not None:
             blobs["optim.npz"] = npz_bytes(optim)
-        digests = {}
         for name, data in blobs.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            digests[name] = hashlib.sha256(data).hexdigest()
+            write_file(tmp / name, data)
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
         meta = meta.model_copy(update={"sha256": digests, "format": FORMAT})
-        with open(tmp / "meta.json", "w") as f:
-            f.write(meta.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(tmp / "meta.json", meta.model_dump_json(indent=1).encode())
         fsync_dir(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise named(e, path, "writing the checkpoint") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -247,6 +210,14 @@ def save(
     return path
 
 
+def clear(root: Path) -> None:
+    """Delete every checkpoint and pointer under `root` (for an explicit overwrite)."""
+    for d in step_dirs(root):
+        shutil.rmtree(d)
+    for name in ("latest", "best"):
+        (Path(root) / name).unlink(missing_ok=True)
+
+
 def load(path: Path, with_optim: bool = True, pointer: str = "latest") -> Checkpoint:
     """Load a checkpoint directory, or the newest good one in a folder of checkpoints.
 
@@ -266,7 +237,7 @@ def load(path: Path, with_optim: bool = True, pointer: str = "latest") -> Checkp
         try:
             ck = load_dir(c, with_optim)
         except CheckpointError as e:
-            warnings.warn(f"refused checkpoint: {e}", stacklevel=2)
+            log.warning("refused checkpoint: %s", e)
             errors.append(str(e))
             continue
         return ck

@@ -6,8 +6,12 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+S = TypeVar("S", np.ndarray, str)
+MAX_FILE_BYTES = 1 << 30
 
 
 class CorpusError(ValueError):
@@ -16,10 +20,20 @@ class CorpusError(ValueError):
 
 @dataclass
 class Corpus:
-    text: str
+    parts: list[str]  # each used file's normalised text, ending in a newline
     fingerprint: str  # sha256 over the used files' names and normalised contents
     files: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def split(self, val_frac: float = 0.1) -> tuple[str, str]:
+        """Training and validation text: every file gives its last `val_frac` to validation, so a new file
+        cannot fill the validation text alone."""
+        pairs = [split(p, val_frac) for p in self.parts]
+        return "".join(t for t, _ in pairs), "".join(v for _, v in pairs)
 
 
 def normalise(raw: str) -> str:
@@ -41,8 +55,15 @@ def read(path: str | Path) -> Corpus:
         raise CorpusError(f"{path}: no such file or folder")
     parts, used, skipped = [], [], {}
     h = hashlib.sha256()
+    inside = path.resolve() if path.is_dir() else None
     for f in files:
+        if inside is not None and not f.resolve().is_relative_to(inside):
+            skipped[f.name] = f"a link to {f.resolve()}, outside the folder"
+            continue
         try:
+            if f.stat().st_size > MAX_FILE_BYTES:
+                skipped[f.name] = f"larger than {MAX_FILE_BYTES >> 20} MiB"
+                continue
             text = normalise(f.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
             skipped[f.name] = f"not valid UTF-8 (byte {e.start})"
@@ -63,10 +84,10 @@ def read(path: str | Path) -> Corpus:
     if not parts:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise CorpusError(f"{path}: no usable text ({why})")
-    return Corpus("".join(parts), h.hexdigest(), used, skipped)
+    return Corpus(parts, h.hexdigest(), used, skipped)
 
 
-def split(ids: np.ndarray, val_frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """The first (1 - val_frac) of `ids` for training, the rest for validation (as nanoGPT does)."""
-    n = int(round(len(ids) * (1.0 - val_frac)))
-    return ids[:n], ids[n:]
+def split(seq: S, val_frac: float = 0.1) -> tuple[S, S]:
+    """The first (1 - val_frac) of `seq` (ids or text) for training, the rest for validation (as nanoGPT)."""
+    n = int(round(len(seq) * (1.0 - val_frac)))
+    return seq[:n], seq[n:]

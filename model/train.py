@@ -19,24 +19,32 @@ from model.vocab import Vocab
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(3000, ge=1, le=10_000_000, description="total optimizer steps")
     batch: int = Field(32, ge=1, le=4096, description="parallel sequences (B)")
     seq: int = Field(64, ge=1, le=4096, description="truncated BPTT length (T)")
     lr: float = Field(3e-3, gt=0, le=10)
-    min_lr: float = Field(3e-4, ge=0, le=10, description="learning rate at the end of cosine decay")
-    warmup: int = Field(100, ge=0)
+    min_lr: float | None = Field(None, ge=0, le=10, description="learning rate at the end; None = lr / 10")
+    warmup: int = Field(100, ge=0, description="warmup steps (at most a tenth of the run)")
     optimizer: optim.OptimName = "adam"
     weight_decay: float = Field(0.0, ge=0, le=1)
     clip: float = Field(1.0, ge=0, description="global gradient-norm limit; 0 turns it off")
     seed: int = Field(0, ge=0)
-    eval_every: int = Field(500, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="steps between validations; None = at checkpoints")
     eval_chars: int = Field(40_000, ge=0, description="validation characters per evaluation; 0 = all")
     checkpoint_every: int = Field(500, ge=1)
     keep: int = Field(3, ge=1, description="recent checkpoints kept (besides the best)")
     log_every: int = Field(10, ge=1)
     max_loss_factor: float = Field(3.0, gt=1, description="stop when loss > this x ln(vocab)")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+class RunExists(ValueError):
+    """The output folder holds another run's checkpoints and neither resume nor overwrite was asked for."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,6 +112,7 @@ def train(
     out: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     init_params: Params | None = None,
     parent: str | None = None,
     fingerprint: str | None = None,
@@ -111,11 +120,19 @@ def train(
 ) -> Checkpoint:
     """Train for `cfg.steps` total steps, checkpointing into `out`; returns the final checkpoint.
 
-    With `resume`, continues bitwise-exactly from the newest good checkpoint in `out`.
-    `init_params` warm-starts (e.g. from a promoted model grown to `vocab`)."""
+    With `resume`, continues bitwise-exactly from the newest good checkpoint in `out`; otherwise `out` must
+    hold no checkpoints, unless `overwrite` (which deletes them). `init_params` warm-starts (e.g. from a
+    promoted model grown to `vocab`)."""
     if model_cfg.vocab_size != len(vocab):
         raise ValueError(f"model vocab_size {model_cfg.vocab_size} != vocabulary size {len(vocab)}")
     out = Path(out)
+    if not resume and checkpoint.step_dirs(out):
+        if not overwrite:
+            raise RunExists(
+                f"{out} already holds the checkpoints of a run (newest {checkpoint.step_dirs(out)[0].name}); "
+                "continue it with --resume, replace it with --overwrite, or choose another --out"
+            )
+        checkpoint.clear(out)
     streams = Streams(train_ids, cfg.batch, cfg.seq)
     rng = np.random.default_rng(cfg.seed)
     params = init_params if init_params is not None else rnn.init(model_cfg, rng)
@@ -146,14 +163,14 @@ def train(
         norm = optim.clip_(grads, cfg.clip)
         if not math.isfinite(norm):
             raise TrainingDiverged(f"gradient norm {norm} at step {step + 1}; lower the learning rate")
-        lr = optim.lr_at(step, cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr)
+        lr = optim.lr_at(step, cfg.lr, cfg.steps, min(cfg.warmup, cfg.steps // 10), cfg.final_lr)
         opt.step(params, grads, lr)
         step += 1
         if nxt == 0:
             h[...] = 0.0  # streams wrapped: start from a clean state
         pos = nxt
         val = None
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % (cfg.eval_every or cfg.checkpoint_every) == 0 or step == cfg.steps:
             v_ids = val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids
             val = evaluate(params, model_cfg, v_ids)
             metrics["val"].append([step, round(val, 6)])
@@ -200,10 +217,13 @@ def restore(
     h: np.ndarray,
 ) -> tuple[int, int, Params, dict, str | None]:
     """Check that `ck` belongs to this run, load its optimizer and hidden state; step, pos, params..."""
+    if ck.vocab != vocab:
+        raise ValueError(
+            f"{ck.path}: the vocabulary differs from this corpus's ({len(ck.vocab)} vs {len(vocab)} "
+            "characters): the checkpoint was trained on other text; resume with the same corpus"
+        )
     if ck.config != model_cfg:
         raise ValueError(f"{ck.path}: model config differs from this run's; resume with the same one")
-    if ck.vocab != vocab:
-        raise ValueError(f"{ck.path}: vocabulary differs; the corpus changed since this checkpoint")
     if fingerprint and ck.meta.fingerprint and fingerprint != ck.meta.fingerprint:
         raise ValueError(f"{ck.path}: trained on another corpus (fingerprint differs)")
     same = {k: v for k, v in ck.meta.train.items() if k not in ("steps", "eval_every", "log_every")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -46,18 +47,25 @@ class Vocab:
     def __contains__(self, ch: str) -> bool:
         return ch in self._ids
 
+    def spell(self, ch: str) -> str | None:
+        """`ch` as vocabulary characters: itself, else its decomposed (NFD) form when every part is known
+        (a model can write "e" + U+0301, which a prompt normalised to NFC sends back as "é"); else None."""
+        if ch in self._ids:
+            return ch
+        parts = unicodedata.normalize("NFD", ch)
+        return parts if all(p in self._ids for p in parts) else None
+
     def unknown(self, text: str) -> list[str]:
-        """Characters of `text` not in the vocabulary, sorted."""
-        return sorted(set(text) - self._ids.keys())
+        """Characters of `text` that the vocabulary cannot spell, sorted."""
+        return sorted(c for c in set(text) - self._ids.keys() if self.spell(c) is None)
 
     def encode(self, text: str, unknown: Unknown = "error") -> np.ndarray:
-        """Ids of `text` as int32; unknown characters raise or are dropped."""
+        """Ids of `text` as int32 (characters spelled as `spell` does); unknown ones raise or are dropped."""
         missing = self.unknown(text)
-        if missing:
-            if unknown == "error":
-                raise UnknownCharsError(missing)
-            drop = set(missing)
-            text = "".join(c for c in text if c not in drop)
+        if missing and unknown == "error":
+            raise UnknownCharsError(missing)
+        if not set(text) <= self._ids.keys():
+            text = "".join(self.spell(c) or "" for c in text)
         ids = self._ids
         return np.fromiter((ids[c] for c in text), dtype=np.int32, count=len(text))
 
@@ -66,4 +74,4 @@ class Vocab:
 
     def grow(self, text: str) -> Vocab:
         """A vocabulary with the new characters of `text` appended (sorted); old ids unchanged."""
-        return Vocab(self.chars + tuple(self.unknown(text)))
+        return Vocab(self.chars + tuple(sorted(set(text) - self._ids.keys())))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model.paths import isolated_env
+from settings import isolated_env
 
 os.environ.update(isolated_env(Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))))
 os.environ.pop("CHAR_RNN_RUNS", None)

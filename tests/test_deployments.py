@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import settings
 from flows import serve
-from model.paths import isolated_env
+from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"steps": "40", "hidden": "16", "batch": "4", "seq": "16", "checkpoint_every": "20"}
@@ -39,7 +40,7 @@ class Stack:
 
     def promoted(self) -> list[str]:
         pointer = self.home / "bentoml" / "char-rnn-promoted.json"
-        return json.loads(pointer.read_text())["promoted"] if pointer.exists() else []
+        return [e["tag"] for e in json.loads(pointer.read_text())["entries"]] if pointer.exists() else []
 
     def run(self, deployment: str, **params: object) -> tuple[subprocess.CompletedProcess, float]:
         """`prefect deployment run NAME --param k=v ... --watch`; the process and its wall time."""
@@ -91,7 +92,9 @@ def stack(tmp_path_factory) -> Stack:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CHAR_RNN_"))}
+    (home / "user-home").mkdir()
     env |= isolated_env(home) | {
+        "HOME": str(home / "user-home"),  # must stay empty: all state goes under CHAR_RNN_HOME
         "PREFECT_SERVER_PORT": str(port),
         "PREFECT_API_URL": url,
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
@@ -199,14 +202,40 @@ def test_killed_flow_resumes_from_its_last_checkpoint(stack, small_text):
 def test_retrain_schedule_from_the_command_line_else_the_environment(monkeypatch):
     monkeypatch.delenv("CHAR_RNN_RETRAIN_CRON", raising=False)
     monkeypatch.delenv("CHAR_RNN_RETRAIN_INTERVAL", raising=False)
-    assert serve.timing(None, None) == {"interval": timedelta(hours=1)}
+    assert serve.timing(None, None, settings.load()) == {"interval": timedelta(hours=1)}
     monkeypatch.setenv("CHAR_RNN_RETRAIN_INTERVAL", "600")
-    assert serve.timing(None, None) == {"interval": timedelta(minutes=10)}
+    assert serve.timing(None, None, settings.load()) == {"interval": timedelta(minutes=10)}
     monkeypatch.setenv("CHAR_RNN_RETRAIN_CRON", "0 3 * * *")
-    assert serve.timing(None, None) == {"cron": "0 3 * * *"}
-    assert serve.timing(30, None) == {"interval": timedelta(seconds=30)}
-    with pytest.raises(ValueError, match="must be > 0"):
-        serve.timing(0, None)
+    assert serve.timing(None, None, settings.load()) == {"cron": "0 3 * * *"}
+    assert serve.timing(30, None, settings.load()) == {"interval": timedelta(seconds=30)}
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--interval", "inf"], {}, "argument --interval: 'inf': expected a number of seconds"),
+        (["--interval", "0"], {}, "argument --interval: '0': expected a number of seconds"),
+        (["--limit", "0"], {}, "argument --limit: '0': expected a whole number >= 1"),
+        (["--cron", "61 * * * *"], {}, "'61 * * * *' is not a valid cron expression"),
+        ([], {"CHAR_RNN_RETRAIN_INTERVAL": "nan"}, "CHAR_RNN_RETRAIN_INTERVAL='nan': "),
+        ([], {"CHAR_RNN_RETRAIN_CRON": "every day"}, "'every day' is not a valid cron expression"),
+        ([], {"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "no Prefect server answers at PREFECT_API_URL="),
+        (["--param", "steps=0"], {}, "steps"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(args, env, message):
+    env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api"} | env
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.serve", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("python -m flows.serve: error: "), r.stderr
+    assert message in r.stderr, r.stderr
 
 
 def test_both_deployments_share_parameters_and_only_the_retrain_is_scheduled():
@@ -220,3 +249,8 @@ def test_both_deployments_share_parameters_and_only_the_retrain_is_scheduled():
         "data_dir",
         "/srv/text",
     )
+
+
+def test_nothing_was_written_under_home(stack):
+    """The server, `python -m flows.serve` and the deployment runs above kept their state out of ~."""
+    assert sorted((stack.home / "user-home").rglob("*")) == []

@@ -1,9 +1,12 @@
 """Fault injection: damaged checkpoints and promoted models, two pipeline runs at once. Nothing is lost."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +28,15 @@ def fit(text: str, out: Path, cfg: train.TrainConfig = CFG, **kw) -> checkpoint.
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_resume_past_a_damaged_latest_checkpoint_still_matches_bitwise(tmp_path, small_text, how):
+def test_resume_past_a_damaged_latest_checkpoint_still_matches_bitwise(tmp_path, small_text, how, caplog):
     full = fit(small_text, tmp_path / "full")
     cut = tmp_path / "cut"
     with pytest.raises(Stop):
         fit(small_text, cut, on_progress=stop_at(35))
     damage(cut / "step-0000030" / "optim.npz", how)
-    with pytest.warns(UserWarning, match=r"step-0000030/optim.npz: checksum mismatch"):
+    with caplog.at_level(logging.WARNING, "char_rnn"):
         resumed = fit(small_text, cut, resume=True)  # falls back to step 20 and recomputes
+    assert re.search(r"refused checkpoint.*step-0000030/optim.npz: checksum mismatch", caplog.text)
     assert resumed.meta.step == 60
     assert all(np.array_equal(full.params[k], resumed.params[k]) for k in full.params)
 
@@ -50,27 +54,29 @@ def stop_at(step: int):
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A registry of its own (pointer file) in this test's BENTOML_HOME."""
-    from flows import registry
+def store(tmp_path):
+    """A registry of its own (history file and lock) over the session's model store."""
+    from registry import Registry
 
-    monkeypatch.setattr(registry, "pointer", lambda: tmp_path / "promoted.json")
-    return registry
+    return Registry(tmp_path / "registry")
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_service_side_falls_back_to_the_previous_promoted_model(tmp_path, small_text, store, how):
+def test_service_side_falls_back_to_the_previous_promoted_model(tmp_path, small_text, store, how, caplog):
     a = fit(small_text, tmp_path / "a", CFG.model_copy(update={"steps": 20}))
     b = fit(small_text, tmp_path / "b", CFG.model_copy(update={"steps": 40}))
-    tag_a = store.promote(a.path, {"run_id": "a"})
-    tag_b = store.promote(b.path, {"run_id": "b"})
-    assert store.load_promoted()[0] == tag_b
+    tag_a = store.promote(a.path, {"run_id": "a"}).tag
+    tag_b = store.promote(b.path, {"run_id": "b"}).tag
+    assert store.current().tag == tag_b
     import bentoml
 
     damage(Path(bentoml.models.get(tag_b).path) / "weights.npz", how)
-    with pytest.warns(UserWarning, match=f"refused promoted model {tag_b}.*weights.npz"):
-        tag, ck = store.load_promoted()
-    assert tag == tag_a and ck.meta.step == 20
+    with caplog.at_level(logging.WARNING, "char_rnn"):
+        cur = store.current()
+    assert cur.tag == tag_a and cur.checkpoint.meta.step == 20
+    (warned,) = [r for r in caplog.records if r.name == "char_rnn.registry"]
+    assert warned.levelno == logging.WARNING
+    assert re.search(f"refused promoted model.*{tag_b}.*weights.npz.*serving {tag_a}", warned.getMessage())
 
 
 def test_promote_refuses_a_damaged_candidate(tmp_path, small_text, store):
@@ -78,68 +84,69 @@ def test_promote_refuses_a_damaged_candidate(tmp_path, small_text, store):
     damage(a.path / "weights.npz", "flip")
     with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
         store.promote(a.path, {"run_id": "a"})
-    assert store.promoted_tags() == []
+    assert store.history() == []
 
 
-def test_two_pipeline_runs_at_once_both_finish_and_the_registry_stays_consistent(tmp_path, small_text):
-    """Two `char-rnn pipeline` processes on one corpus and one registry, each with its own Prefect."""
+WORSE = ["--steps", "3", "--hidden", "8", "--batch", "4", "--seq", "16"]
+BETTER = ["--steps", "150", "--hidden", "24", "--batch", "4", "--seq", "16"]
+SERVED = (  # what a service would serve from this home, and the history's tags
+    "import os; from pathlib import Path; from registry import Registry; "
+    "r = Registry(Path(os.environ['BENTOML_HOME'])); "
+    "print(r.current().tag, *[e.tag for e in r.history()])"
+)
+
+
+@pytest.mark.parametrize("first", ["better", "worse"])
+def test_two_pipeline_runs_with_different_candidates_at_once_the_better_ends_current(
+    tmp_path, small_text, first
+):
+    """Two `char-rnn pipeline` processes (each with its own Prefect) train different candidates on one
+    corpus into one registry. Whichever promotes first, the better model ends current, and the other run
+    says which model it lost to. HOME is an empty folder that must stay empty."""
     data = tmp_path / "texts"
     data.mkdir()
     (data / "a.txt").write_text(small_text[:8000], encoding="utf-8")
-    shared = tmp_path / "home"
-    procs = []
-    for name in ("one", "two"):
+    shared, empty_home = tmp_path / "home", tmp_path / "user-home"
+    empty_home.mkdir()
+    procs = {}
+    for name in (first, "worse" if first == "better" else "better"):
         env = os.environ | {
+            "HOME": str(empty_home),
             "CHAR_RNN_HOME": str(shared),
             "BENTOML_HOME": str(shared / "bentoml"),
             "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
             "OPENBLAS_NUM_THREADS": "1",
         }
         env.pop("PREFECT_API_URL", None)
-        args = [
-            "pipeline",
-            "--data",
-            str(data),
-            "--steps",
-            "60",
-            "--hidden",
-            "16",
-            "--batch",
-            "4",
-            "--seq",
-            "16",
-        ]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "cli", *args],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        args = ["pipeline", "--data", str(data), *(BETTER if name == "better" else WORSE)]
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
-    decisions = [out.splitlines()[0] for out, _ in outs]
-    assert sum(d.startswith("promoted") for d in decisions) >= 1, decisions
-    tags = json.loads((shared / "bentoml" / "char-rnn-promoted.json").read_text())["promoted"]
-    assert len(tags) == len(set(tags)) >= 1
-    code = (  # every promoted model loads and verifies; the newest is what a service would serve
-        "from flows import registry; from model import checkpoint; import bentoml; "
-        "tags = registry.promoted_tags(); "
-        "[checkpoint.load_dir(bentoml.models.get(t).path, with_optim=False) for t in tags]; "
-        "print(registry.load_promoted()[0])"
-    )
+        time.sleep(8)  # the first one registers well before the second
+    outs = {name: p.communicate(timeout=240) for name, p in procs.items()}
+    assert [p.returncode for p in procs.values()] == [0, 0], {k: err[-2000:] for k, (_, err) in outs.items()}
+    said = {name: out.splitlines()[0] for name, (out, _) in outs.items()}
     env = os.environ | {"CHAR_RNN_HOME": str(shared), "BENTOML_HOME": str(shared / "bentoml")}
     r = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", SERVED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == tags[-1]
+    current, *history = r.stdout.split()
+    assert said["better"].startswith(f"promoted {current}:"), said
+    if first == "better":  # the worse one compared itself with the better one, promoted meanwhile, and lost
+        assert said["worse"].startswith(f"kept {current}:") and f"does not beat {current}" in said["worse"]
+        assert history == [current]
+    else:
+        assert said["worse"].startswith("promoted") and history[-1] == current and len(history) == 2
+    assert list(empty_home.iterdir()) == []
 
 
-def test_odd_files_in_the_corpus_folder(tmp_path, small_text, store):
+def test_odd_files_in_the_corpus_folder(tmp_path, small_text, monkeypatch):
     """Empty, binary, invalid UTF-8, BOM, CRLF and astral characters: usable text in, the rest named."""
     from prefect.testing.utilities import prefect_test_harness
 
@@ -155,6 +162,7 @@ def test_odd_files_in_the_corpus_folder(tmp_path, small_text, store):
     (folder / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     params = {"steps": 20, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 10}
+    monkeypatch.setenv("CHAR_RNN_ALLOWED_ROOTS", str(tmp_path))
     with prefect_test_harness(server_startup_timeout=120):
         d = pipeline(data_dir=folder, artifacts_root=tmp_path, **params)
     metrics = json.loads((d.run_dir / "metrics.json").read_text())

@@ -9,18 +9,17 @@ import bentoml
 import numpy as np
 import pytest
 from conftest import damage
-from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
 from prefect.testing.utilities import prefect_test_harness
 from threadpoolctl import threadpool_limits
 
-from flows import registry
 from flows.pipeline import pipeline
 from flows.report import Score
 from flows.tasks import Encoded, Trained, encode, ingest, promote
 from model import checkpoint, corpus
 from model.corpus import CorpusError
+from registry import Registry
 
 TINY = {"steps": 40, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 20}
 
@@ -38,6 +37,7 @@ def home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("CHAR_RNN_HOME", str(home))
     monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
+    monkeypatch.setenv("CHAR_RNN_ALLOWED_ROOTS", str(tmp_path))  # the test's corpus folders
     monkeypatch.delenv("CHAR_RNN_RUNS", raising=False)
     return home
 
@@ -55,6 +55,10 @@ def texts(tmp_path, small_text) -> Path:
 
 def run_dirs(home: Path) -> list[Path]:
     return sorted((home / "runs").glob("run-*"))
+
+
+def promoted(home: Path) -> list[str]:
+    return [e.tag for e in Registry(home / "bentoml").history()]
 
 
 def test_ingest_fingerprints_and_names_skipped_files(texts, caplog):
@@ -102,13 +106,16 @@ def test_encode_refuses_a_corpus_that_changed_since_ingest(texts, tmp_path):
         encode.fn(texts, info.fingerprint, tmp_path)
 
 
-def test_encode_is_cached_by_fingerprint(prefect_api, texts, tmp_path):
-    @flow
-    def twice() -> list[str]:
-        info = ingest(texts)
-        return [encode(texts, info.fingerprint, tmp_path, return_state=True).name for _ in range(2)]
-
-    assert twice() == ["Completed", "Cached"]
+def test_encode_reuses_what_it_wrote_and_rewrites_what_was_damaged(texts, tmp_path, caplog):
+    info = ingest.fn(texts)
+    first = encode.fn(texts, info.fingerprint, tmp_path)
+    stamp = (first.dir / "train.npy").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        again = encode.fn(texts, info.fingerprint, tmp_path)
+    assert again == first and (first.dir / "train.npy").stat().st_mtime_ns == stamp
+    assert "Reusing the encoded corpus" in caplog.text
+    damage(first.dir / "train.npy", "flip")
+    assert encode.fn(texts, info.fingerprint, tmp_path).load("train").size == first.train_chars
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"hidden": 100_000}, {"data_dir": "/no/such/folder"}])
@@ -122,7 +129,7 @@ def test_pipeline_trains_reports_and_promotes(prefect_api, texts, home):
     decision = pipeline(data_dir=texts, **TINY)
 
     assert decision.promoted and decision.reason == "there was no promoted model yet"
-    assert registry.current_tag() == decision.tag
+    assert Registry(home / "bentoml").current().tag == decision.tag
     (run,) = run_dirs(home)
     assert decision.run_dir == run
     metrics = json.loads((run / "metrics.json").read_text())
@@ -139,6 +146,8 @@ def test_pipeline_trains_reports_and_promotes(prefect_api, texts, home):
         "val_loss": f"{metrics['candidate']['nats']:.6f}",
         "parent": "",
         "run_id": run.name,
+        "corpus_chars": str(len(corpus.read(texts).text)),
+        "promoted_at": Registry(home / "bentoml").history()[-1].at,
     }
     for key in ("char-rnn-report", "char-rnn-metrics", "char-rnn-files", "char-rnn-training"):
         assert Artifact.get(key).flow_run_id == UUID(metrics["flow_run_id"]), key
@@ -150,7 +159,7 @@ def test_second_run_on_unchanged_text_is_a_noop(prefect_api, texts, home):
 
     assert not again.promoted and again.tag == first.tag and again.run_dir is None
     assert again.reason.startswith("corpus unchanged since")
-    assert registry.promoted_tags() == [first.tag] and len(run_dirs(home)) == 1
+    assert promoted(home) == [first.tag] and len(run_dirs(home)) == 1
 
 
 def test_new_characters_grow_the_vocabulary_and_still_train(prefect_api, texts, home):
@@ -169,16 +178,16 @@ def test_new_characters_grow_the_vocabulary_and_still_train(prefect_api, texts, 
     assert second.against.current.dropped > 0 and "new to" in (second.run_dir / "report.md").read_text()
 
 
-def test_worse_candidate_is_kept_and_the_report_says_why(prefect_api, texts):
+def test_worse_candidate_is_kept_and_the_report_says_why(prefect_api, texts, home):
     first = pipeline(data_dir=texts, **(TINY | {"steps": 100}))
     worse = pipeline(data_dir=texts, **(TINY | {"steps": 1, "hidden": 8}))  # another shape: from scratch
 
-    assert not worse.promoted and worse.tag == first.tag and registry.current_tag() == first.tag
+    assert not worse.promoted and worse.tag == first.tag and promoted(home) == [first.tag]
     assert "does not beat" in worse.reason
     assert f"**Kept** `{first.tag}`: {worse.reason}" in (worse.run_dir / "report.md").read_text()
 
 
-def test_promote_compares_with_a_model_promoted_meanwhile(prefect_api, texts):
+def test_promote_compares_with_a_model_promoted_meanwhile(prefect_api, texts, home):
     first = pipeline(data_dir=texts, **TINY)
     metrics = json.loads((first.run_dir / "metrics.json").read_text())
     data = Encoded.model_validate_json(next(first.run_dir.parent.glob("data-*/manifest.json")).read_bytes())
@@ -187,7 +196,7 @@ def test_promote_compares_with_a_model_promoted_meanwhile(prefect_api, texts):
     score = Score.model_validate(metrics["candidate"])
 
     # This candidate believes there is no promoted model; under the lock it must find the current one.
-    decision = promote.fn(same, score, None, data, first.run_dir)
+    decision = promote.fn(same, score, None, data, first.run_dir, home / "bentoml")
 
     assert not decision.promoted and decision.against.current.model == first.tag
-    assert registry.promoted_tags() == [first.tag]
+    assert decision.lost_to == first.tag and promoted(home) == [first.tag]

@@ -1,7 +1,7 @@
 """The service's HTTP face, in-process: Starlette's TestClient over the BentoML ASGI app.
 
-One app per test process (module-scoped). The registry pointer is redirected to a file of this module's own,
-so the service sees exactly the models these tests promote (none at first, for the 503 test).
+One app per test process (module-scoped). The registry's history file is redirected to one of this module's
+own, so the service sees exactly the models these tests promote (none at first, for the 503 test).
 """
 
 import json
@@ -33,6 +33,16 @@ def tiny_checkpoint(text: str, out: Path, seed: int = 0) -> Checkpoint:
     return train(ids[:cut], ids[cut:], vocab, cfg, tc, out, fingerprint=f"test-{seed}")
 
 
+def events(chunks) -> list[tuple[str, dict]]:
+    """Server-sent events as (event name, data): "message" when unnamed."""
+    out = []
+    for block in "".join(chunks).split("\n\n"):
+        if block.strip():
+            fields = dict(line.split(": ", 1) for line in block.splitlines())
+            out.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return out
+
+
 def expected(ck: Checkpoint, prompt: str, n: int, temp: float, seed: int, samples: int = 1) -> list[str]:
     """What the service must answer for a seeded request, computed directly (unbatched)."""
     rows = [sample.Settings(temp, seed=seed + i * 2**32) for i in range(samples)]
@@ -44,11 +54,10 @@ def client(tmp_path_factory):
     from starlette.testclient import TestClient
 
     import service
-    from flows import registry
 
     pointer = tmp_path_factory.mktemp("registry") / "promoted.json"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(registry, "pointer", lambda: pointer)
+        mp.setattr(service.REGISTRY, "pointer", pointer)
         with TestClient(service.CharRNN.to_asgi()) as c:
             yield c
 
@@ -56,10 +65,10 @@ def client(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(client, tmp_path_factory, small_text) -> tuple[str, Checkpoint]:
     """A promoted tiny model, once the service serves it."""
-    from flows import registry
+    import service
 
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("run") / "checkpoints")
-    tag = registry.promote(ck.path, {"source": "tests"})
+    tag = service.REGISTRY.promote(ck.path, {"source": "tests"}).tag
     for _ in range(100):
         r = client.post("/model_info")
         if r.status_code == 200 and r.json()["model"] == tag:
@@ -249,8 +258,10 @@ def test_stream_sends_the_same_characters_as_generate(client, model):
     req = {"prompt": "MENENIUS", "max_new_chars": 60, "seed": 3}
     with client.stream("POST", "/generate_stream", json=req) as r:
         assert r.status_code == 200 and r.headers["x-model-tag"] == tag
-        assert r.headers["content-type"].startswith("text/plain")
-        text = "".join(r.iter_text())
+        assert r.headers["content-type"].startswith("text/event-stream")
+        got = events(r.iter_text())
+    text = "".join(data["text"] for name, data in got[:-1] if name == "message")
+    assert got[-1] == ("done", {"model": tag, "chars": 60})
     assert [text] == expected(ck, "MENENIUS", 60, 0.8, 3)
     assert client.post("/generate", json=req).json()["completions"] == [text]
 
@@ -301,8 +312,20 @@ def test_fuzzed_bodies_never_get_a_5xx(client, model, mode):
 def test_a_request_past_its_deadline_gets_504_not_500(client, model, monkeypatch):
     import service
 
-    monkeypatch.setattr(service, "TIMEOUT", 0.0)
+    monkeypatch.setattr(service, "S", service.S.model_copy(update={"timeout": 0.0}))
     r = client.post("/generate", json={"max_new_chars": 2000})
     assert r.status_code == 504 and "longer than" in r.json()["error"]
     monkeypatch.undo()
     assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200
+
+
+def test_a_stream_that_times_out_says_so_in_its_last_event(client, model, monkeypatch):
+    import service
+
+    monkeypatch.setattr(service, "S", service.S.model_copy(update={"timeout": 0.0}))
+    with client.stream("POST", "/generate_stream", json={"max_new_chars": 2000}) as r:
+        assert r.status_code == 200
+        got = events(r.iter_text())
+    name, data = got[-1]
+    assert name == "error" and data["status"] == 504 and "longer than" in data["error"]
+    assert data["chars"] < 2000 and all(n == "message" for n, _ in got[:-1])

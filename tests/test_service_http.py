@@ -16,13 +16,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service import EXTRA, expected, tiny_checkpoint
+from test_service import EXTRA, events, expected, tiny_checkpoint
 
-from model.paths import isolated_env
+from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ASTRAL = "\U0001f600 \U0001d11e \U00010348\n"  # characters outside the Basic Multilingual Plane
-PROMOTE = "import sys; from flows import registry; print(registry.promote(sys.argv[1], {'source': 'tests'}))"
+PROMOTE = (
+    "import os, sys; from pathlib import Path; from registry import Registry; "
+    "print(Registry(Path(os.environ['BENTOML_HOME'])).promote(Path(sys.argv[1]), {'source': 'tests'}).tag)"
+)
 
 
 def free_port() -> int:
@@ -60,7 +63,9 @@ def wait_for(check, timeout: float, what: str) -> None:
 def server(tmp_path_factory):
     """(client, env of the server's home); the server and its workers are stopped by their PIDs."""
     home = tmp_path_factory.mktemp("serve-home")
+    (home / "user-home").mkdir()  # HOME: must stay empty
     env = os.environ | isolated_env(home) | {"CHAR_RNN_RELOAD_INTERVAL": "0.3", "OPENBLAS_NUM_THREADS": "1"}
+    env |= {"HOME": str(home / "user-home")}
     port = free_port()
     cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(home / "server.log", "wb") as log:
@@ -169,7 +174,8 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     req = {"prompt": "THE ", "max_new_chars": 50, "seed": 4}
     with client.stream("POST", "/generate_stream", json=req) as r:
         assert r.status_code == 200 and r.headers["x-model-tag"] == newest
-        assert ["".join(r.iter_text())] == expected(cks[newest], "THE ", 50, 0.8, 4)
+        got = events(r.iter_text())
+    assert ["".join(d["text"] for _, d in got[:-1])] == expected(cks[newest], "THE ", 50, 0.8, 4)
 
 
 def test_bentoml_build_bundles_the_promoted_model(server):
@@ -180,3 +186,9 @@ def test_bentoml_build_bundles_the_promoted_model(server):
     assert out.returncode == 0, out.stderr[-2000:]
     [bento] = (Path(env["BENTOML_HOME"]) / "bentos" / "char_rnn").glob("*/bento.yaml")
     assert f"tag: {tag}" in bento.read_text()
+
+
+def test_nothing_was_written_under_home(server):
+    """`bentoml serve`, the promotions and `bentoml build` above kept their state out of ~."""
+    _, env = server
+    assert sorted(Path(env["HOME"]).rglob("*")) == []

@@ -1,0 +1,164 @@
+"""The HTTP edge, in front of BentoML's request handling: who may call, what a body must be, how long it may
+take to arrive, how many requests run at once, how errors look and how they are logged.
+
+`Gate` is ASGI middleware. For a POST it checks the API key (401), the content type (415) and size (413),
+reads the body within `body_timeout` (408), validates generation requests itself (400 with a clean JSON body
+and one WARNING line, instead of BentoML's ERROR with a traceback), and only then takes one of
+`max_concurrency` slots (429 when none is free): a client that stalls mid-body holds no slot, so stalled
+sockets cannot lock others out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.responses import HTMLResponse, JSONResponse
+
+log = logging.getLogger("char_rnn.http")
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def error(
+    status: int, message: str, detail: list[dict[str, Any]] | None = None, **headers: str
+) -> JSONResponse:
+    """A JSON error body: {"error": ..., "detail": [{"loc": [...], "msg": ..., "type": ...}]}."""
+    body = {"error": message} | ({"detail": detail} if detail else {})
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def problems(e: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors as the API states them: the field, the rule, the message; no URLs, no class names."""
+    return [{"loc": list(x["loc"]), "type": x["type"], "msg": x["msg"]} for x in e.errors(include_url=False)]
+
+
+def summary(detail: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in detail)
+
+
+class Gate:
+    """ASGI middleware: authentication, body rules and timeout, request validation, admission, docs."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        api_key: str | None,
+        protected: tuple[str, ...],
+        schemas: dict[str, type[BaseModel]],
+        max_body: int,
+        body_timeout: float,
+        max_concurrency: int,
+        pages: dict[str, Any],
+    ):
+        self.app, self.api_key, self.protected, self.schemas = app, api_key, protected, schemas
+        self.max_body, self.body_timeout, self.max_concurrency = max_body, body_timeout, max_concurrency
+        self.pages = pages  # GET path -> a function returning the response
+        self.running = 0
+
+    async def reply(self, scope: dict, receive: Any, send: Any, response: Any) -> None:
+        if response.status_code >= 400:
+            reason = json.loads(response.body).get("error", "")
+            log.warning("%s %s -> %d: %s", scope["method"], scope["path"], response.status_code, reason)
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, headers = scope["path"], Headers(scope=scope)
+        if scope["method"] == "GET" and path in self.pages:
+            return await self.pages[path]()(scope, receive, send)
+        if self.api_key and path in self.protected and not self.authorized(headers):
+            msg = "missing or wrong API key: send 'Authorization: Bearer <key>' (the service's API key)"
+            return await self.reply(scope, receive, send, error(401, msg, **{"WWW-Authenticate": "Bearer"}))
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body = await self.body(scope, receive, send, headers)
+        if body is None:
+            return
+        if path in self.schemas:
+            try:
+                self.schemas[path].model_validate_json(body or b"{}")
+            except ValidationError as e:
+                detail = problems(e)
+                return await self.reply(scope, receive, send, error(400, summary(detail), detail))
+        if self.running >= self.max_concurrency:
+            msg = f"{self.running} requests in progress, the limit (CHAR_RNN_MAX_CONCURRENCY); retry shortly"
+            return await self.reply(scope, receive, send, error(429, msg, **{"Retry-After": "1"}))
+        self.running += 1
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.running -= 1
+
+    def authorized(self, headers: Headers) -> bool:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    async def body(self, scope: dict, receive: Any, send: Any, headers: Headers) -> bytes | None:
+        """The whole body, or None after answering 415, 413 or 408 (or when the client left)."""
+        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            msg = f"send the body as JSON with 'Content-Type: application/json' (got {ctype!r})"
+            return await self.reply(scope, receive, send, error(415, msg))
+        too_big = error(413, f"request body larger than {self.max_body} bytes")
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await self.reply(scope, receive, send, too_big)
+        body, more = b"", True
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > self.max_body:
+                        return await self.reply(scope, receive, send, too_big)
+        except TimeoutError:
+            msg = f"the request body did not arrive within {self.body_timeout:g} s (CHAR_RNN_BODY_TIMEOUT)"
+            return await self.reply(scope, receive, send, error(408, msg, Connection="close"))
+        if not body.strip() and scope["path"] in self.schemas:
+            msg = 'empty request body: send a JSON object, e.g. {"prompt": "ROMEO:"} ({} for all defaults)'
+            return await self.reply(scope, receive, send, error(400, msg))
+        return body
+
+
+def docs_page() -> HTMLResponse:
+    """Swagger UI from BentoML's bundled assets, without the tag manager its page loads from the internet."""
+    return HTMLResponse((STATIC / "docs.html").read_text(encoding="utf-8"))
+
+
+class QuietClientErrors(logging.Filter):
+    """BentoML logs a client's bad request as an ERROR with a traceback (which can quote the body): make it
+    one WARNING line with the route and the reason. Server errors keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(exc, "error_code", None), "value", 500)
+        if isinstance(exc, ValidationError) or (exc is not None and 400 <= status < 500):
+            status = 400 if isinstance(exc, ValidationError) else status
+            record.msg, record.args = "%s -> %d: %s", (record.getMessage(), status, str(exc).splitlines()[0])
+            record.levelno, record.levelname, record.exc_info, record.exc_text = (
+                logging.WARNING,
+                "WARNING",
+                None,
+                None,
+            )
+        return True

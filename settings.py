@@ -1,0 +1,167 @@
+"""The one configuration object: `CHAR_RNN_*` environment variables, read and checked once per entry point.
+
+Each entry point (`cli.py`, `python -m flows.serve`, `service.py`) runs `os.environ.update(configure())`
+before it imports Prefect or BentoML: a bad variable is refused in one line naming it, then Prefect's and
+BentoML's homes are set under CHAR_RNN_HOME (unless the user set them) and telemetry is turned off. Library
+code gets the settings (or paths from them) from its caller or from `current()`; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    IPvAnyAddress,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent  # the checkout: relative paths in flow parameters start here
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "True",
+}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the project cannot use."""
+
+
+def _path_list(v: object) -> object:
+    """CHAR_RNN_ALLOWED_ROOTS is a list of folders separated by ':' (os.pathsep), as PATH is."""
+    return [p for p in v.split(os.pathsep) if p.strip()] if isinstance(v, str) else v
+
+
+class Settings(BaseSettings):
+    """Where state lives, and how the service and the schedule behave. Field `x` is `CHAR_RNN_X`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHAR_RNN_",
+        extra="ignore",
+        frozen=True,
+        allow_inf_nan=False,
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    home: Path = Field(ROOT / ".char-rnn", description="all state: runs, Prefect's and BentoML's homes")
+    runs: Path | None = Field(None, description="run directories (default HOME/runs)")
+    data: Path = Field(ROOT / "data", description="the corpus folder flows use by default")
+    allowed_roots: Annotated[list[Path], NoDecode, BeforeValidator(_path_list)] = Field(
+        [], description="more folders flow parameters may point into, ':'-separated"
+    )
+    prefect_home: Path | None = Field(None, validation_alias=AliasChoices("PREFECT_HOME"))
+    bentoml_home: Path | None = Field(None, validation_alias=AliasChoices("BENTOML_HOME"))
+    # the scheduled retrain (python -m flows.serve)
+    retrain_interval: float | None = Field(None, gt=0, le=366 * 86400, description="seconds")
+    retrain_cron: str | None = None
+    # the service (service.py)
+    host: IPvAnyAddress = Field(IPv4Address("127.0.0.1"), description="address to listen on")
+    port: int = Field(3000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="when set, generation routes need 'Bearer <key>'")
+    reload_interval: float = Field(2.0, gt=0, le=3600, description="seconds between registry checks")
+    max_prompt: int = Field(2000, ge=1, le=100_000, description="characters")
+    timeout: float = Field(30.0, gt=0, le=3600, description="seconds per request")
+    body_timeout: float = Field(5.0, gt=0, le=300, description="seconds to receive a request body")
+    max_batch: int = Field(64, ge=1, le=4096, description="rows per generation step; 1 = no batching")
+    max_concurrency: int = Field(512, ge=1, le=100_000, description="requests in progress per worker")
+    workers: int = Field(1, ge=1, le=64, description="service processes")
+    blas_threads: int = Field(1, ge=1, le=256, description="BLAS threads per service process")
+
+    @field_validator("home", "runs", "data", "prefect_home", "bentoml_home", "allowed_roots")
+    @classmethod
+    def _absolute(cls, v: Path | list[Path] | None) -> Path | list[Path] | None:
+        """Relative paths in variables are taken from the current directory, once, here."""
+        if isinstance(v, list):
+            return [p.expanduser().absolute() for p in v]
+        return None if v is None else v.expanduser().absolute()
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is None or v.get_secret_value() else None  # CHAR_RNN_API_KEY= means no key
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.runs or self.home / "runs"
+
+    @property
+    def prefect_dir(self) -> Path:
+        return self.prefect_home or self.home / "prefect"
+
+    @property
+    def bentoml_dir(self) -> Path:
+        return self.bentoml_home or self.home / "bentoml"
+
+    def roots(self) -> list[Path]:
+        """Folders that flow parameters (data_dir, artifacts_root) may resolve into, symlinks followed."""
+        found = [ROOT / "data", self.home, self.data, self.runs_dir, *self.allowed_roots]
+        return list(dict.fromkeys(p.resolve() for p in found))
+
+    def environment(self) -> dict[str, str]:
+        """Variables for this process and its children: telemetry off, every home under `home`."""
+        return TELEMETRY_OFF | {
+            "CHAR_RNN_HOME": str(self.home),
+            "PREFECT_HOME": str(self.prefect_dir),
+            "BENTOML_HOME": str(self.bentoml_dir),
+            "MPLCONFIGDIR": str(self.home / "matplotlib"),  # matplotlib's font cache, not ~/.cache
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "char_rnn",  # model/'s and the registry's logs reach run logs
+        }
+
+
+def variable(loc: tuple) -> str:
+    """The environment variable behind a settings field."""
+    name = str(loc[0]) if loc else "?"
+    if name in ("prefect_home", "bentoml_home"):
+        return name.upper()
+    return f"CHAR_RNN_{name.upper()}"
+
+
+def load(**overrides: object) -> Settings:
+    """Settings from the environment (and `overrides`); a bad value raises one line naming its variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        raise SettingsError(
+            "; ".join(f"{variable(x['loc'])}={x.get('input')!r}: {x['msg']}" for x in e.errors())
+        ) from None
+
+
+def configure(**overrides: object) -> dict[str, str]:
+    """Check the settings (with `overrides`) and return the variables to export before Prefect or BentoML is
+    imported: `os.environ.update(settings.configure())`. Homes the user set are kept; `overrides` are
+    exported too, so that `current()` sees them. Refuses when Prefect or BentoML was imported already
+    without its home set (it would have chosen one under ~)."""
+    s = load(**overrides)
+    env = {k: os.environ.get(k, v) for k, v in s.environment().items()}
+    if "allowed_roots" in overrides:
+        env["CHAR_RNN_ALLOWED_ROOTS"] = os.pathsep.join(map(str, s.allowed_roots))
+    for module, var in (("prefect", "PREFECT_HOME"), ("bentoml", "BENTOML_HOME")):
+        if module in sys.modules and var not in os.environ:
+            raise SettingsError(
+                f"{var} is not set and {module} has already chosen its home under ~; start this through "
+                f"`char-rnn` (e.g. `char-rnn serve`), or export {var}={env[var]}"
+            )
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
+    return env
+
+
+def current() -> Settings:
+    """The settings as the environment says now (after the entry point's `configure()`)."""
+    return load()
+
+
+def isolated_env(root: Path) -> dict[str, str]:
+    """Variables for a child process that keeps all its state under `root` (tests and benchmarks)."""
+    return Settings(home=Path(root), prefect_home=None, bentoml_home=None).environment()
