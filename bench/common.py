@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `uv run python bench/x.py` from anywhere
+import numpy as np
+from threadpoolctl import threadpool_info
 
-from model.paths import TELEMETRY_OFF  # noqa: E402
+from model import corpus
+from model.vocab import Vocab
+from settings import ROOT, TELEMETRY_OFF
 
-for _k, _v in TELEMETRY_OFF.items():
-    os.environ.setdefault(_k, _v)
-
-import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_info  # noqa: E402
-
-from model import corpus  # noqa: E402
-from model.vocab import Vocab  # noqa: E402
+os.environ.update(TELEMETRY_OFF)  # for this process and what it starts
 
 DATA = ROOT / "data" / "tinyshakespeare.txt"
 

@@ -22,23 +22,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `uv run python bench/flow_overhead.py` from anywhere
-WORK = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
-from model.paths import isolated_env  # noqa: E402
+from settings import ROOT, isolated_env
 
-os.environ.update(isolated_env(WORK) | {"OPENBLAS_NUM_THREADS": "1"})
+# a home of its own, before Prefect is imported (it reads PREFECT_HOME then)
+os.environ.update(
+    isolated_env(Path(tempfile.mkdtemp(prefix="flow-overhead-"))) | {"OPENBLAS_NUM_THREADS": "1"}
+)
 os.environ.pop("CHAR_RNN_RUNS", None)
 
-from prefect.logging.handlers import APILogHandler  # noqa: E402
-from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.pipeline import pipeline, train_config  # noqa: E402
-from flows.tasks import PROMPTS, SAMPLE_CHARS, SAMPLING  # noqa: E402
-from model import corpus, train  # noqa: E402
-from model.rnn import ModelConfig  # noqa: E402
-from model.sample import sample  # noqa: E402
-from model.vocab import Vocab  # noqa: E402
+from flows.pipeline import pipeline
+from flows.tasks import PROMPTS, SAMPLE_CHARS, SAMPLING
+from model import corpus, train
+from model.rnn import ModelConfig
+from model.sample import sample
+from model.train import TrainConfig
+from model.vocab import Vocab
+
+WORK = Path(os.environ["CHAR_RNN_HOME"])
 
 CASES = {  # corpus, then flow parameters
     "smoke": (ROOT / "data" / "smoke" / "seed.txt", {"steps": 200, "hidden": 32, "batch": 2, "seq": 8}),
@@ -51,8 +54,10 @@ def direct(data: Path, out: Path, p: dict) -> None:
     """The pipeline's model work without Prefect: read, encode, split, train, evaluate, sample."""
     c = corpus.read(data)
     vocab = Vocab.from_text(c.text)
-    train_ids, val_ids = corpus.split(vocab.encode(c.text))
-    cfg = train_config(p["steps"], p["batch"], p["seq"], p["lr"], p["checkpoint_every"], p["seed"])
+    train_text, val_text = c.split()
+    train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    keys = ("steps", "batch", "seq", "lr", "checkpoint_every", "seed")
+    cfg = TrainConfig(**{k: p[k] for k in keys})
     model = ModelConfig(vocab_size=len(vocab), hidden=p["hidden"], layers=p["layers"])
     ck = train.train(train_ids, val_ids, vocab, model, cfg, out / "checkpoints", fingerprint=c.fingerprint)
     train.evaluate(ck.params, ck.config, val_ids)

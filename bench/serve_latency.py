@@ -27,21 +27,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HOME = Path(tempfile.mkdtemp(prefix="char-rnn-bench-serve-"))
-sys.path.insert(0, str(ROOT))
-from model.paths import isolated_env  # noqa: E402
+import httpx
+import numpy as np
 
-ENV = os.environ | isolated_env(HOME) | {"OPENBLAS_NUM_THREADS": "1"}
-os.environ.update(ENV)  # before bentoml is imported (by flows.registry)
+from model import corpus
+from model.rnn import ModelConfig
+from model.train import TrainConfig, train
+from model.vocab import Vocab
+from settings import ROOT, isolated_env
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from model import corpus  # noqa: E402
-from model.rnn import ModelConfig  # noqa: E402
-from model.train import TrainConfig, train  # noqa: E402
-from model.vocab import Vocab  # noqa: E402
+# a home of its own, before BentoML is imported (by registry): it reads BENTOML_HOME then
+os.environ.update(
+    isolated_env(Path(tempfile.mkdtemp(prefix="char-rnn-bench-serve-"))) | {"OPENBLAS_NUM_THREADS": "1"}
+)
+HOME, ENV = Path(os.environ["CHAR_RNN_HOME"]), dict(os.environ)
 
 CHARS = 200
 LEVELS = (1, 8, 32)
@@ -49,7 +48,7 @@ LEVELS = (1, 8, 32)
 
 def promote_quick_model(hidden: int, layers: int) -> str:
     """Train a few steps on tiny shakespeare (speed does not depend on quality) and promote it."""
-    from flows import registry
+    from registry import Registry
 
     text = corpus.read(ROOT / "data" / "tinyshakespeare.txt").text[:200_000]
     vocab = Vocab.from_text(text)
@@ -59,7 +58,7 @@ def promote_quick_model(hidden: int, layers: int) -> str:
         steps=20, batch=16, seq=32, warmup=0, eval_every=20, checkpoint_every=20, eval_chars=5000
     )
     ck = train(ids[:180_000], ids[180_000:], vocab, cfg, tc, HOME / "run")
-    return registry.promote(ck.path, {"source": "bench"})
+    return Registry(HOME / "bentoml").promote(ck.path, {"source": "bench"}).tag
 
 
 class Server:

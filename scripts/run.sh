@@ -5,8 +5,9 @@
 # checkpoints, the promoted model).
 #
 # Environment: CHAR_RNN_HOME (./.char-rnn), CHAR_RNN_DATA (corpus folder, $CHAR_RNN_HOME/corpus, seeded with
-# data/tinyshakespeare.txt), STEPS (4000), HIDDEN (256), PREFECT_SERVER_PORT (4200), SERVICE_PORT (3000),
-# CHAR_RNN_RETRAIN_INTERVAL (seconds between scheduled retrains; 120 here).
+# data/tinyshakespeare.txt), STEPS and HIDDEN (default: the model's and training's own defaults),
+# PREFECT_SERVER_PORT (4200), CHAR_RNN_PORT (the service's, 3000), CHAR_RNN_RETRAIN_INTERVAL (seconds between
+# scheduled retrains; 120 here).
 set -euo pipefail
 set -m  # each background job gets its own process group: Ctrl-C reaches only this script, which stops them
 cd "$(dirname "$0")/.."
@@ -18,7 +19,10 @@ export CHAR_RNN_DATA=${CHAR_RNN_DATA:-$CHAR_RNN_HOME/corpus}
 export CHAR_RNN_RETRAIN_INTERVAL=${CHAR_RNN_RETRAIN_INTERVAL:-120}
 export PREFECT_API_URL=http://127.0.0.1:${PREFECT_SERVER_PORT:-4200}/api
 export PREFECT_RUNNER_POLL_FREQUENCY=2 OPENBLAS_NUM_THREADS=1
-SERVICE_PORT=${SERVICE_PORT:-3000}
+SERVICE_PORT=${CHAR_RNN_PORT:-${SERVICE_PORT:-3000}}
+params=(--param "data_dir=$CHAR_RNN_DATA")
+[[ -z ${STEPS:-} ]] || params+=(--param "steps=$STEPS")
+[[ -z ${HIDDEN:-} ]] || params+=(--param "hidden=$HIDDEN")
 PY=.venv/bin/python
 LOGS=$CHAR_RNN_HOME/logs
 mkdir -p "$LOGS" "$CHAR_RNN_DATA"
@@ -54,8 +58,7 @@ scripts/prefect-server.sh start
 
 echo "starting the deployments' runner (python -m flows.serve, log $LOGS/serve.log)"
 # Both deployments train with these defaults, so a scheduled retrain warm-starts from what this run promotes.
-"$PY" -m flows.serve --param "data_dir=$CHAR_RNN_DATA" --param "steps=${STEPS:-4000}" \
-    --param "hidden=${HIDDEN:-256}" >"$LOGS/serve.log" 2>&1 &
+"$PY" -m flows.serve "${params[@]}" >"$LOGS/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 120); do
     .venv/bin/prefect deployment inspect 'char-rnn-pipeline/on-demand' >/dev/null 2>&1 && break
@@ -63,12 +66,12 @@ for _ in $(seq 120); do
     sleep 1
 done
 
-echo "running the pipeline on $CHAR_RNN_DATA (steps=${STEPS:-4000}, hidden=${HIDDEN:-256})"
+echo "running the pipeline on $CHAR_RNN_DATA (${params[*]})"
 # only_if_changed: a second `make run` on the same corpus reuses the promoted model instead of training again.
 .venv/bin/prefect deployment run 'char-rnn-pipeline/on-demand' --param only_if_changed=true --watch
 
-echo "starting the service (bentoml serve, log $LOGS/service.log)"
-.venv/bin/bentoml serve . --host 127.0.0.1 --port "$SERVICE_PORT" >"$LOGS/service.log" 2>&1 &
+echo "starting the service (char-rnn serve, log $LOGS/service.log)"
+.venv/bin/char-rnn serve --port "$SERVICE_PORT" >"$LOGS/service.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$SERVICE_PORT/readyz" 120 "the service" "$LOGS/service.log"
 

@@ -14,11 +14,11 @@ import pytest
 
 os.environ["CHAR_RNN_RELOAD_INTERVAL"] = "0.1"  # before `service` is imported
 
-from model import sample  # noqa: E402
-from model.checkpoint import Checkpoint  # noqa: E402
-from model.rnn import ModelConfig  # noqa: E402
-from model.train import TrainConfig, train  # noqa: E402
-from model.vocab import Vocab  # noqa: E402
+from model import sample
+from model.checkpoint import Checkpoint
+from model.rnn import ModelConfig
+from model.train import TrainConfig, train
+from model.vocab import Vocab
 
 EXTRA = "\nCafé — naïve, déjà vu: “quoted” ½ ☃ 日本語.\n"
 
