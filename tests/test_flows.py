@@ -1,7 +1,10 @@
 """The pipeline's tasks through .fn(), and the whole flow on a tiny corpus under prefect_test_harness."""
 
+import base64
 import json
 import logging
+import os
+import pickle
 from pathlib import Path
 from uuid import UUID
 
@@ -14,6 +17,7 @@ from prefect.exceptions import ParameterTypeError
 from prefect.testing.utilities import prefect_test_harness
 from threadpoolctl import threadpool_limits
 
+from flows.params import checked
 from flows.pipeline import pipeline
 from flows.report import Score
 from flows.tasks import Encoded, Trained, encode, ingest, promote
@@ -21,6 +25,7 @@ from model import checkpoint, corpus
 from model.corpus import CorpusError
 from registry import Registry
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = {"steps": 40, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 20}
 
 
@@ -200,3 +205,94 @@ def test_promote_compares_with_a_model_promoted_meanwhile(prefect_api, texts, ho
 
     assert not decision.promoted and decision.against.current.model == first.tag
     assert decision.lost_to == first.tag and promoted(home) == [first.tag]
+
+
+class Evil:
+    """Unpickling this runs a shell command, as a planted cache file would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def pickles(root: Path) -> list[Path]:
+    """Files under `root` that hold a pickle: raw, or inside a Prefect result record."""
+    found = []
+    for f in root.rglob("*"):
+        if f.is_file():
+            raw = f.read_bytes()
+            if raw.startswith(b"\x80") or b'"pickle"' in raw or b"cloudpickle" in raw:
+                found.append(f)
+    return found
+
+
+def test_nothing_is_pickled_and_planted_pickles_are_never_loaded(prefect_api, texts, home, tmp_path):
+    first = pipeline(data_dir=texts, **TINY)
+    storage = Path(os.environ["PREFECT_HOME"]) / "storage"
+    assert pickles(home) == [] and (not storage.exists() or pickles(storage) == [])
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Evil(marker))
+    record = {"metadata": {"serializer": {"type": "pickle"}}, "result": base64.b64encode(evil).decode()}
+    storage.mkdir(parents=True, exist_ok=True)
+    for name in ("encode", "char-rnn", *[f.name for f in storage.iterdir()]):
+        (storage / name).write_text(json.dumps(record))
+    (data,) = (home / "runs").glob("data-*")
+    with open(data / "train.npy", "wb") as f:
+        np.save(f, np.array([Evil(marker)], dtype=object), allow_pickle=True)
+
+    again = pipeline(data_dir=texts, **(TINY | {"seed": 1}))  # another run: encode and train again
+
+    assert not marker.exists()
+    assert again.run_dir != first.run_dir and pickles(home) == []
+
+
+@pytest.mark.parametrize(
+    "param,value",
+    [("data_dir", "/etc/passwd"), ("data_dir", "/etc"), ("artifacts_root", "/"), ("data_dir", "link-out")],
+)
+def test_paths_outside_the_allowed_roots_are_refused_before_any_work(
+    prefect_api, home, tmp_path, param, value
+):
+    (tmp_path / "link-out").symlink_to("/etc")  # inside an allowed root, pointing outside
+    value = str(tmp_path / value) if value == "link-out" else value
+    with pytest.raises(ParameterTypeError, match="outside the allowed roots"):
+        pipeline(**{"data_dir": ROOT / "data" / "smoke", param: value, **TINY})
+    assert not (home / "runs").exists()
+    with pytest.raises(ValueError, match=rf"{param}: .*outside the allowed roots \(.*{ROOT / 'data'}"):
+        checked(pipeline, {param: value})
+
+
+def test_relative_paths_start_at_the_checkout_and_roots_cannot_be_added_through_parameters():
+    assert checked(pipeline, {"data_dir": "data/smoke"})["data_dir"] == ROOT / "data" / "smoke"
+    with pytest.raises(ValueError, match="allowed_roots"):
+        checked(pipeline, {"data_dir": "data/smoke", "allowed_roots": ["/"]})
+
+
+def test_files_linking_out_of_the_corpus_folder_are_skipped(texts):
+    (texts / "passwd.txt").symlink_to("/etc/passwd")
+    assert "outside the folder" in ingest.fn(texts).skipped["passwd.txt"]
+
+
+def test_every_file_gives_its_share_of_validation_text(prefect_api, texts, home):
+    """A new file that sorts last and holds only characters the promoted model does not know: the
+    validation text still holds the old file's tail, so the retrain compares and completes."""
+    first = pipeline(data_dir=texts, **TINY)
+    (texts / "zz-greek.txt").write_text(
+        "Ἐν ἀρχῇ ἦν ὁ λόγος, καὶ ὁ λόγος ἦν πρὸς τὸν θεόν.\n" * 200, encoding="utf-8"
+    )
+    second = pipeline(data_dir=texts, only_if_changed=True, **TINY)
+    assert second.against.current.model == first.tag and second.against.current.chars > 500
+    assert second.against.current.dropped > 0  # the Greek tail, which the old model cannot read
+
+
+def test_a_run_that_could_not_be_compared_fails_before_training(prefect_api, texts, home):
+    pipeline(data_dir=texts, **TINY)
+    for f in texts.iterdir():
+        f.unlink()
+    (texts / "greek.txt").write_text("αβγδεζηθικλμνξοπρστυφχψω" * 400, encoding="utf-8")  # not one known
+    before = set(run_dirs(home))
+    with pytest.raises(ValueError, match="knows none of the validation text"):
+        pipeline(data_dir=texts, **TINY)
+    assert set(run_dirs(home)) == before  # no training time spent
