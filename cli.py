@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -134,15 +135,16 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 class Lines(logging.Handler):
-    """Log messages as plain lines on stderr, without tracebacks; errors are left to main(), which says them
-    once, in one line."""
+    """This project's log messages as plain lines on stderr, without tracebacks and without Prefect's own
+    engine messages; errors are left to main(), which says them once, in one line."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno < logging.ERROR:
+        if record.levelno < logging.ERROR and not record.pathname.startswith(PREFECT_DIR):
             level = "warning: " if record.levelno >= logging.WARNING else ""
             print(f"char-rnn: {level}{record.getMessage()}", file=sys.stderr)
 
 
+PREFECT_DIR = str(Path(importlib.util.find_spec("prefect").origin).parent)
 WARNINGS = Lines(logging.WARNING)  # refused checkpoints, damaged registry files
 
 
@@ -158,6 +160,7 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
 
     params = {"data_dir": a.data} | {k: getattr(a, k) for k in PIPELINE_FLAGS if getattr(a, k) is not None}
     params = checked(pipeline, params)  # before Prefect's temporary server starts
+    corpus.read(params["data_dir"] or settings.current().data)  # unusable text: say so now, in one line
     lines = Lines(logging.INFO)
     loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
     for lg in loggers:

@@ -20,7 +20,7 @@ Params = dict[str, np.ndarray]
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     vocab_size: int = Field(ge=1, le=1_000_000)
     # defaults: the best validation loss found for 5 minutes on 2 cores (bench/train_quality.py)

@@ -1,7 +1,10 @@
 """The char-rnn command line: train, sample, evaluate, resume, and one-line errors."""
 
+import os
 import shutil
+import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -78,3 +81,103 @@ def test_pipeline_parameters_are_checked_before_any_work(capsys):
     assert main(["pipeline", "--data", "/nonexistent", "--steps", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("char-rnn: error: data_dir:") and "steps: Input should be greater" in err
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--lr", "nan", "--lr: Input should be a finite number"),
+        ("--lr", "inf", "--lr: Input should be a finite number"),
+        ("--dropout", "nan", "--dropout: Input should be a finite number"),
+        ("--clip", "inf", "--clip: Input should be a finite number"),
+    ],
+)
+def test_non_finite_train_flags_say_so(tmp_path, small_corpus, capsys, flag, value, message):
+    assert main(["train", "--data", str(small_corpus), "--out", str(tmp_path / "o"), flag, value]) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--seed", "-1", "argument --seed: must be in [0, "),
+        ("--temperature", "inf", "argument --temperature: must be a finite number"),
+        ("--temperature", "1e-310", "argument --temperature: must be in [0.001, 1000]"),
+        ("--top-p", "nan", "argument --top-p: must be a finite number"),
+        ("--length", "-5", "argument --length: must be in [0, "),
+        ("--top-k", "2.5", "argument --top-k: expected a int number"),
+    ],
+)
+def test_sample_flags_are_checked_naming_the_flag(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_train_refuses_a_folder_holding_another_run(tmp_path, small_corpus, capsys):
+    out = tmp_path / "ck"
+    assert main(["train", "--data", str(small_corpus), "--out", str(out), *FAST]) == 0
+    other = ["--steps", "20", "--hidden", "24", *FAST[4:]]
+    assert main(["train", "--data", str(small_corpus), "--out", str(out), *other]) == 1
+    err = capsys.readouterr().err
+    assert "already holds the checkpoints" in err and "--resume" in err and "--overwrite" in err
+    assert checkpoint.load(out).config.hidden == 32  # untouched
+    assert main(["train", "--data", str(small_corpus), "--out", str(out), *other, "--overwrite"]) == 0
+    ck = checkpoint.load(out)
+    assert ck.config.hidden == 24 and [p.name for p in checkpoint.step_dirs(out)] == [
+        "step-0000020",
+        "step-0000010",
+    ]
+
+
+def test_resume_with_another_corpus_says_the_vocabulary_differs(tmp_path, small_corpus, capsys):
+    out = tmp_path / "ck"
+    assert main(["train", "--data", str(small_corpus), "--out", str(out), *FAST]) == 0
+    other = tmp_path / "other.txt"
+    other.write_text("zyxw vutsr qponm lkjih\n" * 2000)
+    assert main(["train", "--data", str(other), "--out", str(out), "--resume", "--steps", "40"]) == 1
+    assert "vocabulary differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_get_the_permissions_of_the_umask(tmp_path, small_corpus, umask):
+    old = os.umask(umask)
+    try:
+        assert main(["train", "--data", str(small_corpus), "--out", str(tmp_path / "ck"), *FAST]) == 0
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "ck").rglob("*"):
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_a_full_disk_names_the_file(tmp_path, small_corpus):
+    """The kernel refuses writes beyond RLIMIT_FSIZE with EFBIG, as a full disk refuses them with ENOSPC."""
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "from cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["train", "--data", str(small_corpus), "--out", str(tmp_path / "ck"), *FAST]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("char-rnn: error:") and "File too large" in last and str(tmp_path / "ck") in last
+
+
+@pytest.mark.parametrize("what", ["binary", "empty"])
+def test_pipeline_on_bad_input_is_one_line(tmp_path, what):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    if what == "binary":
+        (folder / "a.txt").write_bytes(bytes(range(256)) * 8)
+    r = subprocess.run(
+        ["char-rnn", "pipeline", "--data", str(folder), "--steps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("char-rnn: error:") and str(folder) in lines[0], r.stderr
