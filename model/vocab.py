@@ -48,12 +48,17 @@ class Vocab:
         return ch in self._ids
 
     def spell(self, ch: str) -> str | None:
-        """`ch` as vocabulary characters: itself, else its decomposed (NFD) form when every part is known
-        (a model can write "e" + U+0301, which a prompt normalised to NFC sends back as "é"); else None."""
+        """`ch` as vocabulary characters: itself, else a known character composed from the start of its
+        decomposed (NFD) form followed by the remaining marks (a model writes "ï" + U+0301, which a prompt
+        normalised to NFC sends back as "ḯ"); None when the vocabulary cannot spell it."""
         if ch in self._ids:
             return ch
         parts = unicodedata.normalize("NFD", ch)
-        return parts if all(p in self._ids for p in parts) else None
+        for k in range(len(parts), 0, -1):
+            head = unicodedata.normalize("NFC", parts[:k])
+            if head in self._ids and all(p in self._ids for p in parts[k:]):
+                return head + parts[k:]
+        return None
 
     def unknown(self, text: str) -> list[str]:
         """Characters of `text` that the vocabulary cannot spell, sorted."""

@@ -20,7 +20,8 @@ from model.rnn import ModelConfig
 from model.train import TrainConfig, train
 from model.vocab import Vocab
 
-EXTRA = "\nCafé — naïve, déjà vu: “quoted” ½ ☃ 日本語.\n"
+# combining marks after letters that have no precomposed form with them
+EXTRA = "\nCafé — naïve, déjà vu: “quoted” ½ ☃ 日本語. Q\u0303 q\u0303 x\u0301.\n"
 
 
 def tiny_checkpoint(text: str, out: Path, seed: int = 0) -> Checkpoint:
@@ -329,3 +330,17 @@ def test_a_stream_that_times_out_says_so_in_its_last_event(client, model, monkey
     name, data = got[-1]
     assert name == "error" and data["status"] == 504 and "longer than" in data["error"]
     assert data["chars"] < 2000 and all(n == "message" for n, _ in got[:-1])
+
+
+def test_the_models_own_output_is_accepted_back_as_a_prompt(client, model):
+    """Completions hold combining marks after letters that NFC composes into characters the vocabulary lacks
+    ("a" + U+0303 -> "ã"); a prompt spells those through their decomposed form."""
+    tag, ck = model
+    assert "\u0303" in ck.vocab and "ã" not in ck.vocab
+    assert client.post("/generate", json={"prompt": "ã ñ", "max_new_chars": 5}).status_code == 200
+    r = client.post("/generate", json={"max_new_chars": 300, "temperature": 5, "seed": 1, "num_samples": 16})
+    completions = r.json()["completions"]
+    assert any(unicodedata.normalize("NFC", c) != c for c in completions)  # the case is exercised
+    for c in completions:
+        back = client.post("/generate", json={"prompt": c, "max_new_chars": 5})
+        assert back.status_code == 200, back.text

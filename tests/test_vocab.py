@@ -35,3 +35,12 @@ def test_grow_keeps_old_ids():
 def test_rejects_duplicates():
     with pytest.raises(ValueError):
         Vocab(("a", "a"))
+
+
+def test_characters_are_spelled_through_their_decomposed_form():
+    v = Vocab.from_text("ïi\u0301a\u0303 ")
+    assert v.encode("ḯ ã").tolist() == v.encode("ï\u0301 a\u0303").tolist()
+    assert v.unknown("ḯ ã ñ") == ["ñ"]
+    with pytest.raises(UnknownCharsError, match="'ñ'"):
+        v.encode("ñ")
+    assert v.decode(v.encode("ñã", unknown="skip")) == "a\u0303"
