@@ -246,9 +246,10 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_pipeline)
 
     v = sub.add_parser(
-        "serve", help="serve the promoted model over HTTP (bentoml serve, this project's homes)"
+        "serve",
+        help="serve the promoted model over HTTP (bentoml serve, this project's homes)",
+        epilog="Other options (e.g. --port 3001) are passed to `bentoml serve`.",
     )
-    v.add_argument("bentoml_args", nargs=argparse.REMAINDER, help="passed to `bentoml serve` (e.g. --port)")
     v.set_defaults(fn=cmd_serve)
     return ap
 
@@ -262,7 +263,10 @@ def one_line(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.cmd != "serve":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bentoml_args = rest
     logging.getLogger("char_rnn").addHandler(WARNINGS)  # once: a logger holds a handler at most once
     try:
         os.environ.update(settings.configure())

@@ -42,7 +42,7 @@ from model.checkpoint import Checkpoint
 from model.rnn import ModelConfig, Params
 from model.vocab import Vocab
 from registry import NAME, Current, Registry
-from serving import openapi
+from serving import openapi, workers
 from serving.batcher import Batcher, Job
 from serving.http import Gate, QuietClientErrors, docs_page, error
 
@@ -197,6 +197,8 @@ class CharRNN:
 
     def __init__(self) -> None:
         share_logs()
+        if died := workers.replaced(S.home / "serving", bentoml.server_context.worker_index or 0):
+            log.warning(died)
         self.snapshot: Snapshot | None = None
         self.seen: tuple[int, int] | None | bool = False  # the registry version last acted on
         self.stopping = threading.Event()

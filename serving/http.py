@@ -62,21 +62,18 @@ class Gate:
         self.pages = pages  # GET path -> a function returning the response
         self.running = 0
 
-    async def reply(self, scope: dict, receive: Any, send: Any, response: Any) -> None:
-        if response.status_code >= 400:
-            reason = json.loads(response.body).get("error", "")
-            log.warning("%s %s -> %d: %s", scope["method"], scope["path"], response.status_code, reason)
-        await response(scope, receive, send)
-
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        await self.handle(scope, receive, logged(scope, send))
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         path, headers = scope["path"], Headers(scope=scope)
         if scope["method"] == "GET" and path in self.pages:
             return await self.pages[path]()(scope, receive, send)
         if self.api_key and path in self.protected and not self.authorized(headers):
             msg = "missing or wrong API key: send 'Authorization: Bearer <key>' (the service's API key)"
-            return await self.reply(scope, receive, send, error(401, msg, **{"WWW-Authenticate": "Bearer"}))
+            return await error(401, msg, **{"WWW-Authenticate": "Bearer"})(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         body = await self.body(scope, receive, send, headers)
@@ -87,10 +84,10 @@ class Gate:
                 self.schemas[path].model_validate_json(body or b"{}")
             except ValidationError as e:
                 detail = problems(e)
-                return await self.reply(scope, receive, send, error(400, summary(detail), detail))
+                return await error(400, summary(detail), detail)(scope, receive, send)
         if self.running >= self.max_concurrency:
             msg = f"{self.running} requests in progress, the limit (CHAR_RNN_MAX_CONCURRENCY); retry shortly"
-            return await self.reply(scope, receive, send, error(429, msg, **{"Retry-After": "1"}))
+            return await error(429, msg, **{"Retry-After": "1"})(scope, receive, send)
         self.running += 1
         replayed = False
 
@@ -115,11 +112,11 @@ class Gate:
         ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype != "application/json":
             msg = f"send the body as JSON with 'Content-Type: application/json' (got {ctype!r})"
-            return await self.reply(scope, receive, send, error(415, msg))
+            return await error(415, msg)(scope, receive, send)
         too_big = error(413, f"request body larger than {self.max_body} bytes")
         length = headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self.max_body:
-            return await self.reply(scope, receive, send, too_big)
+            return await too_big(scope, receive, send)
         body, more = b"", True
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -130,14 +127,38 @@ class Gate:
                     body += message.get("body", b"")
                     more = message.get("more_body", False)
                     if len(body) > self.max_body:
-                        return await self.reply(scope, receive, send, too_big)
+                        return await too_big(scope, receive, send)
         except TimeoutError:
             msg = f"the request body did not arrive within {self.body_timeout:g} s (CHAR_RNN_BODY_TIMEOUT)"
-            return await self.reply(scope, receive, send, error(408, msg, Connection="close"))
+            return await error(408, msg, Connection="close")(scope, receive, send)
         if not body.strip() and scope["path"] in self.schemas:
             msg = 'empty request body: send a JSON object, e.g. {"prompt": "ROMEO:"} ({} for all defaults)'
-            return await self.reply(scope, receive, send, error(400, msg))
+            return await error(400, msg)(scope, receive, send)
         return body
+
+
+def logged(scope: dict, send: Any) -> Any:
+    """`send`, logging a client error (4xx) as one WARNING line: route, status and the body's `error`."""
+    status, body = 0, b""
+
+    async def wrapped(message: dict) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body" and 400 <= status < 500 and len(body) < 4096:
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                log.warning("%s %s -> %d: %s", scope["method"], scope["path"], status, reason(body))
+        await send(message)
+
+    return wrapped
+
+
+def reason(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("error", ""))[:300]
+    except (ValueError, AttributeError):
+        return body[:300].decode("utf-8", "replace")
 
 
 def docs_page() -> HTMLResponse:
@@ -146,19 +167,10 @@ def docs_page() -> HTMLResponse:
 
 
 class QuietClientErrors(logging.Filter):
-    """BentoML logs a client's bad request as an ERROR with a traceback (which can quote the body): make it
-    one WARNING line with the route and the reason. Server errors keep their tracebacks."""
+    """BentoML logs a client's bad request as an ERROR with a traceback (which can quote the body); `Gate`
+    logs every client error as one WARNING line already, so drop BentoML's. Server errors keep theirs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         status = getattr(getattr(exc, "error_code", None), "value", 500)
-        if isinstance(exc, ValidationError) or (exc is not None and 400 <= status < 500):
-            status = 400 if isinstance(exc, ValidationError) else status
-            record.msg, record.args = "%s -> %d: %s", (record.getMessage(), status, str(exc).splitlines()[0])
-            record.levelno, record.levelname, record.exc_info, record.exc_text = (
-                logging.WARNING,
-                "WARNING",
-                None,
-                None,
-            )
-        return True
+        return not (isinstance(exc, ValidationError) or (exc is not None and 400 <= status < 500))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -59,29 +61,40 @@ def wait_for(check, timeout: float, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(client, env of the server's home); the server and its workers are stopped by their PIDs."""
-    home = tmp_path_factory.mktemp("serve-home")
-    (home / "user-home").mkdir()  # HOME: must stay empty
-    env = os.environ | isolated_env(home) | {"CHAR_RNN_RELOAD_INTERVAL": "0.3", "OPENBLAS_NUM_THREADS": "1"}
-    env |= {"HOME": str(home / "user-home")}
+@dataclass
+class Live:
+    client: httpx.Client
+    env: dict[str, str]  # the server's environment
+    log: Path
+    pid: int
+    port: int
+
+
+@contextlib.contextmanager
+def running(home: Path, **settings: str) -> Iterator[Live]:
+    """`char-rnn serve` with its own home and HOME (which must stay empty) on a free loopback port, without
+    --host. The server and its workers are stopped by their PIDs."""
+    (home / "user-home").mkdir()
+    env = os.environ | isolated_env(home) | {"HOME": str(home / "user-home"), "OPENBLAS_NUM_THREADS": "1"}
+    env |= {"CHAR_RNN_RELOAD_INTERVAL": "0.3"} | settings
     port = free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with open(home / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["char-rnn", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30)
     try:
 
         def up() -> bool:
-            assert proc.poll() is None, (home / "server.log").read_text()
+            assert proc.poll() is None, log.read_text()
             try:
                 return client.get("/livez").status_code == 200
             except httpx.TransportError:
                 return False
 
         wait_for(up, 90, "the server to start")
-        yield client, env
+        yield Live(client, env, log, proc.pid, port)
     finally:
         client.close()
         pids = process_tree(proc.pid)
@@ -94,6 +107,13 @@ def server(tmp_path_factory):
         for pid in pids[1:]:  # any worker left behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(client, env of the server's home), starting without a model."""
+    with running(tmp_path_factory.mktemp("serve-home")) as live:
+        yield live.client, live.env
 
 
 def promote(ck_dir: Path, env: dict) -> str:
@@ -192,3 +212,136 @@ def test_nothing_was_written_under_home(server):
     """`bentoml serve`, the promotions and `bentoml build` above kept their state out of ~."""
     _, env = server
     assert sorted(Path(env["HOME"]).rglob("*")) == []
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port`, from /proc/net/tcp and tcp6 (hex, as the kernel
+    writes them)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(addr)
+    return found
+
+
+KEY = "s3cret-key-for-tests"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, small_text):
+    """A server with an API key, 4 requests in progress at most, and 1.5 s to receive a body; a model is
+    promoted before it starts."""
+    home = tmp_path_factory.mktemp("guarded-home")
+    env = os.environ | isolated_env(home)
+    ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("guarded-run") / "ck", seed=3)
+    tag = promote(ck.path, env)
+    limits = {"CHAR_RNN_API_KEY": KEY, "CHAR_RNN_MAX_CONCURRENCY": "4", "CHAR_RNN_BODY_TIMEOUT": "1.5"}
+    with running(home, **limits) as live:
+        wait_for(lambda: live.client.get("/readyz").status_code == 200, 30, "the model to load")
+        yield live, tag
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_listens_on_loopback_only_unless_asked(guarded):
+    live, _ = guarded
+    assert listening_addresses(live.port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0 (00000000)
+
+
+def test_the_api_key_guards_generation_and_model_info_only(guarded):
+    live, tag = guarded
+    client = live.client
+    for route, body in (("/generate", {"max_new_chars": 5}), ("/generate_stream", {}), ("/model_info", None)):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = client.post(route, json=body, headers=headers)
+            assert r.status_code == 401 and "API key" in r.json()["error"], (route, headers)
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert client.post("/generate", json={"max_new_chars": 5}, headers=AUTH).json()["model"] == tag
+    assert client.post("/model_info", headers=AUTH).json()["model"] == tag
+    for route in ("/livez", "/readyz", "/metrics", "/docs.json"):
+        assert client.get(route).status_code == 200, route
+
+
+def test_the_docs_pages_load_nothing_from_other_hosts(guarded):
+    client = guarded[0].client
+    for route in ("/", "/docs"):
+        page = client.get(route)
+        assert page.status_code == 200 and "swagger-ui" in page.text
+        assert "googletagmanager" not in page.text and "//" not in page.text.replace("://", ""), route
+        sources = [s.split('"')[1] for s in page.text.split("src=")[1:]]
+        assert sources and all(src.startswith("./") for src in sources), sources
+
+
+def stalled(port: int) -> socket.socket:
+    """A connection that sends a request's headers, promising a body that never comes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+    )
+    return s
+
+
+def test_stalled_bodies_cannot_lock_out_other_clients(guarded):
+    """Three times more stalled sockets than requests allowed at once; a normal client keeps getting 200s
+    within a bounded time, and each stalled socket gets 408 once the body timeout passes."""
+    client = guarded[0].client
+    sockets = [stalled(guarded[0].port) for _ in range(12)]
+    try:
+        t0 = time.monotonic()
+        for _ in range(10):
+            t = time.monotonic()
+            r = client.post("/generate", json={"max_new_chars": 20}, headers=AUTH, timeout=5)
+            assert r.status_code == 200 and time.monotonic() - t < 1.0, r.text
+        answers = [s.recv(200) for s in sockets]
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[:2]
+        assert time.monotonic() - t0 < 10
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_client_errors_are_one_warning_line_each(guarded):
+    client, log = guarded[0].client, guarded[0].log
+    before = log.read_text()
+    bad = [
+        ({"temperature": 99}, 400),
+        ({"prompt": "✈ " * 3, "max_new_chars": 5}, 400),
+        ({"length": 5}, 400),
+    ]
+    for body, status in bad:
+        assert client.post("/generate", json=body, headers=AUTH).status_code == status
+    assert (
+        client.post(
+            "/generate", content=b"{", headers=AUTH | {"content-type": "application/json"}
+        ).status_code
+        == 400
+    )
+    assert client.post("/model_info").status_code == 401
+    time.sleep(0.5)
+    new = log.read_text()[len(before) :]
+    warnings = [line for line in new.splitlines() if "-> 400" in line or "-> 401" in line]
+    assert len(warnings) == 5 and all("[WARNING]" in w for w in warnings), new
+    assert "POST /generate -> 400: temperature: Input should be less than or equal to 5" in new
+    assert "Traceback" not in new and "[ERROR]" not in new
+
+
+def test_a_worker_that_dies_is_restarted_and_logged(guarded):
+    live, tag = guarded
+    (worker,) = [
+        p
+        for p in process_tree(live.pid)
+        if b"_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: f"(pid {worker}) died" in live.log.read_text(), 60, "the restart to be logged")
+    wait_for(lambda: live.client.get("/readyz").status_code == 200, 60, "the new worker")
+    assert live.client.post("/generate", json={"max_new_chars": 5}, headers=AUTH).json()["model"] == tag
+
+
+def test_nothing_was_written_under_home_by_the_guarded_server(guarded):
+    assert sorted(Path(guarded[0].env["HOME"]).rglob("*")) == []
