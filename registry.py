@@ -78,13 +78,14 @@ def now() -> str:
 class Registry:
     """Promoted models under the BentoML home `home` (the one this process's `bentoml` uses)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, report: bool = True):
         self.home = Path(home)
         self.pointer = self.home / f"{NAME}-promoted.json"
+        self.report = report  # log what is refused or damaged (once per message)
         self._said: set[str] = set()
 
     def warn_once(self, msg: str) -> None:
-        if msg not in self._said:
+        if self.report and msg not in self._said:
             self._said.add(msg)
             log.warning(msg)
 

@@ -179,7 +179,7 @@ def share_logs() -> None:
     logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietClientErrors())
 
 
-found = REGISTRY.current()
+found = Registry(S.bentoml_dir, report=False).current()  # the workers' REGISTRY reports what it refuses
 PROMOTED = None if found is None else found.tag  # declared below, so that `bentoml build` bundles it
 
 

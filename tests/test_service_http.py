@@ -233,11 +233,13 @@ KEY = "s3cret-key-for-tests"
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, small_text):
     """A server with an API key, 4 requests in progress at most, and 1.5 s to receive a body; a model is
-    promoted before it starts."""
+    promoted before it starts, and then the registry's history file is truncated."""
     home = tmp_path_factory.mktemp("guarded-home")
     env = os.environ | isolated_env(home)
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("guarded-run") / "ck", seed=3)
     tag = promote(ck.path, env)
+    history = home / "bentoml" / "char-rnn-promoted.json"
+    history.write_bytes(history.read_bytes()[:40])
     limits = {"CHAR_RNN_API_KEY": KEY, "CHAR_RNN_MAX_CONCURRENCY": "4", "CHAR_RNN_BODY_TIMEOUT": "1.5"}
     with running(home, **limits) as live:
         wait_for(lambda: live.client.get("/readyz").status_code == 200, 30, "the model to load")
@@ -245,6 +247,14 @@ def guarded(tmp_path_factory, small_text):
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_a_damaged_history_neither_stops_the_service_nor_fills_its_log(guarded):
+    live, tag = guarded
+    assert live.client.post("/model_info", headers=AUTH).json()["model"] == tag  # found in the store
+    time.sleep(1)  # a few reload intervals
+    said = [line for line in live.log.read_text().splitlines() if "char-rnn-promoted.json is damaged" in line]
+    assert len(said) == 1 and "[WARNING]" in said[0] and "Traceback" not in live.log.read_text()
 
 
 def test_listens_on_loopback_only_unless_asked(guarded):
