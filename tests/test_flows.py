@@ -296,3 +296,19 @@ def test_a_run_that_could_not_be_compared_fails_before_training(prefect_api, tex
     with pytest.raises(ValueError, match="knows none of the validation text"):
         pipeline(data_dir=texts, **TINY)
     assert set(run_dirs(home)) == before  # no training time spent
+
+
+def test_a_damaged_newest_model_is_a_warning_and_the_run_compares_with_the_one_served(
+    prefect_api, texts, home, caplog
+):
+    first = pipeline(data_dir=texts, **TINY)
+    reg = Registry(home / "bentoml")
+    newer = reg.promote(checkpoint.load(first.run_dir / "checkpoints").path, {"run_id": "manual"}).tag
+    damage(Path(bentoml.models.get(newer).path) / "weights.npz", "flip")
+    with caplog.at_level(logging.INFO):
+        again = pipeline(data_dir=texts, **(TINY | {"seed": 3}))
+    assert again.against.current.model == first.tag
+    refused = [r for r in caplog.records if "refused promoted model" in r.getMessage()]
+    assert refused and all(r.levelno == logging.WARNING for r in refused)
+    assert newer in refused[0].getMessage() and f"serving {first.tag}" in refused[0].getMessage()
+    assert "became current during this run" not in caplog.text
