@@ -5,7 +5,8 @@ take to arrive, how many requests run at once, how errors look and how they are 
 reads the body within `body_timeout` (408), validates generation requests itself (400 with a clean JSON body
 and one WARNING line, instead of BentoML's ERROR with a traceback), and only then takes one of
 `max_concurrency` slots (429 when none is free): a client that stalls mid-body holds no slot, so stalled
-sockets cannot lock others out.
+sockets cannot lock others out. It answers GET for its `pages` itself, and reports every response's status
+to `count` (route, status): the API's routes and pages by path, anything else as "other".
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import asyncio
 import hmac
 import json
 import logging
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import JSONResponse
 
 log = logging.getLogger("char_rnn.http")
-STATIC = Path(__file__).resolve().parent / "static"
 
 
 def error(
@@ -43,7 +43,7 @@ def summary(detail: list[dict[str, Any]]) -> str:
 
 
 class Gate:
-    """ASGI middleware: authentication, body rules and timeout, request validation, admission, docs."""
+    """ASGI middleware: authentication, body rules and timeout, request validation, admission, pages."""
 
     def __init__(
         self,
@@ -56,10 +56,12 @@ class Gate:
         body_timeout: float,
         max_concurrency: int,
         pages: dict[str, Any],
+        count: Callable[[str, int], None],
     ):
         self.app, self.api_key, self.protected, self.schemas = app, api_key, protected, schemas
         self.max_body, self.body_timeout, self.max_concurrency = max_body, body_timeout, max_concurrency
         self.pages = pages  # GET path -> a function returning the response
+        self.count = count
         self.running = 0
 
     async def reply(self, scope: dict, receive: Any, send: Any, response: Any) -> None:
@@ -71,6 +73,16 @@ class Gate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.protected or scope["path"] in self.pages else "other"
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.count(route, message["status"])
+            await send(message)
+
+        await self.handle(scope, receive, counted)
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         path, headers = scope["path"], Headers(scope=scope)
         if scope["method"] == "GET" and path in self.pages:
             return await self.pages[path]()(scope, receive, send)
@@ -138,11 +150,6 @@ class Gate:
             msg = 'empty request body: send a JSON object, e.g. {"prompt": "ROMEO:"} ({} for all defaults)'
             return await self.reply(scope, receive, send, error(400, msg))
         return body
-
-
-def docs_page() -> HTMLResponse:
-    """Swagger UI from BentoML's bundled assets, without the tag manager its page loads from the internet."""
-    return HTMLResponse((STATIC / "docs.html").read_text(encoding="utf-8"))
 
 
 class QuietClientErrors(logging.Filter):
