@@ -4,7 +4,9 @@ It starts with no model (503), picks up a promoted one, then switches to a secon
 requests: no request fails, and every response is wholly the work of the model it names. Models are promoted
 by a separate process, as the pipeline would."""
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,12 +14,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import bentoml
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_service import EXTRA, events, expected, tiny_checkpoint
 
+from serving.metrics import FLUSH
 from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,29 +65,33 @@ def wait_for(check, timeout: float, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(client, env of the server's home); the server and its workers are stopped by their PIDs."""
-    home = tmp_path_factory.mktemp("serve-home")
-    (home / "user-home").mkdir()  # HOME: must stay empty
+def server_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a server whose state is all under `home` (its HOME too, which must stay empty)."""
+    (home / "user-home").mkdir(exist_ok=True)
     env = os.environ | isolated_env(home) | {"CHAR_RNN_RELOAD_INTERVAL": "0.3", "OPENBLAS_NUM_THREADS": "1"}
-    env |= {"HOME": str(home / "user-home")}
+    return env | {"HOME": str(home / "user-home")} | extra
+
+
+@contextlib.contextmanager
+def bentoml_serve(env: dict[str, str], log: Path, *target: str) -> Iterator[httpx.Client]:
+    """`bentoml serve [target]` (this repository's service by default) on a free loopback port: a client for
+    it once it is live. The server and its workers are stopped by their PIDs."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with open(home / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "bentoml", "serve", *target, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30)
     try:
 
         def up() -> bool:
-            assert proc.poll() is None, (home / "server.log").read_text()
+            assert proc.poll() is None, log.read_text()
             try:
                 return client.get("/livez").status_code == 200
             except httpx.TransportError:
                 return False
 
         wait_for(up, 90, "the server to start")
-        yield client, env
+        yield client
     finally:
         client.close()
         pids = process_tree(proc.pid)
@@ -94,6 +104,15 @@ def server(tmp_path_factory):
         for pid in pids[1:]:  # any worker left behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(client, env of the server's home)."""
+    home = tmp_path_factory.mktemp("serve-home")
+    env = server_env(home)
+    with bentoml_serve(env, home / "server.log") as client:
+        yield client, env
 
 
 def promote(ck_dir: Path, env: dict) -> str:
@@ -178,7 +197,103 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     assert ["".join(d["text"] for _, d in got[:-1])] == expected(cks[newest], "THE ", 50, 0.8, 4)
 
 
-def test_bentoml_build_bundles_the_promoted_model(server):
+def test_bentoml_clients_take_keyword_arguments_stream_events_and_raise_clean_errors(server):
+    """bentoml.SyncHTTPClient / AsyncHTTPClient: `generate(prompt=..., ...)` as the API is documented, the
+    stream's events as they arrive, and the service's own 400 bodies in the exceptions they raise."""
+    client, _ = server
+    url = str(client.base_url)
+    req = {"prompt": "THE ", "max_new_chars": 40, "seed": 11, "temperature": 0.7}
+    want = client.post("/generate", json=req).json()
+    with bentoml.SyncHTTPClient(url) as c:
+        assert c.generate(**req) | {"elapsed_ms": 0} == want | {"elapsed_ms": 0}
+        chunks = list(c.generate_stream(**req))
+        with pytest.raises(bentoml.exceptions.InvalidArgument) as bad:
+            c.generate(prompt="THE ", temperature=0)
+        with pytest.raises(bentoml.exceptions.InvalidArgument) as unknown:
+            c.generate(prompt="THE \u2708")
+        skipped = c.generate(prompt="THE \u2708", max_new_chars=5, unknown_chars="skip")
+        with pytest.raises(TypeError, match="length"):  # the client checks names against the API's schema
+            c.generate(prompt="THE ", length=5)
+    assert isinstance(chunks[0], str) and chunks[0].startswith("data: ")  # events as they come, not one body
+    got = events(chunks)
+    assert ["".join(d["text"] for _, d in got[:-1])] == want["completions"]
+    assert got[-1] == ("done", {"model": want["model"], "chars": 40})
+
+    assert bad.value.error_code == 400
+    [err] = json.loads(str(bad.value))["detail"]
+    assert err["loc"] == ["temperature"] and err["type"] == "greater_than_equal"
+    [err] = json.loads(str(unknown.value))["detail"]
+    assert (
+        err["type"] == "unknown_chars"
+        and err["chars"] == ["\u2708"]
+        and '"unknown_chars": "skip"' in err["msg"]
+    )
+    assert skipped["skipped_chars"] == ["\u2708"]
+    for e in (bad.value, unknown.value):
+        assert "IODescriptor" not in str(e) and "pydantic" not in str(e)
+
+    async def use_async() -> tuple[dict, list[str]]:
+        async with bentoml.AsyncHTTPClient(url) as c:
+            answer = await c.generate(**req)
+            chunks = [chunk async for chunk in c.generate_stream(**req)]
+            with pytest.raises(bentoml.exceptions.InvalidArgument, match="max_new_chars"):
+                await c.generate(max_new_chars=0)
+        return answer, chunks
+
+    answer, chunks = asyncio.run(use_async())
+    got = events(chunks)
+    assert answer["completions"] == want["completions"] == ["".join(d["text"] for _, d in got[:-1])]
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """Every sample on /metrics: (name, sorted labels) -> value."""
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    families = text_string_to_metric_families(r.text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_metrics_count_what_the_service_did(server):
+    client, _ = server
+    tag = client.post("/model_info").json()["model"]
+    time.sleep(2 * FLUSH)  # the earlier tests' reports reach the metrics
+    before = scrape(client)
+    r = client.post("/generate", json={"prompt": "THE ", "max_new_chars": 25, "num_samples": 3})
+    assert r.status_code == 200
+    with client.stream("POST", "/generate_stream", json={"max_new_chars": 20}) as r:
+        assert events(r.iter_text())[-1][0] == "done"
+    assert client.post("/generate", json={"temperature": 0}).status_code == 400
+    assert client.post("/generate", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    grew = {
+        ("char_rnn_generated_chars_total", (("route", "/generate"),)): 75,
+        ("char_rnn_generated_chars_total", (("route", "/generate_stream"),)): 20,
+        ("char_rnn_requests_total", (("route", "/generate"), ("status", "200"))): 1,
+        ("char_rnn_requests_total", (("route", "/generate"), ("status", "400"))): 1,
+        ("char_rnn_requests_total", (("route", "/generate"), ("status", "415"))): 1,
+        ("char_rnn_requests_total", (("route", "/generate_stream"), ("status", "200"))): 1,
+        ("char_rnn_batch_rows_count", ()): 25 + 20,  # steps: 25 of 3 rows, then 20 of 1
+        ("char_rnn_batch_rows_sum", ()): 75 + 20,
+        ("char_rnn_batch_rows_bucket", (("le", "2.0"),)): 20,
+        ("char_rnn_batch_rows_bucket", (("le", "4.0"),)): 45,
+        ("char_rnn_time_to_first_char_seconds_count", ()): 2,
+    }
+    seen: dict = {}
+
+    def counted() -> bool:  # the generation thread's reports are flushed every half second
+        seen.update(scrape(client))
+        return all(seen.get(k, 0) - before.get(k, 0) == n for k, n in grew.items())
+
+    wait_for(counted, 10, "the metrics to count the requests")
+    assert {k: seen[k] - before.get(k, 0) for k in grew} == grew
+    assert seen[("char_rnn_queue_depth", ())] == 0
+    assert 0 < seen[("char_rnn_time_to_first_char_seconds_sum", ())] < 30
+    info = {dict(k[1])["tag"]: v for k, v in seen.items() if k[0] == "char_rnn_model_info"}
+    assert info.pop(tag) == 1 and len(info) >= 2 and set(info.values()) == {0}  # the models it served before
+    assert any(k[0].startswith("bentoml_service_request") for k in seen)  # beside BentoML's own
+
+
+def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, tmp_path):
+    """`bentoml build` bundles the promoted model and the page; `bentoml serve <bento>` serves both."""
     client, env = server
     tag = client.post("/model_info").json()["model"]
     cmd = [sys.executable, "-m", "bentoml", "build"]
@@ -186,6 +301,19 @@ def test_bentoml_build_bundles_the_promoted_model(server):
     assert out.returncode == 0, out.stderr[-2000:]
     [bento] = (Path(env["BENTOML_HOME"]) / "bentos" / "char_rnn").glob("*/bento.yaml")
     assert f"tag: {tag}" in bento.read_text()
+    assert (bento.parent / "src" / "serving" / "static" / "playground.js").is_file()
+
+    with bentoml_serve(env, tmp_path / "bento.log", f"char_rnn:{bento.parent.name}") as built:
+        assert built.post("/model_info").json()["model"] == tag
+        page = built.get("/")
+        assert page.status_code == 200 and 'src="playground.js"' in page.text
+        assert built.get("/playground.js").headers["content-type"].startswith("text/javascript")
+        assert built.get("/playground.css").status_code == 200
+        assert built.post("/generate", json={"max_new_chars": 5}).json()["model"] == tag
+        view = built.post("/models").json()
+        assert view["serving"] == tag and [r["tag"] for r in view["history"] if r["serving"]] == [tag]
+        assert view["curve"]["val"]
+        assert f'char_rnn_model_info{{tag="{tag}"}} 1.0' in built.get("/metrics").text
 
 
 def test_nothing_was_written_under_home(server):
