@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ASTRAL = "\U0001f600 \U0001d11e \U00010348\n"  # characters outside the Basic Multilingual Plane
 PROMOTE = (
     "import os, sys; from pathlib import Path; from registry import Registry; "
-    "print(Registry(Path(os.environ['BENTOML_HOME'])).promote(Path(sys.argv[1]), {'source': 'tests'}).tag)"
+    "r = Registry(Path(os.environ['BENTOML_HOME'])); "
+    "print(*(r.promote(Path(d), {'source': 'tests'}).tag for d in sys.argv[1:]))"
 )
 
 
@@ -115,12 +116,12 @@ def server(tmp_path_factory):
         yield client, env
 
 
-def promote(ck_dir: Path, env: dict) -> str:
-    """Promote in another process into the server's home, as the pipeline does; the new tag."""
-    cmd = [sys.executable, "-c", PROMOTE, str(ck_dir)]
+def promote(env: dict, *ck_dirs: Path) -> list[str]:
+    """Promote in another process into the server's home, as the pipeline does, in order; the new tags."""
+    cmd = [sys.executable, "-c", PROMOTE, *map(str, ck_dirs)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return out.stdout.split()[-1]
+    return out.stdout.split()[-len(ck_dirs) :]
 
 
 def serves(client: httpx.Client, tag: str) -> bool:
@@ -136,7 +137,7 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
 
     cks = {}
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path / "a", seed=0)
-    tag_a = promote(ck.path, env)
+    [tag_a] = promote(env, ck.path)
     cks[tag_a] = ck
     wait_for(lambda: serves(client, tag_a), 20, f"the server to load {tag_a}")
     assert client.get("/readyz").status_code == 200
@@ -160,7 +161,7 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     order = [tag_a]
     for seed, name in enumerate(texts, 1):  # two promotions while the clients keep asking
         ck = tiny_checkpoint(texts[name], tmp_path / name, seed=seed)
-        tag = promote(ck.path, env)
+        [tag] = promote(env, ck.path)
         cks[tag] = ck
         order.append(tag)
 
