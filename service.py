@@ -46,7 +46,7 @@ from model.vocab import Vocab
 from registry import NAME, Current, Registry
 from serving import history, openapi, pages
 from serving.batcher import Batcher, Job
-from serving.http import Gate, QuietClientErrors, error
+from serving.http import Gate, NoFields, QuietClientErrors, error
 from serving.metrics import Metrics
 
 S = settings.current()
@@ -373,7 +373,7 @@ CharRNN.add_asgi_middleware(
     Gate,
     api_key=S.api_key.get_secret_value() if S.api_key else None,
     protected=(GENERATE, STREAM, INFO, MODELS),
-    schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest},
+    schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest, INFO: NoFields, MODELS: NoFields},
     max_body=MAX_BODY,
     body_timeout=S.body_timeout,
     max_concurrency=S.max_concurrency,

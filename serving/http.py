@@ -2,7 +2,7 @@
 take to arrive, how many requests run at once, how errors look and how they are logged.
 
 `Gate` is ASGI middleware. For a POST it checks the API key (401), the content type (415) and size (413),
-reads the body within `body_timeout` (408), validates generation requests itself (400 with a clean JSON body
+reads the body within `body_timeout` (408), validates request bodies itself (400 with a clean JSON body
 and one WARNING line, instead of BentoML's ERROR with a traceback), and only then takes one of
 `max_concurrency` slots (429 when none is free): a client that stalls mid-body holds no slot, so stalled
 sockets cannot lock others out. It answers GET for its `pages` itself, and reports every response's status
@@ -18,11 +18,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 log = logging.getLogger("char_rnn.http")
+
+
+class NoFields(BaseModel):
+    """The body of a route that takes no input: empty, or a JSON object with nothing in it."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def error(
@@ -146,7 +152,7 @@ class Gate:
         except TimeoutError:
             msg = f"the request body did not arrive within {self.body_timeout:g} s (CHAR_RNN_BODY_TIMEOUT)"
             return await self.reply(scope, receive, send, error(408, msg, Connection="close"))
-        if not body.strip() and scope["path"] in self.schemas:
+        if not body.strip() and self.schemas.get(scope["path"], NoFields).model_fields:
             msg = 'empty request body: send a JSON object, e.g. {"prompt": "ROMEO:"} ({} for all defaults)'
             return await self.reply(scope, receive, send, error(400, msg))
         return body

@@ -380,6 +380,16 @@ def test_models_view_lists_the_history_with_labels_and_the_served_curve(client, 
     }
 
 
+@pytest.mark.parametrize("route", ["/model_info", "/models"])
+def test_routes_without_input_take_no_body_or_an_empty_object(client, model, route):
+    assert client.post(route).status_code == 200
+    assert client.post(route, json={}).status_code == 200
+    for body, rule in (([1], "model_type"), ({"prompt": "a"}, "extra_forbidden")):
+        r = client.post(route, json=body)
+        assert r.status_code == 400 and r.json()["detail"][0]["type"] == rule
+        assert "pydantic" not in r.text and "error for Input" not in r.text  # as BentoML would say
+
+
 def test_observe_many_equals_that_many_observations():
     from prometheus_client import CollectorRegistry, Histogram
 
