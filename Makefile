@@ -19,6 +19,10 @@ run: install
 	bash scripts/run.sh
 
 test: install
+	@# tests/test_playground.py drives Debian's chromium (Playwright's own browser download is out of reach)
+	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for the browser test"; \
+		$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && \
+		$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium; }
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen pytest

@@ -1,8 +1,10 @@
-"""The BentoML service: POST /generate, /generate_stream and /model_info over the promoted char-rnn model.
+"""The BentoML service: POST /generate, /generate_stream, /model_info and /models over the promoted char-rnn
+model; the playground page at GET /, the API docs at /docs, Prometheus metrics at /metrics.
 
 A thin HTTP face over model/. `serving.http.Gate` checks every request before BentoML sees it; valid requests
 are queued to `serving.batcher`, whose thread runs the rows of concurrent requests together. Each request
 holds the immutable model snapshot it grabbed at its start; a watcher swaps in newly promoted models.
+`serving.metrics` counts what happens, `serving.pages` holds the pages, `serving.history` the models view.
 
 Settings (CHAR_RNN_*, see settings.py): HOST (127.0.0.1) and PORT (3000), API_KEY, RELOAD_INTERVAL,
 MAX_PROMPT, TIMEOUT, BODY_TIMEOUT, MAX_BATCH, MAX_CONCURRENCY, WORKERS, BLAS_THREADS.
@@ -42,14 +44,16 @@ from model.checkpoint import Checkpoint
 from model.rnn import ModelConfig, Params
 from model.vocab import Vocab
 from registry import NAME, Current, Registry
-from serving import openapi, workers
+from serving import history, openapi, pages, workers
 from serving.batcher import Batcher, Job
-from serving.http import Gate, QuietClientErrors, docs_page, error
+from serving.http import Gate, NoFields, QuietClientErrors, error
+from serving.metrics import Metrics
 
 S = settings.current()
-GENERATE, STREAM, INFO = "/generate", "/generate_stream", "/model_info"
+GENERATE, STREAM, INFO, MODELS = "/generate", "/generate_stream", "/model_info", "/models"
 MAX_BODY = 12 * S.max_prompt + 4096  # a prompt of \uXXXX escapes, plus the other fields
 REGISTRY = Registry(S.bentoml_dir)
+METRICS = Metrics()
 
 threadpool_limits(S.blas_threads)
 # The generation thread holds the GIL between NumPy calls; hand it to the HTTP loop within 0.2 ms, not 5.
@@ -57,8 +61,12 @@ sys.setswitchinterval(0.0002)
 log = logging.getLogger("bentoml.char_rnn")
 
 
-class GenerateRequest(BaseModel):
-    """Continue `prompt` by `max_new_chars` characters, `num_samples` times."""
+class GenerateRequest(bentoml.IODescriptor):
+    """Continue `prompt` by `max_new_chars` characters, `num_samples` times.
+
+    The generation APIs take its fields as keyword arguments (`input_spec`), so that BentoML's clients call
+    `client.generate(prompt="ROMEO:", max_new_chars=40)`; it stays the one strict model of a request, for
+    BentoML's parsing and for the Gate, which validates bodies with it first."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -113,6 +121,7 @@ class Snapshot:
     vocab: Vocab
     config: ModelConfig
     info: ModelInfo
+    curve: history.Curve
 
     @classmethod
     def of(cls, tag: str, ck: Checkpoint, labels: dict[str, str]) -> Snapshot:
@@ -132,7 +141,8 @@ class Snapshot:
             step=m.step,
             parent=m.parent,
         )
-        return cls(tag, ck.params, ck.vocab, ck.config, info)
+        curve = history.Curve(train=m.metrics.get("train", []), val=m.metrics.get("val", []))
+        return cls(tag, ck.params, ck.vocab, ck.config, info, curve)
 
 
 def bundled_tags() -> list[str]:
@@ -202,12 +212,14 @@ class CharRNN:
         self.snapshot: Snapshot | None = None
         self.seen: tuple[int, int] | None | bool = False  # the registry version last acted on
         self.stopping = threading.Event()
-        self.batcher = Batcher(S.max_batch)
+        METRICS.start()
+        self.batcher = Batcher(S.max_batch, METRICS)
         if bundled := bundled_tags():  # a Bento serves the model it was built with
             tag = bundled[0]
             model = bentoml.models.get(tag)
             ck = checkpoint.load_dir(Path(model.path), with_optim=False)
             self.snapshot = Snapshot.of(tag, ck, dict(model.info.labels))
+            METRICS.serving(tag)
             log.info("serving bundled model %s", tag)
             return
         self.refresh()
@@ -224,6 +236,7 @@ class CharRNN:
         cur: Current | None = REGISTRY.current()
         if cur is not None and (self.snapshot is None or cur.tag != self.snapshot.tag):
             self.snapshot = Snapshot.of(cur.tag, cur.checkpoint, cur.labels)
+            METRICS.serving(cur.tag)
             log.info("now serving %s", cur.tag)
 
     def watch(self) -> None:
@@ -237,6 +250,7 @@ class CharRNN:
     def shutdown(self) -> None:
         self.stopping.set()
         self.batcher.stop()
+        METRICS.stop()
 
     async def __is_ready__(self) -> bool:
         return self.snapshot is not None
@@ -261,10 +275,11 @@ class CharRNN:
         self.batcher.submit(job)
         return snap, job, unknown
 
-    @bentoml.api(route=GENERATE)
-    async def generate(self, req: GenerateRequest, /) -> GenerateResponse:
+    @bentoml.api(route=GENERATE, input_spec=GenerateRequest)
+    async def generate(self, **fields: Any) -> GenerateResponse:
         """Generate `num_samples` continuations of `prompt`; the response names the model that wrote them."""
         t0 = time.perf_counter()
+        req = GenerateRequest.model_construct(**fields)  # validated by BentoML with GenerateRequest
         started = self.start(req, stream=False)
         if isinstance(started, JSONResponse):
             return started
@@ -275,6 +290,7 @@ class CharRNN:
             return error(504, str(e))
         finally:
             job.cancelled = True
+        METRICS.generated(GENERATE, ids.size)
         return GenerateResponse(
             completions=[snap.vocab.decode(r) for r in ids.tolist()],
             model=snap.tag,
@@ -282,11 +298,11 @@ class CharRNN:
             elapsed_ms=round((time.perf_counter() - t0) * 1000, 3),
         )
 
-    @bentoml.api(route=STREAM)
-    async def generate_stream(self, req: GenerateRequest, /) -> AsyncIterator[str]:
+    @bentoml.api(route=STREAM, input_spec=GenerateRequest)
+    async def generate_stream(self, **fields: Any) -> AsyncIterator[str]:
         """Stream one continuation as server-sent events: `data: {"text": ...}` while it is generated, then
         `event: done` (model, chars) or, if generation fails or times out, `event: error` (error, status)."""
-        started = self.start(req, stream=True)
+        started = self.start(GenerateRequest.model_construct(**fields), stream=True)  # validated: see above
         if isinstance(started, JSONResponse):
             return started
         snap, job, _ = started
@@ -315,6 +331,7 @@ class CharRNN:
                 yield sse("done", {"model": snap.tag, "chars": sent})
             finally:
                 job.cancelled = True
+                METRICS.generated(STREAM, sent)
 
         headers = {"X-Model-Tag": snap.tag, "Cache-Control": "no-cache"}
         return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8", headers=headers)
@@ -325,6 +342,20 @@ class CharRNN:
         snap = self.snapshot
         return error(503, no_model_message()) if snap is None else snap.info
 
+    @bentoml.api(route=MODELS)
+    async def models(self) -> history.Models:
+        """The promoted history (oldest first) with each model's labels, which serves, and its loss curve."""
+        snap = self.snapshot
+        tag, curve = (snap.tag, snap.curve) if snap else (None, None)
+        return await asyncio.to_thread(history.view, REGISTRY, tag, curve)
+
+
+# generate_stream returns a StreamingResponse, so that an error before the first event is a JSON body with its
+# detail; BentoML only recognises async generator functions as streams. Say it streams, so that its clients
+# (bentoml.SyncHTTPClient / AsyncHTTPClient) yield the events as they arrive, not the whole body at the end.
+CharRNN.apis["generate_stream"].is_stream = True
+CharRNN.apis["generate_stream"].output_spec.media_type = "text/event-stream"
+
 
 class Spec:
     """The corrected OpenAPI document, built on first request."""
@@ -334,17 +365,20 @@ class Spec:
     @classmethod
     def response(cls) -> JSONResponse:
         if cls.doc is None:
-            cls.doc = openapi.corrected(CharRNN.openapi_spec.asdict(), (GENERATE, STREAM), STREAM, (INFO,))
+            cls.doc = openapi.corrected(
+                CharRNN.openapi_spec.asdict(), (GENERATE, STREAM), STREAM, (INFO, MODELS)
+            )
         return JSONResponse(cls.doc)
 
 
 CharRNN.add_asgi_middleware(
     Gate,
     api_key=S.api_key.get_secret_value() if S.api_key else None,
-    protected=(GENERATE, STREAM, INFO),
-    schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest},
+    protected=(GENERATE, STREAM, INFO, MODELS),
+    schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest, INFO: NoFields, MODELS: NoFields},
     max_body=MAX_BODY,
     body_timeout=S.body_timeout,
     max_concurrency=S.max_concurrency,
-    pages={"/": docs_page, "/docs": docs_page, "/docs.json": Spec.response},
+    pages=pages.all_pages() | {"/docs.json": Spec.response},
+    count=METRICS.request,
 )

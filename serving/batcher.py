@@ -1,6 +1,7 @@
 """The generation thread: the rows of concurrent requests for the same model run together, one matrix product
 per step (`sample.generate_ids`, with per-row settings and seeds, so a seeded request reads the same batched
-or not). Requests wait on asyncio futures; results come back on the request's event loop."""
+or not). Requests wait on asyncio futures; results come back on the request's event loop. What the thread
+does is reported to an `Observer` (serving.metrics)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,6 +19,14 @@ from model import sample
 
 GATHER_GAP, GATHER_MAX = 0.002, 0.01  # seconds: how long the batcher waits for stragglers
 log = logging.getLogger("char_rnn.serving")
+
+
+class Observer(Protocol):
+    """What the generation thread reports; called on that thread (or on submit's), so it must be cheap."""
+
+    def queued(self, depth: int) -> None: ...  # requests waiting, not yet in a batch
+    def step(self, rows: int) -> None: ...  # one generation step computed `rows` rows
+    def first_char(self, seconds: float) -> None: ...  # a request's first character, after `seconds`
 
 
 @dataclass(eq=False)
@@ -33,10 +42,12 @@ class Job:
     timeout: float
     stream: asyncio.Queue[np.ndarray | None] | None = None
     deadline: float = 0.0
+    since: float = 0.0  # when it was made (monotonic)
     cancelled: bool = False
 
     def __post_init__(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
+        self.since = time.monotonic()
+        self.deadline = self.since + self.timeout
 
     def emit(self, ids: np.ndarray) -> None:
         if self.stream is not None:
@@ -60,8 +71,8 @@ def _settle(fut: asyncio.Future[np.ndarray], result: np.ndarray | BaseException)
 class Batcher:
     """One generation thread. Jobs waiting together for the same model run as one batch."""
 
-    def __init__(self, max_rows: int):
-        self.max_rows = max_rows
+    def __init__(self, max_rows: int, observer: Observer):
+        self.max_rows, self.observer = max_rows, observer
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="char-rnn-generate", daemon=True)
@@ -69,6 +80,7 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
+        self.observer.queued(self.jobs.qsize())
 
     def stop(self) -> None:
         self.stopping = True
@@ -100,6 +112,7 @@ class Batcher:
                 batch.append(job)
                 rows += len(job.rows)
             last_rows = rows
+            self.observer.queued(self.jobs.qsize() + (carry is not None))
             self.run_batch(batch)
 
     def run_batch(self, batch: list[Job]) -> None:
@@ -117,11 +130,14 @@ class Batcher:
             steps = sample.generate_ids(snap.params, snap.config, prompts, length, rows)
             for t, ids in enumerate(steps, 1):
                 cols.append(ids)
+                self.observer.step(len(prompts))
                 now, out, still = time.monotonic(), None, []
                 for job, rs in live:
                     if job.cancelled:
                         continue
                     job.emit(ids[rs])
+                    if t == 1:
+                        self.observer.first_char(now - job.since)
                     if t == job.length:
                         out = np.stack(cols, axis=1) if out is None else out
                         job.settle(out[rs])

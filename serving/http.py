@@ -2,10 +2,11 @@
 take to arrive, how many requests run at once, how errors look and how they are logged.
 
 `Gate` is ASGI middleware. For a POST it checks the API key (401), the content type (415) and size (413),
-reads the body within `body_timeout` (408), validates generation requests itself (400 with a clean JSON body
+reads the body within `body_timeout` (408), validates request bodies itself (400 with a clean JSON body
 and one WARNING line, instead of BentoML's ERROR with a traceback), and only then takes one of
 `max_concurrency` slots (429 when none is free): a client that stalls mid-body holds no slot, so stalled
-sockets cannot lock others out.
+sockets cannot lock others out. It answers GET for its `pages` itself, and reports every response's status
+to `count` (route, status): the API's routes and pages by path, anything else as "other".
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ import asyncio
 import hmac
 import json
 import logging
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import JSONResponse
 
 log = logging.getLogger("char_rnn.http")
-STATIC = Path(__file__).resolve().parent / "static"
+
+
+class NoFields(BaseModel):
+    """The body of a route that takes no input: empty, or a JSON object with nothing in it."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def error(
@@ -43,7 +49,7 @@ def summary(detail: list[dict[str, Any]]) -> str:
 
 
 class Gate:
-    """ASGI middleware: authentication, body rules and timeout, request validation, admission, docs."""
+    """ASGI middleware: authentication, body rules and timeout, request validation, admission, pages."""
 
     def __init__(
         self,
@@ -56,16 +62,19 @@ class Gate:
         body_timeout: float,
         max_concurrency: int,
         pages: dict[str, Any],
+        count: Callable[[str, int], None],
     ):
         self.app, self.api_key, self.protected, self.schemas = app, api_key, protected, schemas
         self.max_body, self.body_timeout, self.max_concurrency = max_body, body_timeout, max_concurrency
         self.pages = pages  # GET path -> a function returning the response
+        self.count = count
         self.running = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        await self.handle(scope, receive, logged(scope, send))
+        route = scope["path"] if scope["path"] in self.protected or scope["path"] in self.pages else "other"
+        await self.handle(scope, receive, observed(scope, send, lambda status: self.count(route, status)))
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         path, headers = scope["path"], Headers(scope=scope)
@@ -131,20 +140,22 @@ class Gate:
         except TimeoutError:
             msg = f"the request body did not arrive within {self.body_timeout:g} s (CHAR_RNN_BODY_TIMEOUT)"
             return await error(408, msg, Connection="close")(scope, receive, send)
-        if not body.strip() and scope["path"] in self.schemas:
+        if not body.strip() and self.schemas.get(scope["path"], NoFields).model_fields:
             msg = 'empty request body: send a JSON object, e.g. {"prompt": "ROMEO:"} ({} for all defaults)'
             return await error(400, msg)(scope, receive, send)
         return body
 
 
-def logged(scope: dict, send: Any) -> Any:
-    """`send`, logging a client error (4xx) as one WARNING line: route, status and the body's `error`."""
+def observed(scope: dict, send: Any, count: Callable[[int], None]) -> Any:
+    """`send`, counting every response by status and logging a client error (4xx) as one WARNING line:
+    route, status and the body's `error`."""
     status, body = 0, b""
 
     async def wrapped(message: dict) -> None:
         nonlocal status, body
         if message["type"] == "http.response.start":
             status = message["status"]
+            count(status)
         elif message["type"] == "http.response.body" and 400 <= status < 500 and len(body) < 4096:
             body += message.get("body", b"")
             if not message.get("more_body"):
@@ -159,11 +170,6 @@ def reason(body: bytes) -> str:
         return str(json.loads(body).get("error", ""))[:300]
     except (ValueError, AttributeError):
         return body[:300].decode("utf-8", "replace")
-
-
-def docs_page() -> HTMLResponse:
-    """Swagger UI from BentoML's bundled assets, without the tag manager its page loads from the internet."""
-    return HTMLResponse((STATIC / "docs.html").read_text(encoding="utf-8"))
 
 
 class QuietClientErrors(logging.Filter):

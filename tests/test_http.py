@@ -29,6 +29,7 @@ def gate(**kw) -> Gate:
         body_timeout=1.0,
         max_concurrency=2,
         pages={},
+        count=lambda route, status: None,
     )
     return Gate(slow, **(opts | kw))
 

@@ -6,6 +6,8 @@ own, so the service sees exactly the models these tests promote (none at first, 
 
 import json
 import os
+import re
+import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,11 +72,16 @@ def model(client, tmp_path_factory, small_text) -> tuple[str, Checkpoint]:
 
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("run") / "checkpoints")
     tag = service.REGISTRY.promote(ck.path, {"source": "tests"}).tag
+    wait_serving(client, tag)
+    return tag, ck
+
+
+def wait_serving(client, tag: str) -> None:
     for _ in range(100):
         r = client.post("/model_info")
         if r.status_code == 200 and r.json()["model"] == tag:
-            return tag, ck
-        __import__("time").sleep(0.05)
+            return
+        time.sleep(0.05)
     pytest.fail(f"the service did not pick up {tag}")
 
 
@@ -87,6 +94,7 @@ def test_without_a_model_it_starts_unready_and_answers_503_saying_how_to_train(c
         assert "char-rnn pipeline" in r.json()["error"]
         assert "Traceback" not in r.text
     assert client.post("/model_info").status_code == 503
+    assert client.post("/models").json() == {"serving": None, "history": [], "curve": None}
 
 
 def test_ready_with_model_info(client, model):
@@ -344,3 +352,72 @@ def test_the_models_own_output_is_accepted_back_as_a_prompt(client, model):
     for c in completions:
         back = client.post("/generate", json={"prompt": c, "max_new_chars": 5})
         assert back.status_code == 200, back.text
+
+
+def test_the_playground_and_docs_pages_come_from_this_service_alone(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    links = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert {"playground.js", "playground.css", "docs"} <= set(links)
+    assert all(not re.match(r"[a-z]+://|//", link) for link in links), links  # nothing from other hosts
+    for asset, kind in (("/playground.js", "text/javascript"), ("/playground.css", "text/css")):
+        r = client.get(asset)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and r.text
+    assert "swagger-ui" in client.get("/docs").text
+
+
+def test_models_view_lists_the_history_with_labels_and_the_served_curve(client, model):
+    import service
+
+    tag, ck = model
+    view = client.post("/models").json()
+    assert view["serving"] == tag
+    [row] = [r for r in view["history"] if r["tag"] == tag]
+    assert row["serving"] and row["action"] == "promote" and row["promoted_at"] == row["at"]
+    assert row["val_loss"] is None and row["parent"] is None  # promoted with no such labels
+    assert view["curve"] == {"train": ck.meta.metrics["train"], "val": ck.meta.metrics["val"]}
+    other = service.REGISTRY.promote(ck.path, {"val_loss": "1.25", "corpus_chars": "123", "run_id": "r1"}).tag
+    try:
+        wait_serving(client, other)
+        *_, before, last = client.post("/models").json()["history"]
+        assert (before["tag"], before["serving"]) == (tag, False)
+        assert (last["tag"], last["serving"], last["run_id"]) == (other, True, "r1")
+        assert (last["val_loss"], last["corpus_chars"]) == (1.25, 123)
+    finally:
+        service.REGISTRY.rollback(tag, "back to the module's model")
+    wait_serving(client, tag)
+    assert client.post("/models").json()["history"][-1] | {"at": ""} == {
+        **row,
+        "at": "",
+        "action": "rollback",
+        "reason": "back to the module's model",
+    }
+
+
+@pytest.mark.parametrize("route", ["/model_info", "/models"])
+def test_routes_without_input_take_no_body_or_an_empty_object(client, model, route):
+    assert client.post(route).status_code == 200
+    assert client.post(route, json={}).status_code == 200
+    for body, rule in (([1], "model_type"), ({"prompt": "a"}, "extra_forbidden")):
+        r = client.post(route, json=body)
+        assert r.status_code == 400 and r.json()["detail"][0]["type"] == rule
+        assert "pydantic" not in r.text and "error for Input" not in r.text  # as BentoML would say
+
+
+def test_observe_many_equals_that_many_observations():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from serving.metrics import ROWS, observe_many
+
+    one, many = CollectorRegistry(), CollectorRegistry()
+    by_one = Histogram("rows", "", buckets=ROWS, registry=one)
+    at_once = Histogram("rows", "", buckets=ROWS, registry=many)
+    for rows, n in ((1, 5), (3, 7), (64, 2), (65, 1), (5000, 3)):
+        for _ in range(n):
+            by_one.observe(rows)
+        observe_many(at_once, rows, n)
+    [by_one_samples], [at_once_samples] = (
+        [[s[:3] for s in m.samples if s.name != "rows_created"] for m in r.collect()] for r in (one, many)
+    )
+    assert by_one_samples == at_once_samples and by_one_samples[-2] == ("rows_count", {}, 18.0)

@@ -4,8 +4,11 @@ It starts with no model (503), picks up a promoted one, then switches to a secon
 requests: no request fails, and every response is wholly the work of the model it names. Models are promoted
 by a separate process, as the pipeline would."""
 
+import asyncio
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,17 +19,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bentoml
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_service import EXTRA, events, expected, tiny_checkpoint
 
+from serving.metrics import FLUSH
 from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ASTRAL = "\U0001f600 \U0001d11e \U00010348\n"  # characters outside the Basic Multilingual Plane
 PROMOTE = (
     "import os, sys; from pathlib import Path; from registry import Registry; "
-    "print(Registry(Path(os.environ['BENTOML_HOME'])).promote(Path(sys.argv[1]), {'source': 'tests'}).tag)"
+    "r = Registry(Path(os.environ['BENTOML_HOME'])); "
+    "print(*(r.promote(Path(d), {'source': 'tests'}).tag for d in sys.argv[1:]))"
 )
 
 
@@ -70,19 +77,21 @@ class Live:
     port: int
 
 
+def server_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a server whose state is all under `home` (its HOME too, which must stay empty)."""
+    (home / "user-home").mkdir(exist_ok=True)
+    env = os.environ | isolated_env(home) | {"CHAR_RNN_RELOAD_INTERVAL": "0.3", "OPENBLAS_NUM_THREADS": "1"}
+    return env | {"HOME": str(home / "user-home")} | extra
+
+
 @contextlib.contextmanager
-def running(home: Path, **settings: str) -> Iterator[Live]:
-    """`char-rnn serve` with its own home and HOME (which must stay empty) on a free loopback port, without
-    --host. The server and its workers are stopped by their PIDs."""
-    (home / "user-home").mkdir()
-    env = os.environ | isolated_env(home) | {"HOME": str(home / "user-home"), "OPENBLAS_NUM_THREADS": "1"}
-    env |= {"CHAR_RNN_RELOAD_INTERVAL": "0.3"} | settings
+def running(env: dict[str, str], log: Path, *bento: str) -> Iterator[Live]:
+    """`char-rnn serve` (or `bentoml serve BENTO`, a built one) on a free loopback port, without --host: the
+    service's own settings choose where it listens. The server and its workers are stopped by their PIDs."""
     port = free_port()
-    log = home / "server.log"
+    cmd = [sys.executable, "-m", "bentoml", "serve", *bento] if bento else ["char-rnn", "serve"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["char-rnn", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
+        proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=out)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30)
     try:
 
@@ -112,16 +121,17 @@ def running(home: Path, **settings: str) -> Iterator[Live]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(client, env of the server's home), starting without a model."""
-    with running(tmp_path_factory.mktemp("serve-home")) as live:
+    home = tmp_path_factory.mktemp("serve-home")
+    with running(server_env(home), home / "server.log") as live:
         yield live.client, live.env
 
 
-def promote(ck_dir: Path, env: dict) -> str:
-    """Promote in another process into the server's home, as the pipeline does; the new tag."""
-    cmd = [sys.executable, "-c", PROMOTE, str(ck_dir)]
+def promote(env: dict, *ck_dirs: Path) -> list[str]:
+    """Promote in another process into the server's home, as the pipeline does, in order; the new tags."""
+    cmd = [sys.executable, "-c", PROMOTE, *map(str, ck_dirs)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return out.stdout.split()[-1]
+    return out.stdout.split()[-len(ck_dirs) :]
 
 
 def serves(client: httpx.Client, tag: str) -> bool:
@@ -137,7 +147,7 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
 
     cks = {}
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path / "a", seed=0)
-    tag_a = promote(ck.path, env)
+    [tag_a] = promote(env, ck.path)
     cks[tag_a] = ck
     wait_for(lambda: serves(client, tag_a), 20, f"the server to load {tag_a}")
     assert client.get("/readyz").status_code == 200
@@ -161,7 +171,7 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     order = [tag_a]
     for seed, name in enumerate(texts, 1):  # two promotions while the clients keep asking
         ck = tiny_checkpoint(texts[name], tmp_path / name, seed=seed)
-        tag = promote(ck.path, env)
+        [tag] = promote(env, ck.path)
         cks[tag] = ck
         order.append(tag)
 
@@ -198,7 +208,103 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
     assert ["".join(d["text"] for _, d in got[:-1])] == expected(cks[newest], "THE ", 50, 0.8, 4)
 
 
-def test_bentoml_build_bundles_the_promoted_model(server):
+def test_bentoml_clients_take_keyword_arguments_stream_events_and_raise_clean_errors(server):
+    """bentoml.SyncHTTPClient / AsyncHTTPClient: `generate(prompt=..., ...)` as the API is documented, the
+    stream's events as they arrive, and the service's own 400 bodies in the exceptions they raise."""
+    client, _ = server
+    url = str(client.base_url)
+    req = {"prompt": "THE ", "max_new_chars": 40, "seed": 11, "temperature": 0.7}
+    want = client.post("/generate", json=req).json()
+    with bentoml.SyncHTTPClient(url) as c:
+        assert c.generate(**req) | {"elapsed_ms": 0} == want | {"elapsed_ms": 0}
+        chunks = list(c.generate_stream(**req))
+        with pytest.raises(bentoml.exceptions.InvalidArgument) as bad:
+            c.generate(prompt="THE ", temperature=0)
+        with pytest.raises(bentoml.exceptions.InvalidArgument) as unknown:
+            c.generate(prompt="THE \u2708")
+        skipped = c.generate(prompt="THE \u2708", max_new_chars=5, unknown_chars="skip")
+        with pytest.raises(TypeError, match="length"):  # the client checks names against the API's schema
+            c.generate(prompt="THE ", length=5)
+    assert isinstance(chunks[0], str) and chunks[0].startswith("data: ")  # events as they come, not one body
+    got = events(chunks)
+    assert ["".join(d["text"] for _, d in got[:-1])] == want["completions"]
+    assert got[-1] == ("done", {"model": want["model"], "chars": 40})
+
+    assert bad.value.error_code == 400
+    [err] = json.loads(str(bad.value))["detail"]
+    assert err["loc"] == ["temperature"] and err["type"] == "greater_than_equal"
+    [err] = json.loads(str(unknown.value))["detail"]
+    assert (
+        err["type"] == "unknown_chars"
+        and err["chars"] == ["\u2708"]
+        and '"unknown_chars": "skip"' in err["msg"]
+    )
+    assert skipped["skipped_chars"] == ["\u2708"]
+    for e in (bad.value, unknown.value):
+        assert "IODescriptor" not in str(e) and "pydantic" not in str(e)
+
+    async def use_async() -> tuple[dict, list[str]]:
+        async with bentoml.AsyncHTTPClient(url) as c:
+            answer = await c.generate(**req)
+            chunks = [chunk async for chunk in c.generate_stream(**req)]
+            with pytest.raises(bentoml.exceptions.InvalidArgument, match="max_new_chars"):
+                await c.generate(max_new_chars=0)
+        return answer, chunks
+
+    answer, chunks = asyncio.run(use_async())
+    got = events(chunks)
+    assert answer["completions"] == want["completions"] == ["".join(d["text"] for _, d in got[:-1])]
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """Every sample on /metrics: (name, sorted labels) -> value."""
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    families = text_string_to_metric_families(r.text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_metrics_count_what_the_service_did(server):
+    client, _ = server
+    tag = client.post("/model_info").json()["model"]
+    time.sleep(2 * FLUSH)  # the earlier tests' reports reach the metrics
+    before = scrape(client)
+    r = client.post("/generate", json={"prompt": "THE ", "max_new_chars": 25, "num_samples": 3})
+    assert r.status_code == 200
+    with client.stream("POST", "/generate_stream", json={"max_new_chars": 20}) as r:
+        assert events(r.iter_text())[-1][0] == "done"
+    assert client.post("/generate", json={"temperature": 0}).status_code == 400
+    assert client.post("/generate", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    grew = {
+        ("char_rnn_generated_chars_total", (("route", "/generate"),)): 75,
+        ("char_rnn_generated_chars_total", (("route", "/generate_stream"),)): 20,
+        ("char_rnn_requests_total", (("route", "/generate"), ("status", "200"))): 1,
+        ("char_rnn_requests_total", (("route", "/generate"), ("status", "400"))): 1,
+        ("char_rnn_requests_total", (("route", "/generate"), ("status", "415"))): 1,
+        ("char_rnn_requests_total", (("route", "/generate_stream"), ("status", "200"))): 1,
+        ("char_rnn_batch_rows_count", ()): 25 + 20,  # steps: 25 of 3 rows, then 20 of 1
+        ("char_rnn_batch_rows_sum", ()): 75 + 20,
+        ("char_rnn_batch_rows_bucket", (("le", "2.0"),)): 20,
+        ("char_rnn_batch_rows_bucket", (("le", "4.0"),)): 45,
+        ("char_rnn_time_to_first_char_seconds_count", ()): 2,
+    }
+    seen: dict = {}
+
+    def counted() -> bool:  # the generation thread's reports are flushed every half second
+        seen.update(scrape(client))
+        return all(seen.get(k, 0) - before.get(k, 0) == n for k, n in grew.items())
+
+    wait_for(counted, 10, "the metrics to count the requests")
+    assert {k: seen[k] - before.get(k, 0) for k in grew} == grew
+    assert seen[("char_rnn_queue_depth", ())] == 0
+    assert 0 < seen[("char_rnn_time_to_first_char_seconds_sum", ())] < 30
+    info = {dict(k[1])["tag"]: v for k, v in seen.items() if k[0] == "char_rnn_model_info"}
+    assert info.pop(tag) == 1 and len(info) >= 2 and set(info.values()) == {0}  # the models it served before
+    assert any(k[0].startswith("bentoml_service_request") for k in seen)  # beside BentoML's own
+
+
+def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, tmp_path):
+    """`bentoml build` bundles the promoted model and the page; `bentoml serve <bento>` serves both."""
     client, env = server
     tag = client.post("/model_info").json()["model"]
     cmd = [sys.executable, "-m", "bentoml", "build"]
@@ -206,6 +312,20 @@ def test_bentoml_build_bundles_the_promoted_model(server):
     assert out.returncode == 0, out.stderr[-2000:]
     [bento] = (Path(env["BENTOML_HOME"]) / "bentos" / "char_rnn").glob("*/bento.yaml")
     assert f"tag: {tag}" in bento.read_text()
+    assert (bento.parent / "src" / "serving" / "static" / "playground.js").is_file()
+
+    with running(env, tmp_path / "bento.log", f"char_rnn:{bento.parent.name}") as live:
+        built = live.client
+        assert built.post("/model_info").json()["model"] == tag
+        page = built.get("/")
+        assert page.status_code == 200 and 'src="playground.js"' in page.text
+        assert built.get("/playground.js").headers["content-type"].startswith("text/javascript")
+        assert built.get("/playground.css").status_code == 200
+        assert built.post("/generate", json={"max_new_chars": 5}).json()["model"] == tag
+        view = built.post("/models").json()
+        assert view["serving"] == tag and [r["tag"] for r in view["history"] if r["serving"]] == [tag]
+        assert view["curve"]["val"]
+        assert f'char_rnn_model_info{{tag="{tag}"}} 1.0' in built.get("/metrics").text
 
 
 def test_nothing_was_written_under_home(server):
@@ -235,13 +355,13 @@ def guarded(tmp_path_factory, small_text):
     """A server with an API key, 4 requests in progress at most, and 1.5 s to receive a body; a model is
     promoted before it starts, and then the registry's history file is truncated."""
     home = tmp_path_factory.mktemp("guarded-home")
-    env = os.environ | isolated_env(home)
+    limits = {"CHAR_RNN_API_KEY": KEY, "CHAR_RNN_MAX_CONCURRENCY": "4", "CHAR_RNN_BODY_TIMEOUT": "1.5"}
+    env = server_env(home, **limits)
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("guarded-run") / "ck", seed=3)
-    tag = promote(ck.path, env)
+    [tag] = promote(env, ck.path)
     history = home / "bentoml" / "char-rnn-promoted.json"
     history.write_bytes(history.read_bytes()[:40])
-    limits = {"CHAR_RNN_API_KEY": KEY, "CHAR_RNN_MAX_CONCURRENCY": "4", "CHAR_RNN_BODY_TIMEOUT": "1.5"}
-    with running(home, **limits) as live:
+    with running(env, home / "server.log") as live:
         wait_for(lambda: live.client.get("/readyz").status_code == 200, 30, "the model to load")
         yield live, tag
 
@@ -276,14 +396,16 @@ def test_the_api_key_guards_generation_and_model_info_only(guarded):
         assert client.get(route).status_code == 200, route
 
 
-def test_the_docs_pages_load_nothing_from_other_hosts(guarded):
+def test_the_pages_load_nothing_from_other_hosts(guarded):
     client = guarded[0].client
+    assert "swagger-ui" in client.get("/docs").text and "playground.js" in client.get("/").text
     for route in ("/", "/docs"):
         page = client.get(route)
-        assert page.status_code == 200 and "swagger-ui" in page.text
-        assert "googletagmanager" not in page.text and "//" not in page.text.replace("://", ""), route
-        sources = [s.split('"')[1] for s in page.text.split("src=")[1:]]
-        assert sources and all(src.startswith("./") for src in sources), sources
+        assert page.status_code == 200 and "googletagmanager" not in page.text, route
+        sources = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+        assert sources and not any(re.match(r"[a-z]+://|//", src) for src in sources), (
+            sources
+        )  # data: is fine
 
 
 def stalled(port: int) -> socket.socket:
