@@ -13,14 +13,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from model import checkpoint, corpus, rnn, sample, train
+from model import checkpoint, corpus, net, sample, train
 from model.checkpoint import CheckpointError
 from model.corpus import CorpusError
 from model.vocab import UnknownCharsError, Vocab
 
 ERRORS = (CheckpointError, CorpusError, UnknownCharsError, train.TrainingDiverged, ValueError, OSError)
 
-MODEL_FLAGS = {"hidden": "hidden size", "layers": "stacked layers", "dropout": "dropout between layers"}
+MODEL_FLAGS = {
+    "cell": "recurrent cell: rnn, gru or lstm",
+    "hidden": "hidden size",
+    "layers": "stacked layers",
+    "dropout": "dropout between layers",
+}
 TRAIN_FLAGS = {
     "steps": "total optimizer steps (a resumed run continues up to this total)",
     "seed": "random seed",
@@ -83,7 +88,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         train_kw = dict(meta.train)
     model_kw |= {k: getattr(a, k) for k in MODEL_FLAGS if getattr(a, k) is not None}
     train_kw |= {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k) is not None}
-    mcfg, tcfg = rnn.ModelConfig(**model_kw), train.TrainConfig(**train_kw)
+    mcfg, tcfg = net.ModelConfig(**model_kw), train.TrainConfig(**train_kw)
     print(
         f"training on {len(tr):,} chars ({len(vocab)} symbols), validating on {len(va):,}: "
         f"H={mcfg.hidden} L={mcfg.layers} B={tcfg.batch} T={tcfg.seq} steps={tcfg.steps}",
@@ -147,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="a .txt file or a folder of .txt files")
     t.add_argument("--out", required=True, help="folder for the checkpoints")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
-    types = train.TrainConfig.model_fields | rnn.ModelConfig.model_fields
+    types = train.TrainConfig.model_fields | net.ModelConfig.model_fields
     for name, help_ in (MODEL_FLAGS | TRAIN_FLAGS).items():
         kind = types[name].annotation
         kind = kind if kind in (int, float) else str

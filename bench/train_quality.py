@@ -25,9 +25,9 @@ from pathlib import Path
 import common
 import numpy as np
 
-from model import checkpoint, optim, rnn, train
+from model import checkpoint, net, optim, train
 from model.corpus import split
-from model.rnn import ModelConfig
+from model.net import ModelConfig
 from model.train import Streams, TrainConfig
 
 
@@ -53,17 +53,17 @@ def seconds_per_step(
     machine gives them when it is ours, and the steps taken. A step counts min(wall, CPU) time: on an
     idle box wall <= CPU, and CPU time barely grows when other jobs take the cores."""
     rng = np.random.default_rng(tcfg.seed + 1)
-    p = rnn.init(mcfg, rng)
+    p = net.init(mcfg, rng)
     opt = optim.make(tcfg.optimizer, p, tcfg.weight_decay)
     streams = Streams(tr, tcfg.batch, tcfg.seq)
-    h, pos, times = rnn.zeros_hidden(mcfg, tcfg.batch), 0, []
+    h, pos, times = net.zeros_state(mcfg, tcfg.batch), 0, []
     drop = rng if mcfg.dropout > 0 else None
     end = time.perf_counter() + seconds
     while len(times) < 5 or time.perf_counter() < end:
         t0, c0 = time.perf_counter(), time.process_time()
         x, y, pos = streams.get(pos)
-        _, cache, h = rnn.forward(p, mcfg, x, y, h, drop)
-        g = rnn.backward(p, mcfg, cache)
+        _, cache, h = net.forward(p, mcfg, x, y, h, drop)
+        g = net.backward(p, mcfg, cache)
         optim.clip_(g, tcfg.clip)
         opt.step(p, g, tcfg.lr * 0.1)
         times.append(min(time.perf_counter() - t0, time.process_time() - c0))

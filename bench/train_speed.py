@@ -2,7 +2,7 @@
 
 Contenders, alternated round by round in one process (medians reported):
   numpy      model.rnn (batched, time-major) + model.optim Adam + global-norm clipping; its T sequential
-             (B, H) x (H, H) products run on one BLAS thread when small (rnn.one_thread: B=32, H=256),
+             (B, H) x (H, H) products run on one BLAS thread when small (cell.one_thread: B=32, H=256),
              everything else on all (JSON: numpy_step_threads)
   seed_loop  the original notebook's RNN: one-hot column vectors, a Python loop per character, plain SGD
              (no clipping, as in the notebook), float64, batch 1; same hidden size and sequence length
@@ -29,7 +29,7 @@ from collections.abc import Callable
 import common
 import numpy as np
 
-from model import optim, rnn
+from model import cell, net, optim
 from model.train import Streams
 
 CONFIGS = [(32, 64, 256), (64, 128, 512)]  # (B, T, H)
@@ -37,16 +37,16 @@ CONFIGS = [(32, 64, 256), (64, 128, 512)]  # (B, T, H)
 
 def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int) -> Callable[[], int]:
     """One training step of model.rnn per call, over consecutive batches of the corpus."""
-    cfg = rnn.ModelConfig(vocab_size=V, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
-    p = rnn.init(cfg, np.random.default_rng(0))
+    cfg = net.ModelConfig(vocab_size=V, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
+    p = net.init(cfg, np.random.default_rng(0))
     opt = optim.make("adam", p)
     streams = Streams(ids, B, T)
-    state = {"h": rnn.zeros_hidden(cfg, B), "pos": 0}
+    state = {"h": net.zeros_state(cfg, B), "pos": 0}
 
     def step() -> int:
         x, y, state["pos"] = streams.get(state["pos"])
-        _, cache, state["h"] = rnn.forward(p, cfg, x, y, state["h"])
-        grads = rnn.backward(p, cfg, cache)
+        _, cache, state["h"] = net.forward(p, cfg, x, y, state["h"])
+        grads = net.backward(p, cfg, cache)
         optim.clip_(grads, 1.0)
         opt.step(p, grads, 1e-3)
         return B * T
@@ -200,7 +200,7 @@ def main() -> None:
         row["torch"] = round(med["torch"]) if "torch" in med else None
         row["vs_seed"] = round(med["numpy"] / med["seed_loop"], 2)
         row["vs_torch"] = round(med["numpy"] / med["torch"], 2) if "torch" in med else None
-        row["numpy_step_threads"] = 1 if 2 * B * H * H < rnn.SMALL_FLOPS else threads
+        row["numpy_step_threads"] = 1 if 2 * B * H * H < cell.SMALL_FLOPS else threads
         row["spread"] = {k: [round(min(v)), round(max(v))] for k, v in rates.items()}
         rows.append(row)
 

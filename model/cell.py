@@ -1,0 +1,78 @@
+"""What every recurrent cell provides (`rnn.py`, `gru.py`, `lstm.py`), and the helpers they share.
+
+A cell is one layer's recurrence over T steps, batched and time-major. The network (`net.py`) gives it the
+input pre-activations a = x U + b of all T steps, (T, B, kH) for k gate blocks of width H, computed in one
+product per layer; the cell adds h_{t-1} W (one (B, H) x (H, kH) product per step, the gates fused) and
+applies its pointwise maths. Its state is S arrays (B, H), h first (the LSTM adds its cell c).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from functools import cache
+from typing import Any, ClassVar
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+Params = dict[str, np.ndarray]
+
+EMBED_STD = 0.6  # std of the layer-0 input rows (every gate block)
+SMALL_FLOPS = 1 << 24  # per-step products below this run on one BLAS thread
+
+
+class Cell:
+    """One layer's maths. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    gates: ClassVar[int]  # k: blocks of width H in U, W and b
+    states: ClassVar[int]  # S: arrays of (B, H) in the state, h first
+    recur_gain: ClassVar[float]  # the singular values of every (H, H) block of W at init
+
+    def shapes(self, H: int) -> dict[str, tuple[int, ...]]:
+        """The layer's parameters besides U, as name -> shape (names get the layer index appended)."""
+        return {"W": (H, self.gates * H), "b": (self.gates * H,)}
+
+    def init(self, fan_in: int, H: int, rng: np.random.Generator, embed: bool) -> Params:
+        """Fresh float64 parameters of one layer: inputs N(0, 0.6^2) for embedding rows, N(0, 1/fan_in)
+        above; every (H, H) block of W orthogonal with gain `recur_gain`; zero biases."""
+        k = self.gates
+        U = rng.standard_normal((fan_in, k * H)) * (EMBED_STD if embed else 1.0 / np.sqrt(fan_in))
+        W = np.concatenate([orthogonal(H, self.recur_gain, rng) for _ in range(k)], axis=1)
+        return {"U": U, "W": W} | {n: np.zeros(s) for n, s in self.shapes(H).items() if n != "W"}
+
+    def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, Any, np.ndarray]:
+        """The outputs h (T, B, H), a cache for `backward`, and the last state (S, B, H), from the input
+        pre-activations `a` (T, B, kH; overwritten), the layer's parameters `q` and the state `s0`."""
+        raise NotImplementedError
+
+    def backward(self, dh: np.ndarray, cache: Any, q: Params) -> tuple[np.ndarray, Params]:
+        """From the loss gradient w.r.t. the outputs h (T, B, H; overwritten): the gradient w.r.t. the
+        pre-activations a (T, B, kH) and the gradients of `q` except U (truncated at the chunk start)."""
+        raise NotImplementedError
+
+
+def orthogonal(H: int, gain: float, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((H, H)))
+    return gain * q * np.sign(np.diag(r))
+
+
+def sigmoid_(x: np.ndarray) -> None:
+    """In place: x = sigmoid(x) = (1 + tanh(x / 2)) / 2 (one transcendental pass, no overflow)."""
+    x *= 0.5
+    np.tanh(x, out=x)
+    x *= 0.5
+    x += 0.5
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_thread(B: int, H: int, n: int) -> AbstractContextManager:
+    """BLAS on one thread for the T sequential (B, H) x (H, n) products when they are small: a thread
+    hand-off per small product costs more than it saves, and much more when other jobs share the cores."""
+    if 2 * B * H * n >= SMALL_FLOPS:
+        return nullcontext()
+    return _blas().limit(limits=1, user_api="blas")

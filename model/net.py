@@ -1,0 +1,202 @@
+"""The network around the cell: a stack of recurrent layers over characters, batched and time-major.
+
+    layer 0:  a_t = U_0[id_t] + b_0     an embedding: a row of U_0 per character
+    layer l:  a_t = x_t U_l + b_l       x = the layer below's output after dropout; all T steps in one product
+              h_t, state_t = cell(a_t, state_{t-1})    one (B, H) x (H, kH) product per step
+    output:   y_t = h_t V + c,  p_t = softmax(y_t),  loss = mean cross-entropy in nats per character
+
+The cell (`rnn`, `gru` or `lstm`: `rnn.py`, `gru.py`, `lstm.py`) has k gate blocks of width H, so U_l is
+(in, kH) and b_l (kH,). Dropout (inverted) applies to each layer's output, never to the recurrence. The state
+of the network is one array (L, S, B, H): S = 1 (h) for rnn and gru, 2 (h, c) for lstm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.cell import Cell, Params
+from model.gru import GRU
+from model.lstm import LSTM
+from model.rnn import RNN
+
+CELLS: dict[str, Cell] = {c.name: c for c in (RNN(), GRU(), LSTM())}
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(ge=1, le=1_000_000)
+    # defaults: the best validation loss found for 5 minutes on 2 cores (bench/train_quality.py)
+    cell: Literal["rnn", "gru", "lstm"] = "rnn"
+    hidden: int = Field(384, ge=1, le=8192)
+    layers: int = Field(2, ge=1, le=8)
+    dropout: float = Field(0.1, ge=0.0, le=0.9)
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape."""
+    cell, H, V = CELLS[cfg.cell], cfg.hidden, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {}
+    for l in range(cfg.layers):
+        out[f"U{l}"] = (V if l == 0 else H, cell.gates * H)
+        out |= {f"{k}{l}": s for k, s in cell.shapes(H).items()}
+    return out | {"V": (H, V), "c": (V,)}
+
+
+def init(cfg: ModelConfig, rng: np.random.Generator) -> Params:
+    """Fresh parameters: each layer's as its cell starts it, outputs N(0, 1/H), zero output biases."""
+    cell, H, V = CELLS[cfg.cell], cfg.hidden, cfg.vocab_size
+    p: Params = {}
+    for l in range(cfg.layers):
+        q = cell.init(V if l == 0 else H, H, rng, embed=l == 0)
+        p |= {f"{k}{l}": v for k, v in q.items()}
+    p["V"] = rng.standard_normal((H, V)) / np.sqrt(H)
+    p["c"] = np.zeros(V)
+    return {k: v.astype(cfg.dtype) for k, v in p.items()}
+
+
+def grow(p: Params, cfg: ModelConfig, vocab_size: int, rng: np.random.Generator) -> Params:
+    """Parameters for a larger vocabulary: old rows/columns kept, new ones fresh."""
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
+    fresh = init(cfg.model_copy(update={"vocab_size": vocab_size}), rng)
+    out = {k: v.copy() for k, v in p.items()}
+    n = cfg.vocab_size
+    out["U0"] = np.concatenate([p["U0"], fresh["U0"][n:]], axis=0)
+    out["V"] = np.concatenate([p["V"], fresh["V"][:, n:]], axis=1)
+    out["c"] = np.concatenate([p["c"], fresh["c"][n:]])
+    return out
+
+
+def zeros_state(cfg: ModelConfig, batch: int) -> np.ndarray:
+    return np.zeros((cfg.layers, CELLS[cfg.cell].states, batch, cfg.hidden), cfg.dtype)  # (L, S, B, H)
+
+
+def layer(p: Params, cfg: ModelConfig, l: int) -> Params:
+    """Layer l's parameters under their names in the cell (U, W, b, ...)."""
+    return {k: p[f"{k}{l}"] for k in ("U", *CELLS[cfg.cell].shapes(cfg.hidden))}
+
+
+def inputs(p: Params, l: int, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Layer l's input pre-activations a = x U_l + b_l into `out` (..., kH); layer 0 takes ids `x`."""
+    if l == 0:  # embedding rows, with the bias folded in first when that is the smaller sum
+        U0 = p["U0"]
+        if x.size >= len(U0):
+            return np.take(U0 + p["b0"], x, axis=0, out=out)
+        np.take(U0, x, axis=0, out=out)
+    else:
+        np.matmul(x, p[f"U{l}"], out=out)
+    out += p[f"b{l}"]
+    return out
+
+
+@dataclass
+class Cache:
+    ids: np.ndarray  # (T, B) inputs, time-major
+    tgt: np.ndarray  # (T*B,) targets
+    outs: list[np.ndarray]  # per layer (T, B, H), the layer output after dropout
+    masks: list[np.ndarray | None]  # per layer (T, B, H) dropout masks (scaled)
+    cells: list[Any]  # per layer, the cell's cache
+    dz: np.ndarray  # (T*B, V) softmax / (T*B); backward turns it into the logits' gradient in place
+
+
+def forward(
+    p: Params,
+    cfg: ModelConfig,
+    ids: np.ndarray,
+    targets: np.ndarray,
+    s0: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, Cache, np.ndarray]:
+    """Mean loss (nats/char) of `targets` given `ids` (both (B, T)) from the state `s0` (L, S, B, H): the
+    loss, the cache for backward, the last state. Dropout is applied only when `rng` is given (training)."""
+    B, T = ids.shape
+    cell, H, N, dt = CELLS[cfg.cell], cfg.hidden, T * B, cfg.dtype
+    kH = cell.gates * H
+    ids_t = np.ascontiguousarray(ids.T)  # (T, B)
+    tgt = np.ascontiguousarray(targets.T).reshape(-1)  # (N,)
+    outs, masks, caches = [], [], []
+    sT = np.empty_like(s0)
+    x = ids_t
+    for l in range(cfg.layers):
+        a = np.empty((T, B, kH), dt)
+        inputs(p, l, x if l == 0 else x.reshape(N, H), a if l == 0 else a.reshape(N, kH))
+        h, c, sT[l] = cell.forward(a, layer(p, cfg, l), s0[l])  # (T, B, H)
+        x, mask = h, None
+        if rng is not None and cfg.dropout > 0:
+            keep = 1.0 - cfg.dropout
+            mask = np.less(rng.random((T, B, H), dtype=dt), keep).astype(dt)
+            mask *= 1.0 / keep
+            x = h * mask
+        outs.append(x)
+        masks.append(mask)
+        caches.append(c)
+    z = x.reshape(N, H) @ p["V"]  # (N, V) logits
+    z += p["c"]
+    z -= z.max(axis=1, keepdims=True)
+    zt = z[np.arange(N), tgt]  # (N,) target logits, shifted
+    np.exp(z, out=z)
+    s = z.sum(axis=1, keepdims=True)  # (N, 1)
+    loss = float((np.log(s[:, 0]) - zt).astype(np.float64).mean())
+    z *= 1.0 / (s * N)
+    return loss, Cache(ids_t, tgt, outs, masks, caches, z), sT
+
+
+def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:
+    """sum of the rows of d (N, kH) per id (N,) as a (V, kH) array: a one-hot product when that is small."""
+    N = len(ids)
+    if V <= N and V * N <= 1 << 26:
+        onehot = np.zeros((V, N), d.dtype)
+        onehot[ids, np.arange(N)] = 1.0
+        return onehot @ d
+    g = np.zeros((V, d.shape[1]), d.dtype)
+    np.add.at(g, ids, d)
+    return g
+
+
+def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
+    """Gradients of the mean loss with respect to every parameter (truncated at the chunk start)."""
+    T, B = c.ids.shape
+    cell, H, N = CELLS[cfg.cell], cfg.hidden, T * B
+    g: Params = {}
+    dz = c.dz  # reused in place: (N, V)
+    dz[np.arange(N), c.tgt] -= 1.0 / N
+    g["V"] = c.outs[-1].reshape(N, H).T @ dz
+    g["c"] = dz.sum(axis=0)
+    dout = (dz @ p["V"].T).reshape(T, B, H)  # (T, B, H)
+    for l in reversed(range(cfg.layers)):
+        if c.masks[l] is not None:
+            dout *= c.masks[l]
+        da, gq = cell.backward(dout, c.cells[l], layer(p, cfg, l))  # (T, B, kH)
+        g |= {f"{k}{l}": v for k, v in gq.items()}
+        flat = da.reshape(N, -1)
+        if l == 0:
+            g["U0"] = embed_grad(c.ids.reshape(-1), flat, cfg.vocab_size)
+            g["b0"] = g["U0"].sum(axis=0)
+        else:
+            g[f"U{l}"] = c.outs[l - 1].reshape(N, H).T @ flat
+            g[f"b{l}"] = flat.sum(axis=0)
+            dout = (flat @ p[f"U{l}"].T).reshape(T, B, H)
+    return g
+
+
+def step(p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,); returns the new state."""
+    cell, kH = CELLS[cfg.cell], CELLS[cfg.cell].gates * cfg.hidden
+    out = np.empty_like(s)
+    x = ids
+    for l in range(cfg.layers):
+        a = inputs(p, l, x, np.empty((len(ids), kH), s.dtype))  # (B, kH)
+        h, _, out[l] = cell.forward(a[None], layer(p, cfg, l), s[l])
+        x = h[0]
+    return out
+
+
+def logits(p: Params, s: np.ndarray) -> np.ndarray:
+    """Next-character logits (B, V) from the top layer's h in the state `s` (L, S, B, H)."""
+    return s[-1, 0] @ p["V"] + p["c"]
