@@ -1,9 +1,10 @@
 """What every recurrent cell provides (`rnn.py`, `gru.py`, `lstm.py`), and the helpers they share.
 
 A cell is one layer's recurrence over T steps, batched and time-major. The network (`net.py`) gives it the
-input pre-activations a = x U + b of all T steps, (T, B, kH) for k gate blocks of width H, computed in one
-product per layer; the cell adds h_{t-1} W (one (B, H) x (H, kH) product per step, the gates fused) and
-applies its pointwise maths. Its state is S arrays (B, H), h first (the LSTM adds its cell c).
+input pre-activations a = x U + b of all T steps, computed in one product per layer and laid out gate-major,
+(k, T, B, H) for k gate blocks of width H: each gate of each step is one contiguous (B, H) block, so the
+pointwise maths of a step runs on whole blocks in place. The cell adds h_{t-1} W: one matmul call per step
+with W (H, kH) seen as its k blocks (k, H, H). Its state is S arrays (B, H), h first (the LSTM adds its c).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ SMALL_FLOPS = 1 << 24  # per-step products below this run on one BLAS thread
 
 
 class Cell:
-    """One layer's maths. Subclasses set the class attributes and implement the methods."""
+    """One layer's maths. Subclasses set the class attributes and implement forward and backward."""
 
     name: ClassVar[str]
     gates: ClassVar[int]  # k: blocks of width H in U, W and b
@@ -30,7 +31,7 @@ class Cell:
     recur_gain: ClassVar[float]  # the singular values of every (H, H) block of W at init
 
     def shapes(self, H: int) -> dict[str, tuple[int, ...]]:
-        """The layer's parameters besides U, as name -> shape (names get the layer index appended)."""
+        """The layer's parameters besides U (in, kH), as name -> shape (the net appends the layer index)."""
         return {"W": (H, self.gates * H), "b": (self.gates * H,)}
 
     def init(self, fan_in: int, H: int, rng: np.random.Generator, embed: bool) -> Params:
@@ -43,26 +44,32 @@ class Cell:
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, Any, np.ndarray]:
         """The outputs h (T, B, H), a cache for `backward`, and the last state (S, B, H), from the input
-        pre-activations `a` (T, B, kH; overwritten), the layer's parameters `q` and the state `s0`."""
+        pre-activations `a` (k, T, B, H; overwritten), the layer's parameters `q` and the state `s0`."""
         raise NotImplementedError
 
     def backward(self, dh: np.ndarray, cache: Any, q: Params) -> tuple[np.ndarray, Params]:
         """From the loss gradient w.r.t. the outputs h (T, B, H; overwritten): the gradient w.r.t. the
-        pre-activations a (T, B, kH) and the gradients of `q` except U (truncated at the chunk start)."""
+        pre-activations a (k, T, B, H) and the gradients of `q` besides U and b (truncated at the chunk
+        start; the net derives U's and b's from a's)."""
         raise NotImplementedError
+
+
+def blocks(M: np.ndarray, k: int) -> np.ndarray:
+    """The k gate blocks of M (..., kH) as a view (k, ..., H)."""
+    return np.moveaxis(M.reshape(*M.shape[:-1], k, -1), -2, 0)
+
+
+def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:
+    """dW (H, kH) = sum over steps of h_{t-1}^T dz_t, from h (T+1, B, H) and dz (k, T, B, H)."""
+    H, k = h.shape[-1], len(dz)
+    dW = np.empty((H, k * H), dz.dtype)
+    np.matmul(h[:-1].reshape(-1, H).T, dz.reshape(k, -1, H), out=blocks(dW, k))
+    return dW
 
 
 def orthogonal(H: int, gain: float, rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((H, H)))
     return gain * q * np.sign(np.diag(r))
-
-
-def sigmoid_(x: np.ndarray) -> None:
-    """In place: x = sigmoid(x) = (1 + tanh(x / 2)) / 2 (one transcendental pass, no overflow)."""
-    x *= 0.5
-    np.tanh(x, out=x)
-    x *= 0.5
-    x += 0.5
 
 
 @cache

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, one_thread
+from model.cell import Cell, Params, blocks, one_thread, recur_grad
 
 
 class LSTM(Cell):
@@ -25,40 +25,41 @@ class LSTM(Cell):
         return q
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
-        T, B, H = a.shape[0], a.shape[1], s0.shape[-1]
-        W = q["W"].copy()
-        W[:, : 3 * H] *= 0.5  # the sigmoid blocks see x/2 (one pass here, not one per step)
-        a[:, :, : 3 * H] *= 0.5
+        _, T, B, H = a.shape
+        W = np.array(blocks(q["W"], 4))  # (4, H, H)
+        W[:3] *= 0.5  # the sigmoid blocks see x/2 (one pass here, not one per step)
+        a[:3] *= 0.5
+        o, i, f, g = a  # (T, B, H) each: pre-activations, then the gates
         h = np.empty((T + 1, B, H), a.dtype)
         c = np.empty((T + 1, B, H), a.dtype)
         h[0], c[0] = s0
         tc = np.empty((T, B, H), a.dtype)  # tanh(c_t)
-        tmp = np.empty((B, 4 * H), a.dtype)
+        tmp = np.empty((4, B, H), a.dtype)
         ig = np.empty((B, H), a.dtype)
         with one_thread(B, H, 4 * H):
             for t in range(T):
-                z = a[t]  # (B, 4H): pre-activations, then the gates o, i, f, g
+                z = a[:, t]  # (4, B, H)
                 np.matmul(h[t], W, out=tmp)
                 z += tmp
                 np.tanh(z, out=z)
-                s = z[:, : 3 * H]
+                s = a[:3, t]
                 s *= 0.5
                 s += 0.5
-                np.multiply(z[:, 2 * H : 3 * H], c[t], out=c[t + 1])
-                np.multiply(z[:, H : 2 * H], z[:, 3 * H :], out=ig)
+                np.multiply(f[t], c[t], out=c[t + 1])
+                np.multiply(i[t], g[t], out=ig)
                 c[t + 1] += ig
                 np.tanh(c[t + 1], out=tc[t])
-                np.multiply(z[:, :H], tc[t], out=h[t + 1])
+                np.multiply(o[t], tc[t], out=h[t + 1])
         return h[1:], (a, h, c, tc), np.stack([h[-1], c[-1]])
 
     def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
         z, h, c, tc = cache
         T, B, H = dh.shape
-        o, i, f, g = (z[:, :, j * H : (j + 1) * H] for j in range(4))
+        o, i, f, g = z
         # da = (dh ⊙ Co, dc ⊙ Ci, dc ⊙ Cf, dc ⊙ Cg) with dc_t = dh_t ⊙ Q_t + dc_{t+1} ⊙ f_{t+1}; the
         # coefficients C (in da's buffer) and Q are computed for all steps at once
-        da = np.empty_like(z)  # (T, B, 4H)
-        co, ci, cf, cg = (da[:, :, j * H : (j + 1) * H] for j in range(4))
+        da = np.empty_like(z)  # (4, T, B, H)
+        co, ci, cf, cg = da
         np.subtract(1.0, o, out=co)
         co *= o  # o(1 - o)
         Q = np.multiply(tc, tc)
@@ -74,19 +75,20 @@ class LSTM(Cell):
         np.multiply(g, g, out=cg)
         np.subtract(1.0, cg, out=cg)
         cg *= i  # i(1 - g²)
-        WT = q["W"].T
+        WT = blocks(q["W"], 4).transpose(0, 2, 1)  # (4, H, H)
+        tmp4 = np.empty((4, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
         dc = np.zeros((B, H), dh.dtype)
         with one_thread(B, 4 * H, H):
             for t in range(T - 1, -1, -1):
                 d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
                 if t < T - 1:
-                    np.matmul(da[t + 1], WT, out=tmp)
+                    np.matmul(da[:, t + 1], WT, out=tmp4)
+                    np.sum(tmp4, axis=0, out=tmp)
                     d += tmp
                     dc *= f[t + 1]
                 np.multiply(d, Q[t], out=tmp)
                 dc += tmp
-                da[t, :, :H] *= d
-                da[t, :, H:].reshape(B, 3, H)[...] *= dc[:, None, :]
-        dW = h[:-1].reshape(-1, H).T @ da.reshape(-1, 4 * H)
-        return da, {"W": dW}
+                co[t] *= d
+                da[1:, t] *= dc
+        return da, {"W": recur_grad(h, da)}

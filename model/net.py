@@ -6,8 +6,9 @@
     output:   y_t = h_t V + c,  p_t = softmax(y_t),  loss = mean cross-entropy in nats per character
 
 The cell (`rnn`, `gru` or `lstm`: `rnn.py`, `gru.py`, `lstm.py`) has k gate blocks of width H, so U_l is
-(in, kH) and b_l (kH,). Dropout (inverted) applies to each layer's output, never to the recurrence. The state
-of the network is one array (L, S, B, H): S = 1 (h) for rnn and gru, 2 (h, c) for lstm.
+(in, kH) and b_l (kH,); a is laid out gate-major, (k, T, B, H) (see `cell.py`). Dropout (inverted) applies to
+each layer's output, never to the recurrence. The state of the network is one array (L, S, B, H): S = 1 (h)
+for rnn and gru, 2 (h, c) for lstm.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.cell import Cell, Params
+from model.cell import Cell, Params, blocks
 from model.gru import GRU
 from model.lstm import LSTM
 from model.rnn import RNN
@@ -82,17 +83,14 @@ def layer(p: Params, cfg: ModelConfig, l: int) -> Params:
     return {k: p[f"{k}{l}"] for k in ("U", *CELLS[cfg.cell].shapes(cfg.hidden))}
 
 
-def inputs(p: Params, l: int, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Layer l's input pre-activations a = x U_l + b_l into `out` (..., kH); layer 0 takes ids `x`."""
-    if l == 0:  # embedding rows, with the bias folded in first when that is the smaller sum
-        U0 = p["U0"]
-        if x.size >= len(U0):
-            return np.take(U0 + p["b0"], x, axis=0, out=out)
-        np.take(U0, x, axis=0, out=out)
-    else:
-        np.matmul(x, p[f"U{l}"], out=out)
-    out += p[f"b{l}"]
-    return out
+def inputs(p: Params, l: int, k: int, x: np.ndarray) -> np.ndarray:
+    """Layer l's input pre-activations a = x U_l + b_l, gate-major (k, ..., H): layer 0 looks up the ids `x`
+    (...,) as rows of U_0 + b_0, the others take x (N, H) through one matmul call."""
+    if l == 0:
+        return np.take(np.ascontiguousarray(blocks(p["U0"] + p["b0"], k)), x, axis=1)
+    a = np.matmul(x, blocks(p[f"U{l}"], k))  # (k, N, H)
+    a += blocks(p[f"b{l}"], k)[:, None]
+    return a
 
 
 @dataclass
@@ -117,15 +115,14 @@ def forward(
     loss, the cache for backward, the last state. Dropout is applied only when `rng` is given (training)."""
     B, T = ids.shape
     cell, H, N, dt = CELLS[cfg.cell], cfg.hidden, T * B, cfg.dtype
-    kH = cell.gates * H
+    k = cell.gates
     ids_t = np.ascontiguousarray(ids.T)  # (T, B)
     tgt = np.ascontiguousarray(targets.T).reshape(-1)  # (N,)
     outs, masks, caches = [], [], []
     sT = np.empty_like(s0)
     x = ids_t
     for l in range(cfg.layers):
-        a = np.empty((T, B, kH), dt)
-        inputs(p, l, x if l == 0 else x.reshape(N, H), a if l == 0 else a.reshape(N, kH))
+        a = inputs(p, l, k, x if l == 0 else x.reshape(N, H)).reshape(k, T, B, H)
         h, c, sT[l] = cell.forward(a, layer(p, cfg, l), s0[l])  # (T, B, H)
         x, mask = h, None
         if rng is not None and cfg.dropout > 0:
@@ -148,21 +145,24 @@ def forward(
 
 
 def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:
-    """sum of the rows of d (N, kH) per id (N,) as a (V, kH) array: a one-hot product when that is small."""
-    N = len(ids)
+    """The sum of the rows of each gate block of d (k, N, H) per id (N,), as a (V, kH) array: a one-hot
+    product when that is small, else a scatter-add."""
+    k, N, H = d.shape
+    g = np.zeros((V, k * H), d.dtype)
     if V <= N and V * N <= 1 << 26:
         onehot = np.zeros((V, N), d.dtype)
         onehot[ids, np.arange(N)] = 1.0
-        return onehot @ d
-    g = np.zeros((V, d.shape[1]), d.dtype)
-    np.add.at(g, ids, d)
+        np.matmul(onehot, d, out=blocks(g, k))
+    else:
+        np.add.at(blocks(g, k), (slice(None), ids), d)
     return g
 
 
 def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     """Gradients of the mean loss with respect to every parameter (truncated at the chunk start)."""
     T, B = c.ids.shape
-    cell, H, N = CELLS[cfg.cell], cfg.hidden, T * B
+    H, N, k = cfg.hidden, T * B, CELLS[cfg.cell].gates
+    cell = CELLS[cfg.cell]
     g: Params = {}
     dz = c.dz  # reused in place: (N, V)
     dz[np.arange(N), c.tgt] -= 1.0 / N
@@ -172,27 +172,28 @@ def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     for l in reversed(range(cfg.layers)):
         if c.masks[l] is not None:
             dout *= c.masks[l]
-        da, gq = cell.backward(dout, c.cells[l], layer(p, cfg, l))  # (T, B, kH)
-        g |= {f"{k}{l}": v for k, v in gq.items()}
-        flat = da.reshape(N, -1)
+        da, gq = cell.backward(dout, c.cells[l], layer(p, cfg, l))  # (k, T, B, H)
+        g |= {f"{name}{l}": v for name, v in gq.items()}
+        da = da.reshape(k, N, H)
         if l == 0:
-            g["U0"] = embed_grad(c.ids.reshape(-1), flat, cfg.vocab_size)
+            g["U0"] = embed_grad(c.ids.reshape(-1), da, cfg.vocab_size)
             g["b0"] = g["U0"].sum(axis=0)
         else:
-            g[f"U{l}"] = c.outs[l - 1].reshape(N, H).T @ flat
-            g[f"b{l}"] = flat.sum(axis=0)
-            dout = (flat @ p[f"U{l}"].T).reshape(T, B, H)
+            g[f"U{l}"] = np.empty((H, k * H), da.dtype)
+            np.matmul(c.outs[l - 1].reshape(N, H).T, da, out=blocks(g[f"U{l}"], k))
+            g[f"b{l}"] = da.sum(axis=1).reshape(-1)
+            dout = np.matmul(da, blocks(p[f"U{l}"], k).transpose(0, 2, 1)).sum(axis=0).reshape(T, B, H)
     return g
 
 
 def step(p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,); returns the new state."""
-    cell, kH = CELLS[cfg.cell], CELLS[cfg.cell].gates * cfg.hidden
+    cell = CELLS[cfg.cell]
     out = np.empty_like(s)
     x = ids
     for l in range(cfg.layers):
-        a = inputs(p, l, x, np.empty((len(ids), kH), s.dtype))  # (B, kH)
-        h, _, out[l] = cell.forward(a[None], layer(p, cfg, l), s[l])
+        a = inputs(p, l, cell.gates, x)[:, None]  # (k, 1, B, H)
+        h, _, out[l] = cell.forward(a, layer(p, cfg, l), s[l])
         x = h[0]
     return out
 

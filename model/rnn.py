@@ -17,7 +17,7 @@ class RNN(Cell):
     name, gates, states, recur_gain = "rnn", 1, 1, 0.6
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
-        W, h = q["W"], a  # in place: a[t] becomes h_t
+        W, h = q["W"], a[0]  # in place: a[0, t] becomes h_t
         h0 = prev = s0[0].copy()  # (B, H)
         tmp = np.empty_like(h0)
         with one_thread(*tmp.shape, W.shape[1]):
@@ -44,4 +44,4 @@ class RNN(Cell):
                 d[t - 1] *= dtanh[t - 1]
         dW = h[:-1].reshape(-1, H).T @ d[1:].reshape(-1, H)
         dW += h0.T @ d[0]
-        return d, {"W": dW}
+        return d[None], {"W": dW}

@@ -169,9 +169,9 @@ def test_gradients_large_vocab():
 
 def test_embed_grad_paths_agree():
     r = np.random.default_rng(4)
-    ids, d = r.integers(0, 6, 50), r.standard_normal((50, 3))
-    ref = np.zeros((6, 3))
-    for i, row in zip(ids, d, strict=True):
-        ref[i] += row
+    ids, d = r.integers(0, 6, 50), r.standard_normal((2, 50, 3))  # two gate blocks of width 3
+    ref = np.zeros((6, 6))
+    for n, i in enumerate(ids):
+        ref[i] += np.concatenate([d[0, n], d[1, n]])
     np.testing.assert_allclose(net.embed_grad(ids, d, 6), ref, atol=1e-12)  # one-hot product
     np.testing.assert_allclose(net.embed_grad(ids, d, 60)[:6], ref, atol=1e-12)  # scatter-add (V > N)
