@@ -36,7 +36,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from flows.pipeline import pipeline, train_config  # noqa: E402
 from flows.tasks import PROMPTS, SAMPLE_CHARS, SAMPLING  # noqa: E402
 from model import corpus, train  # noqa: E402
-from model.rnn import ModelConfig  # noqa: E402
+from model.net import ModelConfig  # noqa: E402
 from model.sample import sample  # noqa: E402
 from model.vocab import Vocab  # noqa: E402
 
