@@ -3,17 +3,19 @@ shakespeare, against PyTorch's same cell.
 
 Contenders, alternated round by round in one process (medians reported), at each (B, T, H):
   numpy <cell>  model.net with the cell (rnn, gru, lstm), one layer, no dropout (as torch's), float32, plus
-                model.optim Adam and global-norm clipping, as `char-rnn train` runs it: BLAS on the process's
-                threads, except the T sequential per-step products, which run on one thread when small
-                (model.cell.one_thread; JSON: numpy_step_threads)
+                model.optim Adam and global-norm clipping, as `char-rnn train` runs it; at 1 and at 2 BLAS
+                threads, the better reported (at 2, the T sequential per-step products still run on one
+                thread when small: model.cell.one_thread; JSON: numpy.step_threads)
   torch <cell>  PyTorch CPU nn.Embedding + nn.RNN(tanh) / nn.GRU / nn.LSTM + nn.Linear, Adam,
                 clip_grad_norm_ (float32); run at 1 and at 2 threads (torch.set_num_threads), the better
                 reported
   seed loop     the original notebook's RNN: one-hot column vectors, a Python loop per character, plain SGD
                 (no clipping, as in the notebook), float64, batch 1, same hidden size and sequence length; run
                 at 1 and at 2 BLAS threads, the better reported (it is slower on 2 here)
-Targets: numpy / torch >= 2.0 for rnn and >= 1.0 for gru and lstm, at both sizes. The machine's load average
-is printed before and after: other jobs on the cores skew every number, so compare ratios from quiet runs.
+Every contender runs at 1 and at 2 threads and counts with its better one (JSON: threads, and the rate at
+each). Targets: numpy / torch >= 2.0 for rnn and >= 1.0 for gru and lstm, at both sizes. The machine's load
+average is printed before and after: other jobs on the cores skew every number (multi-threaded BLAS and
+torch most), so compare ratios from quiet runs.
 
 torch is optional and never a project dependency. On this machine its CPU wheel lies in /opt/wheels:
   uv run --with /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl \
@@ -21,7 +23,7 @@ torch is optional and never a project dependency. On this machine its CPU wheel 
 (or `uv pip install <that wheel>` into .venv; note that `uv sync` removes it again).
 Without torch the torch columns are null.
 
-  uv run python bench/train_speed.py [--quick] [--threads N] [--cells rnn,gru,lstm]
+  uv run python bench/train_speed.py [--quick] [--cells rnn,gru,lstm]
 The last line is one JSON object.
 """
 
@@ -42,7 +44,7 @@ from model.train import Streams
 
 CONFIGS = [(32, 64, 256), (64, 128, 512)]  # (B, T, H)
 TARGETS = {"rnn": 2.0, "gru": 1.0, "lstm": 1.0}  # numpy / torch
-THREADS = (1, 2)  # the baselines run at each, the better counts
+THREADS = (1, 2)  # every contender runs at each, the better counts
 
 
 def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str) -> Callable[[], int]:
@@ -185,11 +187,13 @@ def on_threads(step: Callable[[], int], n: int, torch=None) -> Callable[[], int]
 def measure(ids: np.ndarray, V: int, size: tuple[int, int, int], kinds: list[str], torch, timing) -> dict:
     """One row: every contender at one (B, T, H), alternated; medians, threads, ratios."""
     B, T, H = size
-    steps = {f"numpy {k}": numpy_step(ids, V, B, T, H, k) for k in kinds}
+    steps = {}
     for n in THREADS:
         steps[f"seed {n}"] = on_threads(seed_step(ids, V, T, H), n)
-        for k in kinds if torch is not None else []:
-            steps[f"torch {k} {n}"] = on_threads(torch_step(torch, ids, V, B, T, H, k), n, torch)
+        for k in kinds:
+            steps[f"numpy {k} {n}"] = on_threads(numpy_step(ids, V, B, T, H, k), n)
+            if torch is not None:
+                steps[f"torch {k} {n}"] = on_threads(torch_step(torch, ids, V, B, T, H, k), n, torch)
     for s in steps.values():  # warm-up: allocations, first-call overheads
         s()
     rates = common.alternate(steps, *timing)
@@ -202,31 +206,32 @@ def measure(ids: np.ndarray, V: int, size: tuple[int, int, int], kinds: list[str
 
     row: dict = {"B": B, "T": T, "H": H, "seed_loop": best("seed")}
     for k in kinds:
-        gates = net.CELLS[k].gates
-        r: dict = {"numpy": round(med[f"numpy {k}"]), "numpy_step_threads": "1 (one_thread)"}
-        if 2 * B * H * gates * H >= cell.SMALL_FLOPS:
-            r["numpy_step_threads"] = common.blas_threads()
+        r: dict = {"numpy": best(f"numpy {k}")}
+        small = 2 * B * H * H < cell.SMALL_FLOPS
+        r["numpy"]["step_threads"] = 1 if small else r["numpy"]["threads"]
         if torch is not None:
             r["torch"] = best(f"torch {k}")
-            r["vs_torch"] = round(r["numpy"] / r["torch"]["rate"], 2)
+            r["vs_torch"] = round(r["numpy"]["rate"] / r["torch"]["rate"], 2)
             r["target"] = TARGETS[k]
             r["met"] = r["vs_torch"] >= TARGETS[k]
         row[k] = r
     if "rnn" in kinds:
-        row["rnn_vs_seed"] = round(row["rnn"]["numpy"] / row["seed_loop"]["rate"], 1)
+        row["rnn_vs_seed"] = round(row["rnn"]["numpy"]["rate"] / row["seed_loop"]["rate"], 1)
     row["spread"] = {k: [round(min(v)), round(max(v))] for k, v in rates.items()}
     return row
 
 
 def table(rows: list[dict], kinds: list[str]) -> None:
-    print(f"\n{'B':>4} {'T':>4} {'H':>4} {'cell':>5} | {'numpy':>9} {'torch':>9} {'threads':>7} | vs torch")
+    """Rates in characters/s with the thread count each contender ran best at."""
+    head = f"{'B':>4} {'T':>4} {'H':>4} {'cell':>5}"
+    print(f"\n{head} | {'numpy':>9} {'thr':>3} {'torch':>9} {'thr':>3} | vs torch")
     for r in rows:
         for k in kinds:
-            c = r[k]
-            line = f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {k:>5} | {c['numpy']:>9,} "
+            c, size = r[k], f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {k:>5}"
+            line = f"{size} | {c['numpy']['rate']:>9,} {c['numpy']['threads']:>3} "
             if "torch" in c:
                 met = "met" if c["met"] else "NOT MET"
-                line += f"{c['torch']['rate']:>9,} {c['torch']['threads']:>7} | {c['vs_torch']:>8.2f}"
+                line += f"{c['torch']['rate']:>9,} {c['torch']['threads']:>3} | {c['vs_torch']:>8.2f}"
                 line += f" (target {c['target']:g}: {met})"
             print(line)
         seed = r["seed_loop"]
@@ -238,15 +243,11 @@ def table(rows: list[dict], kinds: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
-    ap.add_argument("--threads", type=int, default=0, help="numpy's BLAS threads; 0 = leave as is")
     ap.add_argument("--cells", default="rnn,gru,lstm", help="comma-separated cells to measure")
     args = ap.parse_args()
     timing = (5, 0.3) if args.quick else (9, 1.0)  # rounds, seconds per contender per round
     kinds = args.cells.split(",")
     load_before = os.getloadavg()
-    limiter = None
-    if args.threads:
-        limiter = ThreadpoolController().limit(limits=args.threads, user_api="blas")
     try:
         import torch
     except ImportError:
@@ -255,7 +256,7 @@ def main() -> None:
     ids, vocab = common.load_ids()
     machine = f"{platform.machine()}, {os.cpu_count()} cpus"
     print(f"tiny shakespeare: {len(ids):,} chars, vocab {len(vocab)}; {machine}")
-    print(f"numpy BLAS {common.blas_name()}, {common.blas_threads()} threads")
+    print(f"numpy BLAS {common.blas_name()}, {common.blas_threads()} threads by default")
     print(f"torch {torch.__version__ if torch else None}")
     print(f"{timing[0]} alternated rounds of {timing[1]:g} s per contender and size; medians in characters/s")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
@@ -275,8 +276,6 @@ def main() -> None:
         "load_avg_after": [round(x, 2) for x in load_after],
         "machine": machine,
     }
-    if limiter is not None:
-        limiter.restore_original_limits()
     print(json.dumps(result))
 
 

@@ -19,7 +19,7 @@ from threadpoolctl import ThreadpoolController
 Params = dict[str, np.ndarray]
 
 EMBED_STD = 0.6  # std of the layer-0 input rows (every gate block)
-SMALL_FLOPS = 1 << 24  # per-step products below this run on one BLAS thread
+SMALL_FLOPS = 1 << 24  # per-step (B, H) x (H, H) products below this run on one BLAS thread
 
 
 class Cell:
@@ -77,9 +77,10 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def one_thread(B: int, H: int, n: int) -> AbstractContextManager:
-    """BLAS on one thread for the T sequential (B, H) x (H, n) products when they are small: a thread
-    hand-off per small product costs more than it saves, and much more when other jobs share the cores."""
-    if 2 * B * H * n >= SMALL_FLOPS:
+def one_thread(B: int, H: int) -> AbstractContextManager:
+    """BLAS on one thread for the T sequential (B, H) x (H, H) products (one per gate block) when they are
+    small: a thread hand-off per small product costs more than it saves, and much more when other jobs share
+    the cores."""
+    if 2 * B * H * H >= SMALL_FLOPS:
         return nullcontext()
     return _blas().limit(limits=1, user_api="blas")

@@ -32,7 +32,7 @@ class GRU(Cell):
         h[0] = s0[0]
         R = np.empty_like(a)  # (3, T, B, H): h_{t-1} W, its n block + d
         tmp = np.empty((B, H), a.dtype)
-        with one_thread(B, H, 3 * H):
+        with one_thread(B, H):
             for t in range(T):
                 np.matmul(h[t], W, out=R[:, t])
                 s = a[:2, t]
@@ -73,7 +73,7 @@ class GRU(Cell):
         WT = blocks(q["W"], 3).transpose(0, 2, 1)  # (3, H, H)
         tmp3 = np.empty((3, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
-        with one_thread(B, 3 * H, H):
+        with one_thread(B, H):
             for t in range(T - 1, -1, -1):
                 d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
                 if t < T - 1:

@@ -36,7 +36,7 @@ class LSTM(Cell):
         tc = np.empty((T, B, H), a.dtype)  # tanh(c_t)
         tmp = np.empty((4, B, H), a.dtype)
         ig = np.empty((B, H), a.dtype)
-        with one_thread(B, H, 4 * H):
+        with one_thread(B, H):
             for t in range(T):
                 z = a[:, t]  # (4, B, H)
                 np.matmul(h[t], W, out=tmp)
@@ -79,7 +79,7 @@ class LSTM(Cell):
         tmp4 = np.empty((4, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
         dc = np.zeros((B, H), dh.dtype)
-        with one_thread(B, 4 * H, H):
+        with one_thread(B, H):
             for t in range(T - 1, -1, -1):
                 d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
                 if t < T - 1:

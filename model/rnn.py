@@ -20,7 +20,7 @@ class RNN(Cell):
         W, h = q["W"], a[0]  # in place: a[0, t] becomes h_t
         h0 = prev = s0[0].copy()  # (B, H)
         tmp = np.empty_like(h0)
-        with one_thread(*tmp.shape, W.shape[1]):
+        with one_thread(*tmp.shape):
             for t in range(len(h)):
                 np.matmul(prev, W, out=tmp)
                 h[t] += tmp
@@ -37,7 +37,7 @@ class RNN(Cell):
         tmp = np.empty_like(d[0])  # (B, H)
         WT = q["W"].T
         d[-1] *= dtanh[-1]
-        with one_thread(B, H, H):
+        with one_thread(B, H):
             for t in range(T - 1, 0, -1):
                 np.matmul(d[t], WT, out=tmp)
                 d[t - 1] += tmp
