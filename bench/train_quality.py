@@ -132,8 +132,8 @@ def main() -> None:
             m = (time.perf_counter() - start) / 60
             curve.append([round(m, 3), p.step, round(p.val_loss, 4)])
             print(f"{m:>8.2f} {p.step:>7} {p.loss:>7.4f} {p.val_loss:>7.4f}", flush=True)
-        if not args.steps and time.perf_counter() > deadline:
-            raise OutOfTime
+        if not args.steps and p.step < p.steps and time.perf_counter() > deadline:
+            raise OutOfTime  # (past the last step, the final checkpoint is written: it is quick)
 
     out = tmp / "run"
     try:

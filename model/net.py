@@ -79,17 +79,21 @@ def zeros_state(cfg: ModelConfig, batch: int) -> np.ndarray:
 
 
 def layer(p: Params, cfg: ModelConfig, l: int) -> Params:
-    """Layer l's parameters under their names in the cell (U, W, b, ...)."""
-    return {k: p[f"{k}{l}"] for k in ("U", *CELLS[cfg.cell].shapes(cfg.hidden))}
+    """Layer l's parameters besides U, under their names in its cell (W, b, ...)."""
+    return {k: p[f"{k}{l}"] for k in CELLS[cfg.cell].shapes(cfg.hidden)}
 
 
 def inputs(p: Params, l: int, k: int, x: np.ndarray) -> np.ndarray:
     """Layer l's input pre-activations a = x U_l + b_l, gate-major (k, ..., H): layer 0 looks up the ids `x`
-    (...,) as rows of U_0 + b_0, the others take x (N, H) through one matmul call."""
-    if l == 0:
-        return np.take(np.ascontiguousarray(blocks(p["U0"] + p["b0"], k)), x, axis=1)
-    a = np.matmul(x, blocks(p[f"U{l}"], k))  # (k, N, H)
-    a += blocks(p[f"b{l}"], k)[:, None]
+    (...) as rows of U_0, the others take x (N, H) through one matmul call."""
+    U, b = blocks(p[f"U{l}"], k), blocks(p[f"b{l}"], k)  # (k, in, H), (k, H)
+    if l > 0:
+        a = np.matmul(x, U)  # (k, N, H)
+    elif x.size >= U.shape[1]:  # more ids than rows: fold the bias into the rows first
+        return np.take(np.ascontiguousarray(U + b[:, None]), x, axis=1)  # (k, *x.shape, H)
+    else:
+        a = np.take(U, x, axis=1)
+    a += b.reshape(k, *(1,) * (a.ndim - 2), -1)
     return a
 
 
@@ -161,8 +165,8 @@ def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:
 def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     """Gradients of the mean loss with respect to every parameter (truncated at the chunk start)."""
     T, B = c.ids.shape
-    H, N, k = cfg.hidden, T * B, CELLS[cfg.cell].gates
-    cell = CELLS[cfg.cell]
+    cell, H, N = CELLS[cfg.cell], cfg.hidden, T * B
+    k = cell.gates
     g: Params = {}
     dz = c.dz  # reused in place: (N, V)
     dz[np.arange(N), c.tgt] -= 1.0 / N
