@@ -5,6 +5,7 @@ input pre-activations a = x U + b of all T steps, computed in one product per la
 (k, T, B, H) for k gate blocks of width H: each gate of each step is one contiguous (B, H) block, so the
 pointwise maths of a step runs on whole blocks in place. The cell adds h_{t-1} W: one matmul call per step
 with W (H, kH) seen as its k blocks (k, H, H). Its state is S arrays (B, H), h first (the LSTM adds its c).
+Sigmoids are computed as σ(x) = (1 + tanh(x / 2)) / 2: one tanh call can then cover a slab of gates.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ class Cell:
 
 
 def blocks(M: np.ndarray, k: int) -> np.ndarray:
-    """The k gate blocks of M (..., kH) as a view (k, ..., H)."""
-    return np.moveaxis(M.reshape(*M.shape[:-1], k, -1), -2, 0)
+    """The k gate blocks of M, (kH,) or (R, kH), as a view (k, H) or (k, R, H)."""
+    if M.ndim == 1:
+        return M.reshape(k, -1)
+    return M.reshape(len(M), k, -1).swapaxes(0, 1)
 
 
 def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:
@@ -77,10 +80,10 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def one_thread(B: int, H: int) -> AbstractContextManager:
+def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
     """BLAS on one thread for the T sequential (B, H) x (H, H) products (one per gate block) when they are
     small: a thread hand-off per small product costs more than it saves, and much more when other jobs share
-    the cores."""
-    if 2 * B * H * H >= SMALL_FLOPS:
+    the cores. Not for a single step (sampling): setting the limit costs more than the step."""
+    if T == 1 or 2 * B * H * H >= SMALL_FLOPS:
         return nullcontext()
     return _blas().limit(limits=1, user_api="blas")

@@ -4,8 +4,8 @@
     h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}                          a_t = x_t U + b
 
 d (`bh`) is the recurrent bias of n, which r scales (the other recurrent biases fold into b). The gate blocks
-lie in the order (r, z, n): the two sigmoids are one slab (σ(x) = (1 + tanh(x/2)) / 2). W's blocks start
-orthogonal with gain 1, biases at 0.
+lie in the order (r, z, n): the two sigmoids are one slab. W's blocks start orthogonal with gain 1, biases
+at 0.
 """
 
 from __future__ import annotations
@@ -23,20 +23,18 @@ class GRU(Cell):
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
         _, T, B, H = a.shape
-        W = np.array(blocks(q["W"], 3))  # (3, H, H)
-        W[:2] *= 0.5  # the sigmoid blocks see x/2 (one pass here, not one per step)
-        a[:2] *= 0.5
-        bh = q["bh"]
+        W, bh = blocks(q["W"], 3), q["bh"]  # (3, H, H), (H,)
         r, z, n = a  # (T, B, H) each: pre-activations, then the gates
         h = np.empty((T + 1, B, H), a.dtype)
         h[0] = s0[0]
         R = np.empty_like(a)  # (3, T, B, H): h_{t-1} W, its n block + d
         tmp = np.empty((B, H), a.dtype)
-        with one_thread(B, H):
+        with one_thread(T, B, H):
             for t in range(T):
                 np.matmul(h[t], W, out=R[:, t])
-                s = a[:2, t]
+                s = a[:2, t]  # r, z
                 s += R[:2, t]
+                s *= 0.5
                 np.tanh(s, out=s)
                 s *= 0.5
                 s += 0.5
@@ -73,7 +71,7 @@ class GRU(Cell):
         WT = blocks(q["W"], 3).transpose(0, 2, 1)  # (3, H, H)
         tmp3 = np.empty((3, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
-        with one_thread(B, H):
+        with one_thread(T, B, H):
             for t in range(T - 1, -1, -1):
                 d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
                 if t < T - 1:

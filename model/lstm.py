@@ -4,8 +4,8 @@
     g = tanh(a_g + h_{t-1} W_g)  c_t = f ⊙ c_{t-1} + i ⊙ g    h_t = o ⊙ tanh(c_t)       a_t = x_t U + b
 
 The state is (h, c). The gate blocks lie in the order (o, i, f, g): the three sigmoids are one slab forward
-(σ(x) = (1 + tanh(x/2)) / 2, so one tanh covers all four blocks), and the three blocks whose gradient is a
-multiple of c's are one slab backward. The forget bias b_f starts at 1 (remember by default); W's blocks start
+(and one tanh call covers all four blocks), and the three blocks whose gradient is a multiple of c's are one
+slab backward. The forget bias b_f starts at 1 (remember by default); W's blocks start
 orthogonal with gain 1.
 """
 
@@ -26,9 +26,7 @@ class LSTM(Cell):
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
         _, T, B, H = a.shape
-        W = np.array(blocks(q["W"], 4))  # (4, H, H)
-        W[:3] *= 0.5  # the sigmoid blocks see x/2 (one pass here, not one per step)
-        a[:3] *= 0.5
+        W = blocks(q["W"], 4)  # (4, H, H)
         o, i, f, g = a  # (T, B, H) each: pre-activations, then the gates
         h = np.empty((T + 1, B, H), a.dtype)
         c = np.empty((T + 1, B, H), a.dtype)
@@ -36,13 +34,14 @@ class LSTM(Cell):
         tc = np.empty((T, B, H), a.dtype)  # tanh(c_t)
         tmp = np.empty((4, B, H), a.dtype)
         ig = np.empty((B, H), a.dtype)
-        with one_thread(B, H):
+        with one_thread(T, B, H):
             for t in range(T):
                 z = a[:, t]  # (4, B, H)
                 np.matmul(h[t], W, out=tmp)
                 z += tmp
+                s = a[:3, t]  # o, i, f
+                s *= 0.5
                 np.tanh(z, out=z)
-                s = a[:3, t]
                 s *= 0.5
                 s += 0.5
                 np.multiply(f[t], c[t], out=c[t + 1])
@@ -79,7 +78,7 @@ class LSTM(Cell):
         tmp4 = np.empty((4, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
         dc = np.zeros((B, H), dh.dtype)
-        with one_thread(B, H):
+        with one_thread(T, B, H):
             for t in range(T - 1, -1, -1):
                 d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
                 if t < T - 1:

@@ -18,10 +18,11 @@ class RNN(Cell):
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
         W, h = q["W"], a[0]  # in place: a[0, t] becomes h_t
+        T, B, H = h.shape
         h0 = prev = s0[0].copy()  # (B, H)
         tmp = np.empty_like(h0)
-        with one_thread(*tmp.shape):
-            for t in range(len(h)):
+        with one_thread(T, B, H):
+            for t in range(T):
                 np.matmul(prev, W, out=tmp)
                 h[t] += tmp
                 np.tanh(h[t], out=h[t])
@@ -37,7 +38,7 @@ class RNN(Cell):
         tmp = np.empty_like(d[0])  # (B, H)
         WT = q["W"].T
         d[-1] *= dtanh[-1]
-        with one_thread(B, H):
+        with one_thread(T, B, H):
             for t in range(T - 1, 0, -1):
                 np.matmul(d[t], WT, out=tmp)
                 d[t - 1] += tmp

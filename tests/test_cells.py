@@ -89,7 +89,7 @@ def test_forward_follows_the_equations(cell):
         inp = np.eye(V)[x[:, t]]  # one-hot rows: layer 0's input product is an embedding lookup
         for l in range(2):
             q = net.layer(p, cfg, l)
-            s[l] = reference_step(cell, inp @ q["U"] + q["b"], q["W"], s[l], q)
+            s[l] = reference_step(cell, inp @ p[f"U{l}"] + q["b"], q["W"], s[l], q)
             inp = s[l, 0]
         z = inp @ p["V"] + p["c"]
         nll -= (z[np.arange(B), y[:, t]] - np.log(np.exp(z).sum(axis=1))).sum()
