@@ -10,6 +10,7 @@ Sigmoids are computed as σ(x) = (1 + tanh(x / 2)) / 2: one tanh call can then c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 from typing import Any, ClassVar
@@ -60,6 +61,23 @@ def blocks(M: np.ndarray, k: int) -> np.ndarray:
     if M.ndim == 1:
         return M.reshape(k, -1)
     return M.reshape(len(M), k, -1).swapaxes(0, 1)
+
+
+def back_through_time(dh: np.ndarray, dz: np.ndarray, W: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Walk t = T-1 .. 0 and yield (t, dh[t]) with the future's part added in place: dh[t] += dz[:, t+1] W^T,
+    where dz (k, T, B, H) is the gradient w.r.t. the recurrent products h_t W, which the caller fills for step
+    t (from dh[t]) before the walk goes on."""
+    T, B, H = dh.shape
+    WT = blocks(W, len(dz)).transpose(0, 2, 1)  # (k, H, H)
+    tmpk = np.empty((len(dz), B, H), dh.dtype)
+    tmp = np.empty((B, H), dh.dtype)
+    with one_thread(T, B, H):
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                np.matmul(dz[:, t + 1], WT, out=tmpk)
+                np.sum(tmpk, axis=0, out=tmp)
+                dh[t] += tmp
+            yield t, dh[t]
 
 
 def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:

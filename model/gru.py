@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, blocks, one_thread, recur_grad
+from model.cell import Cell, Params, back_through_time, blocks, one_thread, recur_grad
 
 
 class GRU(Cell):
@@ -68,19 +68,12 @@ class GRU(Cell):
         np.subtract(h[:-1], n, out=cz)
         cz *= tmp  # (h_{t-1} - n) z(1 - z)
         np.multiply(Cn, r, out=cn)
-        WT = blocks(q["W"], 3).transpose(0, 2, 1)  # (3, H, H)
-        tmp3 = np.empty((3, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
-        with one_thread(T, B, H):
-            for t in range(T - 1, -1, -1):
-                d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
-                if t < T - 1:
-                    np.matmul(R[:, t + 1], WT, out=tmp3)
-                    np.sum(tmp3, axis=0, out=tmp)
-                    d += tmp
-                    np.multiply(dh[t + 1], z[t + 1], out=tmp)
-                    d += tmp
-                R[:, t] *= d
+        for t, d in back_through_time(dh, R, q["W"]):  # d (B, H): the gradient w.r.t. h_t
+            if t < T - 1:
+                np.multiply(dh[t + 1], z[t + 1], out=tmp)
+                d += tmp
+            R[:, t] *= d
         g = {"W": recur_grad(h, R), "bh": R[2].sum(axis=(0, 1))}
         np.multiply(dh, Cn, out=cn)  # R becomes da
         return R, g

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, blocks, one_thread, recur_grad
+from model.cell import Cell, Params, back_through_time, blocks, one_thread, recur_grad
 
 
 class LSTM(Cell):
@@ -74,20 +74,13 @@ class LSTM(Cell):
         np.multiply(g, g, out=cg)
         np.subtract(1.0, cg, out=cg)
         cg *= i  # i(1 - g²)
-        WT = blocks(q["W"], 4).transpose(0, 2, 1)  # (4, H, H)
-        tmp4 = np.empty((4, B, H), dh.dtype)
         tmp = np.empty((B, H), dh.dtype)
         dc = np.zeros((B, H), dh.dtype)
-        with one_thread(T, B, H):
-            for t in range(T - 1, -1, -1):
-                d = dh[t]  # (B, H): the gradient w.r.t. h_t, once the future's part is added
-                if t < T - 1:
-                    np.matmul(da[:, t + 1], WT, out=tmp4)
-                    np.sum(tmp4, axis=0, out=tmp)
-                    d += tmp
-                    dc *= f[t + 1]
-                np.multiply(d, Q[t], out=tmp)
-                dc += tmp
-                co[t] *= d
-                da[1:, t] *= dc
+        for t, d in back_through_time(dh, da, q["W"]):  # d (B, H): the gradient w.r.t. h_t
+            if t < T - 1:
+                dc *= f[t + 1]
+            np.multiply(d, Q[t], out=tmp)
+            dc += tmp
+            co[t] *= d
+            da[1:, t] *= dc
         return da, {"W": recur_grad(h, da)}
