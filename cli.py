@@ -15,14 +15,19 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 import settings
-from model import checkpoint, corpus, rnn, sample, train
+from model import checkpoint, corpus, net, sample, train
 from model.checkpoint import CheckpointError
 from model.corpus import CorpusError
 from model.vocab import UnknownCharsError, Vocab
 
 ERRORS = (CheckpointError, CorpusError, UnknownCharsError, train.TrainingDiverged, ValueError, OSError)
 
-MODEL_FLAGS = {"hidden": "hidden size", "layers": "stacked layers", "dropout": "dropout between layers"}
+MODEL_FLAGS = {
+    "cell": "recurrent cell: rnn, gru or lstm",
+    "hidden": "hidden size",
+    "layers": "stacked layers",
+    "dropout": "dropout between layers",
+}
 TRAIN_FLAGS = {
     "steps": "total optimizer steps (a resumed run continues up to this total)",
     "seed": "random seed",
@@ -34,7 +39,18 @@ TRAIN_FLAGS = {
     "checkpoint_every": "steps between checkpoints",
     "eval_every": "steps between validation passes",
 }
-PIPELINE_FLAGS = ("steps", "hidden", "layers", "dropout", "batch", "seq", "lr", "checkpoint_every", "seed")
+PIPELINE_FLAGS = (
+    "steps",
+    "cell",
+    "hidden",
+    "layers",
+    "dropout",
+    "batch",
+    "seq",
+    "lr",
+    "checkpoint_every",
+    "seed",
+)
 
 
 class Bar:
@@ -93,7 +109,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         train_kw = dict(meta.train)
     model_kw |= {k: getattr(a, k) for k in MODEL_FLAGS if getattr(a, k) is not None}
     train_kw |= {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k) is not None}
-    mcfg, tcfg = rnn.ModelConfig(**model_kw), train.TrainConfig(**train_kw)
+    mcfg, tcfg = net.ModelConfig(**model_kw), train.TrainConfig(**train_kw)
     print(
         f"training on {len(tr):,} chars ({len(vocab)} symbols), validating on {len(va):,}: "
         f"H={mcfg.hidden} L={mcfg.layers} B={tcfg.batch} T={tcfg.seq} steps={tcfg.steps}",
@@ -210,7 +226,7 @@ def flag_type(model: type[BaseModel], name: str) -> dict:
 def parser() -> argparse.ArgumentParser:
     ap = Parser(prog="char-rnn", description="A character-level RNN in NumPy.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    configs = {k: rnn.ModelConfig for k in MODEL_FLAGS} | {k: train.TrainConfig for k in TRAIN_FLAGS}
+    configs = {k: net.ModelConfig for k in MODEL_FLAGS} | {k: train.TrainConfig for k in TRAIN_FLAGS}
 
     t = sub.add_parser("train", help="train a model on a text file or a folder of .txt files")
     t.add_argument("--data", required=True, help="a .txt file or a folder of .txt files")
@@ -241,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run the Prefect pipeline once, in-process (no server needed)")
     p.add_argument("--data", default="data", help="corpus folder (may be outside the allowed roots)")
     for name in PIPELINE_FLAGS:
-        model = rnn.ModelConfig if name in MODEL_FLAGS else train.TrainConfig
+        model = net.ModelConfig if name in MODEL_FLAGS else train.TrainConfig
         p.add_argument(f"--{name.replace('_', '-')}", help="(default: the flow's)", **flag_type(model, name))
     p.set_defaults(fn=cmd_pipeline)
 

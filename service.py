@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits
 
 from model import checkpoint, corpus, sample
 from model.checkpoint import Checkpoint
-from model.rnn import ModelConfig, Params
+from model.net import ModelConfig, Params
 from model.vocab import Vocab
 from registry import NAME, Current, Registry
 from serving import history, openapi, pages, workers

@@ -36,7 +36,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.pipeline import pipeline
 from flows.tasks import PROMPTS, SAMPLE_CHARS, SAMPLING
 from model import corpus, train
-from model.rnn import ModelConfig
+from model.net import ModelConfig
 from model.sample import sample
 from model.train import TrainConfig
 from model.vocab import Vocab

@@ -1,13 +1,13 @@
 """Serving latency and throughput of the real `bentoml serve`, with and without batching across requests.
 
-Trains and promotes a quick model (by default hidden 256, 1 layer) into a temporary CHAR_RNN_HOME, starts
-the server on a free loopback port (batching on, off, and on with 2 worker processes) and keeps
-`concurrency` clients busy with 200-character generations. Prints p50/p95/p99 latency and generated
+Trains and promotes a quick model (by default ModelConfig's cell, hidden 256, 1 layer) into a temporary
+CHAR_RNN_HOME, starts the server on a free loopback port (batching on, off, and on with 2 worker processes)
+and keeps `concurrency` clients busy with 200-character generations. Prints p50/p95/p99 latency and generated
 characters/s per point as a table; the last line is JSON. Targets (hidden 256, 2 cores): p50 <= 10 ms at
 concurrency 1; throughput at 32 >= 5x that at 1, batching on. The cores are shared: levels alternate over
 rounds, and the server's CPU time per request (robust to contention) and the load average are recorded.
 
-    uv run python bench/serve_latency.py [--seconds 6] [--rounds 3] [--hidden 256] [--layers 1]
+    uv run python bench/serve_latency.py [--seconds 6] [--rounds 3] [--cell lstm] [--hidden 256] [--layers 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from model import corpus
-from model.rnn import ModelConfig
+from model.net import ModelConfig
 from model.train import TrainConfig, train
 from model.vocab import Vocab
 from settings import ROOT, isolated_env
@@ -46,14 +46,14 @@ CHARS = 200
 LEVELS = (1, 8, 32)
 
 
-def promote_quick_model(hidden: int, layers: int) -> str:
+def promote_quick_model(cell: str, hidden: int, layers: int) -> str:
     """Train a few steps on tiny shakespeare (speed does not depend on quality) and promote it."""
     from registry import Registry
 
     text = corpus.read(ROOT / "data" / "tinyshakespeare.txt").text[:200_000]
     vocab = Vocab.from_text(text)
     ids = vocab.encode(text)
-    cfg = ModelConfig(vocab_size=len(vocab), hidden=hidden, layers=layers, dropout=0.0)
+    cfg = ModelConfig(vocab_size=len(vocab), cell=cell, hidden=hidden, layers=layers, dropout=0.0)
     tc = TrainConfig(
         steps=20, batch=16, seq=32, warmup=0, eval_every=20, checkpoint_every=20, eval_chars=5000
     )
@@ -208,10 +208,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the levels, against drifting load")
+    ap.add_argument(
+        "--cell", choices=["rnn", "gru", "lstm"], default=ModelConfig.model_fields["cell"].default
+    )
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=1)
     a = ap.parse_args()
-    tag = promote_quick_model(a.hidden, a.layers)
+    tag = promote_quick_model(a.cell, a.hidden, a.layers)
     rows = []
     for batching, max_batch, workers in (("on", 64, 1), ("off", 1, 1), ("on", 64, 2)):
         with Server(max_batch, workers) as server:
@@ -223,7 +226,8 @@ def main() -> None:
                 rows.append({"batching": batching, "workers": workers, "concurrency": c} | tally.row())
     cols = ("batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s")
     cols += ("cpu_ms_per_req",)
-    print(f"{tag}: hidden {a.hidden} x {a.layers} layer(s), {CHARS} chars/request, {os.cpu_count()} cores")
+    size = f"{a.cell}, hidden {a.hidden} x {a.layers} layer(s)"
+    print(f"{tag}: {size}, {CHARS} chars/request, {os.cpu_count()} cores")
     print(" ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:>14}" for c in cols))
@@ -233,7 +237,8 @@ def main() -> None:
     print("throughput at 32 / at 1: " + ", ".join(f"{k} {v}x" for k, v in scale.items()))
     targets = {"p50_c1_le_10ms": p50_c1 <= 10, "c32_over_c1_ge_5x": scale["on/1w"] >= 5}
     load_avg = round(os.getloadavg()[0], 2)
-    summary = {"model": tag, "hidden": a.hidden, "layers": a.layers, "chars": CHARS, "load_avg_1m": load_avg}
+    summary = {"model": tag, "cell": a.cell, "hidden": a.hidden, "layers": a.layers, "chars": CHARS}
+    summary["load_avg_1m"] = load_avg
     summary["results"] = rows
     print(json.dumps(summary | {"scale_32_over_1": scale, "targets_met": targets}))
     shutil.rmtree(HOME, ignore_errors=True)  # kept when a run fails, for the server logs

@@ -1,15 +1,15 @@
-"""Validation loss reached in M minutes of wall time by the documented default configuration.
+"""Validation loss reached in M minutes of wall time, everything included, by a cell and configuration.
 
-Trains TrainConfig() + ModelConfig() defaults with model.train.train on tiny shakespeare (last 10% held
-out, model.corpus.split). The step count is derived from a short warm-up that times real training steps
-and validation passes, so that the cosine schedule ends about M minutes after the start (warm-up
-included) on an otherwise idle machine: the warm-up takes a low quantile of min(wall, CPU) step times,
-so load from other jobs on a shared box stretches the wall time (reported, with CPU time) instead of
-cutting steps. Prints validation loss against time; the last line is one JSON object whose "best_val_nats"
-is the full validation set's loss of the better of the final and the best (by in-run evaluation)
-checkpoints.
+Trains TrainConfig() + ModelConfig() defaults (or `--cell`, `--set` overrides) with model.train.train on tiny
+shakespeare (last 10% held out, model.corpus.split). The budget is wall time from start to the last number:
+a warm-up that times real training steps and a validation pass (on a throwaway model) sets the step count so
+that the cosine schedule, the in-run validations, the checkpoints and the final full-validation passes fit;
+should the machine slow down (other jobs take the cores), a deadline stops training early (reported, with
+the steps done) rather than overrun. Prints validation loss against time; the last line is one JSON object
+whose "best_val_nats" is the full validation set's loss of the better of the final and the best (by in-run
+validation) checkpoints. Run it on an otherwise idle machine: the load average is printed before and after.
 
-  uv run python bench/train_quality.py --minutes 5 [--set hidden=512 --set lr=2e-3 ...]
+  uv run python bench/train_quality.py --cell lstm --minutes 5 [--set hidden=512 --set lr=2e-3 ...]
 `--set` overrides a TrainConfig or ModelConfig field (for experiments; the default run uses none).
 """
 
@@ -18,17 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import common
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from model import checkpoint, optim, rnn, train
+from model import checkpoint, net, optim, train
 from model.corpus import split
-from model.rnn import ModelConfig
+from model.net import ModelConfig
 from model.train import Streams, TrainConfig
+
+MARGIN = 0.02  # of the budget, kept free against estimation error
+
+
+class OutOfTime(Exception):
+    """The deadline for training passed."""
 
 
 def configs(vocab_size: int, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
@@ -46,60 +55,73 @@ def configs(vocab_size: int, overrides: list[str]) -> tuple[ModelConfig, TrainCo
     return ModelConfig(**mkw), TrainConfig(**tkw)
 
 
-def seconds_per_step(
-    tr: np.ndarray, va: np.ndarray, mcfg: ModelConfig, tcfg: TrainConfig, seconds: float
-) -> tuple[float, float, int]:
-    """Time real training steps (a throwaway model) for about `seconds`: s/step and s/evaluation as the
-    machine gives them when it is ours, and the steps taken. A step counts min(wall, CPU) time: on an
-    idle box wall <= CPU, and CPU time barely grows when other jobs take the cores."""
+def timings(
+    tr: np.ndarray, va: np.ndarray, mcfg: ModelConfig, tcfg: TrainConfig, seconds: float, tmp: Path
+) -> tuple[float, float, float, int]:
+    """Wall seconds per training step (median), per in-run validation and per checkpoint, timed for about
+    `seconds` on a throwaway model, and the steps taken."""
     rng = np.random.default_rng(tcfg.seed + 1)
-    p = rnn.init(mcfg, rng)
+    p = net.init(mcfg, rng)
     opt = optim.make(tcfg.optimizer, p, tcfg.weight_decay)
     streams = Streams(tr, tcfg.batch, tcfg.seq)
-    h, pos, times = rnn.zeros_hidden(mcfg, tcfg.batch), 0, []
+    s, pos, times = net.zeros_state(mcfg, tcfg.batch), 0, []
     drop = rng if mcfg.dropout > 0 else None
     end = time.perf_counter() + seconds
     while len(times) < 5 or time.perf_counter() < end:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         x, y, pos = streams.get(pos)
-        _, cache, h = rnn.forward(p, mcfg, x, y, h, drop)
-        g = rnn.backward(p, mcfg, cache)
+        _, cache, s = net.forward(p, mcfg, x, y, s, drop)
+        g = net.backward(p, mcfg, cache)
         optim.clip_(g, tcfg.clip)
         opt.step(p, g, tcfg.lr * 0.1)
-        times.append(min(time.perf_counter() - t0, time.process_time() - c0))
-    evals = []
-    for _ in range(2):
-        t1, c1 = time.perf_counter(), time.process_time()
-        train.evaluate(p, mcfg, va[: tcfg.eval_chars] if tcfg.eval_chars else va)
-        evals.append(min(time.perf_counter() - t1, time.process_time() - c1))
-    return float(np.quantile(times[2:], 0.1)), min(evals), len(times)
+        times.append(time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    train.evaluate(p, mcfg, va[: tcfg.eval_chars] if tcfg.eval_chars else va)
+    t2 = time.perf_counter()
+    meta = checkpoint.Meta(format=checkpoint.FORMAT, vocab=[], model=mcfg)
+    checkpoint.save(tmp / "warm-up", p, meta, opt.state_dict() | {"state": s})
+    t3 = time.perf_counter()
+    return float(np.median(times[2:])), t2 - t1, t3 - t2, len(times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minutes", type=float, default=5.0, help="wall-time budget, warm-up included")
-    ap.add_argument("--steps", type=int, default=0, help="fix the step count instead (experiments)")
+    ap.add_argument("--minutes", type=float, default=5.0, help="wall-time budget, everything included")
+    ap.add_argument("--cell", choices=sorted(net.CELLS), help="the cell (default: ModelConfig's)")
+    ap.add_argument("--steps", type=int, default=0, help="fix the step count instead (no deadline)")
+    ap.add_argument("--threads", type=int, default=0, help="BLAS threads; 0 = leave as is")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     args = ap.parse_args()
-    start, cpu0 = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
+    cpu0, load_before = time.process_time(), os.getloadavg()
     budget = 60.0 * args.minutes
+    if args.threads:
+        threadpool_limits(args.threads, user_api="blas")
 
     ids, vocab = common.load_ids()
     tr, va = split(ids)
-    mcfg, tcfg = configs(len(vocab), args.set)
+    mcfg, tcfg = configs(len(vocab), ([f"cell={args.cell}"] if args.cell else []) + args.set)
+    tmp = Path(tempfile.mkdtemp(prefix="char-rnn-quality-"))
     warm = min(20.0, max(5.0, 0.05 * budget))
-    per_step, per_eval, n_warm = seconds_per_step(tr, va, mcfg, tcfg, warm)
-    left = budget - (time.perf_counter() - start)
-    per_step_all = per_step * 1.01 + per_eval / tcfg.eval_every  # + checkpoints, logging
+    per_step, per_eval, per_save, n_warm = timings(tr, va, mcfg, tcfg, warm, tmp)
+    # checkpoints take ~1% of the time, so that a deadline loses few steps (those since the last one)
+    every = min(tcfg.eval_every, max(10, math.ceil(per_save / (0.01 * per_step))))
+    eval_chars = tcfg.eval_chars or len(va)
+    final_evals = 2 * per_eval * len(va) / min(eval_chars, len(va))  # the final and the best, on all of va
+    deadline = start + budget * (1 - MARGIN) - final_evals
+    left = deadline - time.perf_counter()
+    per_step_all = per_step * 1.01 + per_eval / tcfg.eval_every + per_save / every  # 1%: logging, progress
     steps = args.steps or max(1, int(left / per_step_all))
-    tcfg = tcfg.model_copy(update={"steps": steps})
-    threads = common.blas_threads()
-    print(f"tiny shakespeare: {len(tr):,} train / {len(va):,} validation chars; BLAS {threads} threads")
+    tcfg = tcfg.model_copy(update={"steps": steps, "checkpoint_every": every})
+    print(f"tiny shakespeare: {len(tr):,} train / {len(va):,} validation chars")
+    print(f"BLAS {common.blas_name()}, {common.blas_threads()} threads")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"model {mcfg.model_dump()}")
     print(f"train {tcfg.model_dump()}")
     print(
         f"warm-up: {n_warm} steps, {per_step * 1e3:.1f} ms/step ({tcfg.batch * tcfg.seq / per_step:,.0f} "
-        f"chars/s), {per_eval:.2f} s/eval -> {steps} steps in the {left:.0f} s left"
+        f"chars/s), {per_eval:.2f} s/validation, {per_save:.2f} s/checkpoint -> {steps} steps in the "
+        f"{left:.0f} s left for training"
     )
     print(f"{'minutes':>8} {'step':>7} {'train':>7} {'val':>7}")
     curve: list[list[float]] = []
@@ -109,29 +131,46 @@ def main() -> None:
             m = (time.perf_counter() - start) / 60
             curve.append([round(m, 3), p.step, round(p.val_loss, 4)])
             print(f"{m:>8.2f} {p.step:>7} {p.loss:>7.4f} {p.val_loss:>7.4f}", flush=True)
+        if not args.steps and p.step < p.steps and time.perf_counter() > deadline:
+            raise OutOfTime  # (past the last step, the final checkpoint is written: it is quick)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        final = train.train(tr, va, vocab, mcfg, tcfg, out, on_progress=progress)
-        minutes = (time.perf_counter() - start) / 60
-        cpu_minutes = (time.process_time() - cpu0) / 60
-        best = checkpoint.load(out, pointer="best")
-        full = {"final": train.evaluate(final.params, mcfg, va)}
-        if best.meta.step != final.meta.step:
-            full[f"best (step {best.meta.step})"] = train.evaluate(best.params, mcfg, va)
+    out = tmp / "run"
+    try:
+        done = train.train(tr, va, vocab, mcfg, tcfg, out, on_progress=progress).meta.step
+    except OutOfTime:
+        done = None
+        if not checkpoint.step_dirs(out):
+            raise SystemExit(
+                "the deadline came before the first checkpoint: give it more --minutes"
+            ) from None
+    final = checkpoint.load(out)  # the last one written (at a deadline: fewer than checkpoint_every back)
+    best = checkpoint.load(out, pointer="best")
+    full = {f"final (step {final.meta.step})": train.evaluate(final.params, mcfg, va)}
+    if best.meta.step != final.meta.step:
+        full[f"best (step {best.meta.step})"] = train.evaluate(best.params, mcfg, va)
+    shutil.rmtree(tmp)
+    minutes = (time.perf_counter() - start) / 60
+    cpu_minutes = (time.process_time() - cpu0) / 60
+    load_after = os.getloadavg()
     best_val = min(full.values())
     for k, v in full.items():
         print(f"full validation, {k}: {v:.4f} nats/char ({v / math.log(2):.4f} bits)")
-    print(f"{steps} steps: {minutes:.2f} min wall, {cpu_minutes:.2f} min CPU; budget {args.minutes:g}")
+    stopped = "" if done else f"; the deadline stopped training after step {final.meta.step} of {steps}"
+    print(f"{minutes:.2f} min wall (budget {args.minutes:g}), {cpu_minutes:.2f} min CPU{stopped}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
     result = {
         "best_val_nats": round(best_val, 4),
         "best_val_bits": round(best_val / math.log(2), 4),
         "minutes": round(minutes, 3),
         "budget_minutes": args.minutes,
         "cpu_minutes": round(cpu_minutes, 3),
-        "steps": steps,
+        "steps_planned": steps,
+        "steps_done": final.meta.step if done is None else done,
+        "stopped_by_deadline": done is None,
         "ms_per_step": round(per_step * 1e3, 2),
-        "blas_threads": threads,
+        "blas_threads": common.blas_threads(),
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in load_after],
         "model": mcfg.model_dump(),
         "train": tcfg.model_dump(),
         "overrides": args.set,

@@ -1,20 +1,29 @@
-"""Training throughput (characters/s: forward + backward + clipping + optimizer update) on tiny shakespeare.
+"""Training throughput (characters/s: forward + backward + clipping + optimizer update) of every cell, on tiny
+shakespeare, against PyTorch's same cell.
 
-Contenders, alternated round by round in one process (medians reported):
-  numpy      model.rnn (batched, time-major) + model.optim Adam + global-norm clipping; its T sequential
-             (B, H) x (H, H) products run on one BLAS thread when small (rnn.one_thread: B=32, H=256),
-             everything else on all (JSON: numpy_step_threads)
-  seed_loop  the original notebook's RNN: one-hot column vectors, a Python loop per character, plain SGD
-             (no clipping, as in the notebook), float64, batch 1; same hidden size and sequence length
-  torch      PyTorch CPU nn.Embedding + nn.RNN(tanh) + nn.Linear, Adam, clip_grad_norm_ (float32)
+Contenders, alternated round by round in one process (medians reported), at each (B, T, H):
+  numpy <cell>  model.net with the cell (rnn, gru, lstm), one layer, no dropout (as torch's), float32, plus
+                model.optim Adam and global-norm clipping, as `char-rnn train` runs it; at 1 and at 2 BLAS
+                threads, the better reported (at 2, the T sequential per-step products still run on one
+                thread when small: model.cell.one_thread; JSON: numpy.step_threads)
+  torch <cell>  PyTorch CPU nn.Embedding + nn.RNN(tanh) / nn.GRU / nn.LSTM + nn.Linear, Adam,
+                clip_grad_norm_ (float32); run at 1 and at 2 threads (torch.set_num_threads), the better
+                reported
+  seed loop     the original notebook's RNN: one-hot column vectors, a Python loop per character, plain SGD
+                (no clipping, as in the notebook), float64, batch 1, same hidden size and sequence length; run
+                at 1 and at 2 BLAS threads, the better reported (it is slower on 2 here)
+Every contender runs at 1 and at 2 threads and counts with its better one (JSON: threads, and the rate at
+each). Targets: numpy / torch >= 2.0 for rnn and >= 1.0 for gru and lstm, at both sizes. The machine's load
+average is printed before and after: other jobs on the cores skew every number (multi-threaded BLAS and
+torch most), so compare ratios from quiet runs.
 
 torch is optional and never a project dependency. On this machine its CPU wheel lies in /opt/wheels:
   uv run --with /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl \
       python bench/train_speed.py
 (or `uv pip install <that wheel>` into .venv; note that `uv sync` removes it again).
-Without torch the torch column is null.
+Without torch the torch columns are null.
 
-  uv run python bench/train_speed.py [--quick] [--threads N]
+  uv run python bench/train_speed.py [--quick] [--cells rnn,gru,lstm]
 The last line is one JSON object.
 """
 
@@ -28,25 +37,28 @@ from collections.abc import Callable
 
 import common
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
-from model import optim, rnn
+from model import cell, net, optim
 from model.train import Streams
 
 CONFIGS = [(32, 64, 256), (64, 128, 512)]  # (B, T, H)
+TARGETS = {"rnn": 2.0, "gru": 1.0, "lstm": 1.0}  # numpy / torch
+THREADS = (1, 2)  # every contender runs at each, the better counts
 
 
-def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int) -> Callable[[], int]:
-    """One training step of model.rnn per call, over consecutive batches of the corpus."""
-    cfg = rnn.ModelConfig(vocab_size=V, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
-    p = rnn.init(cfg, np.random.default_rng(0))
+def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str) -> Callable[[], int]:
+    """One training step of model.net per call, over consecutive batches of the corpus."""
+    cfg = net.ModelConfig(vocab_size=V, cell=kind, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
+    p = net.init(cfg, np.random.default_rng(0))
     opt = optim.make("adam", p)
     streams = Streams(ids, B, T)
-    state = {"h": rnn.zeros_hidden(cfg, B), "pos": 0}
+    state = {"s": net.zeros_state(cfg, B), "pos": 0}
 
     def step() -> int:
         x, y, state["pos"] = streams.get(state["pos"])
-        _, cache, state["h"] = rnn.forward(p, cfg, x, y, state["h"])
-        grads = rnn.backward(p, cfg, cache)
+        _, cache, state["s"] = net.forward(p, cfg, x, y, state["s"])
+        grads = net.backward(p, cfg, cache)
         optim.clip_(grads, 1.0)
         opt.step(p, grads, 1e-3)
         return B * T
@@ -115,7 +127,7 @@ def one_hot_encode(idx: int, V: int) -> np.ndarray:
 def seed_step(ids: np.ndarray, V: int, T: int, H: int) -> Callable[[], int]:
     """One notebook 'epoch' over the next T characters per call (batch 1)."""
     np.random.seed(0)
-    net = SeedRNN(V, H, V)
+    model = SeedRNN(V, H, V)
     text = ids.tolist()
     state = {"h": np.zeros((H, 1)), "pos": 0}
 
@@ -125,111 +137,145 @@ def seed_step(ids: np.ndarray, V: int, T: int, H: int) -> Callable[[], int]:
         inputs = [one_hot_encode(i, V) for i in chunk[:-1]]
         targets = chunk[1:]
         with np.errstate(all="ignore"):  # its plain SGD at lr 0.1 can overflow, as in the notebook
-            *_, dU, dW, dV, db, dc, state["h"] = net.loss_and_gradients(inputs, targets, state["h"])
-            net.update((dU, dW, dV, db, dc), learning_rate=0.1)
+            *_, dU, dW, dV, db, dc, state["h"] = model.loss_and_gradients(inputs, targets, state["h"])
+            model.update((dU, dW, dV, db, dc), learning_rate=0.1)
         state["pos"] = pos + T if pos + 2 * T + 1 < len(text) else 0
         return T
 
     return step
 
 
-def torch_step(torch, ids: np.ndarray, V: int, B: int, T: int, H: int) -> Callable[[], int]:
-    """One PyTorch nn.RNN training step per call, on the same batches as numpy_step."""
+def torch_step(torch, ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str) -> Callable[[], int]:
+    """One PyTorch training step of the same cell per call, on the same batches as numpy_step."""
     torch.manual_seed(0)
-    emb, net, out = torch.nn.Embedding(V, H), torch.nn.RNN(H, H), torch.nn.Linear(H, V)
-    params = [*emb.parameters(), *net.parameters(), *out.parameters()]
+    layer = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[kind](H, H)
+    emb, out = torch.nn.Embedding(V, H), torch.nn.Linear(H, V)
+    params = [*emb.parameters(), *layer.parameters(), *out.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3)
     streams = Streams(ids, B, T)
-    state = {"h": torch.zeros(1, B, H), "pos": 0}
+    h0 = torch.zeros(1, B, H)
+    state = {"s": (h0, h0.clone()) if kind == "lstm" else h0, "pos": 0}
 
     def step() -> int:
         x, y, state["pos"] = streams.get(state["pos"])
         x, y = torch.from_numpy(x.T.astype(np.int64)), torch.from_numpy(y.T.astype(np.int64))  # (T, B)
-        hs, hT = net(emb(x), state["h"])  # (T, B, H)
+        hs, sT = layer(emb(x), state["s"])  # (T, B, H)
         loss = torch.nn.functional.cross_entropy(out(hs).reshape(-1, V), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        state["h"] = hT.detach()
+        state["s"] = tuple(s.detach() for s in sT) if kind == "lstm" else sT.detach()
         return B * T
 
     return step
 
 
+def on_threads(step: Callable[[], int], n: int, torch=None) -> Callable[[], int]:
+    """`step` run on `n` threads: torch's when `torch` is given, else numpy's BLAS threads."""
+
+    def run() -> int:
+        if torch is not None:
+            torch.set_num_threads(n)
+            return step()
+        with ThreadpoolController().limit(limits=n, user_api="blas"):
+            return step()
+
+    return run
+
+
+def measure(ids: np.ndarray, V: int, size: tuple[int, int, int], kinds: list[str], torch, timing) -> dict:
+    """One row: every contender at one (B, T, H), alternated; medians, threads, ratios."""
+    B, T, H = size
+    steps = {}
+    for n in THREADS:
+        steps[f"seed {n}"] = on_threads(seed_step(ids, V, T, H), n)
+        for k in kinds:
+            steps[f"numpy {k} {n}"] = on_threads(numpy_step(ids, V, B, T, H, k), n)
+            if torch is not None:
+                steps[f"torch {k} {n}"] = on_threads(torch_step(torch, ids, V, B, T, H, k), n, torch)
+    for s in steps.values():  # warm-up: allocations, first-call overheads
+        s()
+    rates = common.alternate(steps, *timing)
+    med = {k: common.median(v) for k, v in rates.items()}
+
+    def best(name: str) -> dict:
+        at = {n: round(med[f"{name} {n}"]) for n in THREADS}
+        n = max(at, key=at.__getitem__)
+        return {"rate": at[n], "threads": n, "at": at}
+
+    row: dict = {"B": B, "T": T, "H": H, "seed_loop": best("seed")}
+    for k in kinds:
+        r: dict = {"numpy": best(f"numpy {k}")}
+        small = 2 * B * H * H < cell.SMALL_FLOPS
+        r["numpy"]["step_threads"] = 1 if small else r["numpy"]["threads"]
+        if torch is not None:
+            r["torch"] = best(f"torch {k}")
+            r["vs_torch"] = round(r["numpy"]["rate"] / r["torch"]["rate"], 2)
+            r["target"] = TARGETS[k]
+            r["met"] = r["vs_torch"] >= TARGETS[k]
+        row[k] = r
+    if "rnn" in kinds:
+        row["rnn_vs_seed"] = round(row["rnn"]["numpy"]["rate"] / row["seed_loop"]["rate"], 1)
+    row["spread"] = {k: [round(min(v)), round(max(v))] for k, v in rates.items()}
+    return row
+
+
+def table(rows: list[dict], kinds: list[str]) -> None:
+    """Rates in characters/s with the thread count each contender ran best at."""
+    head = f"{'B':>4} {'T':>4} {'H':>4} {'cell':>5}"
+    print(f"\n{head} | {'numpy':>9} {'thr':>3} {'torch':>9} {'thr':>3} | vs torch")
+    for r in rows:
+        for k in kinds:
+            c, size = r[k], f"{r['B']:>4} {r['T']:>4} {r['H']:>4} {k:>5}"
+            line = f"{size} | {c['numpy']['rate']:>9,} {c['numpy']['threads']:>3} "
+            if "torch" in c:
+                met = "met" if c["met"] else "NOT MET"
+                line += f"{c['torch']['rate']:>9,} {c['torch']['threads']:>3} | {c['vs_torch']:>8.2f}"
+                line += f" (target {c['target']:g}: {met})"
+            print(line)
+        seed = r["seed_loop"]
+        at = ", ".join(f"{v:,} on {n}" for n, v in seed["at"].items())
+        vs = f"; numpy rnn / seed loop = {r['rnn_vs_seed']}" if "rnn_vs_seed" in r else ""
+        print(f"{'':>14}   seed loop (chars/s on BLAS threads): {at}{vs}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a short run (well under a minute)")
-    ap.add_argument("--threads", type=int, default=0, help="BLAS (and torch) threads; 0 = leave as is")
+    ap.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
+    ap.add_argument("--cells", default="rnn,gru,lstm", help="comma-separated cells to measure")
     args = ap.parse_args()
-    rounds, seconds = (5, 0.25) if args.quick else (9, 1.0)
-
-    limiter = None
-    if args.threads:
-        from threadpoolctl import threadpool_limits
-
-        limiter = threadpool_limits(args.threads, user_api="blas")
-    threads = common.blas_threads()
+    timing = (5, 0.3) if args.quick else (9, 1.0)  # rounds, seconds per contender per round
+    kinds = args.cells.split(",")
+    load_before = os.getloadavg()
     try:
         import torch
-
-        torch.set_num_threads(threads)
-        torch_info = {"version": torch.__version__, "threads": torch.get_num_threads()}
     except ImportError:
         torch = None
-        torch_info = None
-        print("torch is not installed: its column is null (see this script's docstring to add it)")
-
+        print("torch is not installed: its columns are null (see this script's docstring to add it)")
     ids, vocab = common.load_ids()
-    V = len(vocab)
-    print(f"tiny shakespeare: {len(ids):,} chars, vocab {V}")
-    print(f"numpy BLAS {common.blas_name()}, {threads} threads")
-    if torch_info:
-        print(f"torch {torch_info['version']}, {torch_info['threads']} threads")
-    print(f"{rounds} alternated rounds of {seconds:g} s per contender and config; medians in characters/s")
-    rows = []
-    for B, T, H in CONFIGS:
-        steps = {"numpy": numpy_step(ids, V, B, T, H), "seed_loop": seed_step(ids, V, T, H)}
-        if torch is not None:
-            steps["torch"] = torch_step(torch, ids, V, B, T, H)
-        for s in steps.values():  # warm-up: allocations, first-call overheads
-            s()
-        rates = common.alternate(steps, rounds, seconds)
-        med = {k: common.median(v) for k, v in rates.items()}
-        row = {"B": B, "T": T, "H": H, "numpy": round(med["numpy"]), "seed_loop": round(med["seed_loop"])}
-        row["torch"] = round(med["torch"]) if "torch" in med else None
-        row["vs_seed"] = round(med["numpy"] / med["seed_loop"], 2)
-        row["vs_torch"] = round(med["numpy"] / med["torch"], 2) if "torch" in med else None
-        row["numpy_step_threads"] = 1 if 2 * B * H * H < rnn.SMALL_FLOPS else threads
-        row["spread"] = {k: [round(min(v)), round(max(v))] for k, v in rates.items()}
-        rows.append(row)
-
-    head = f"{'numpy':>9} {'seed_loop':>9} {'torch':>9} | {'vs_seed':>7} {'vs_torch':>8}"
-    print(f"\n{'B':>4} {'T':>4} {'H':>4} | {head}")
-    for r in rows:
-        tch = f"{r['torch']:>9,}" if r["torch"] is not None else f"{'null':>9}"
-        vt = f"{r['vs_torch']:>8.2f}" if r["vs_torch"] is not None else f"{'null':>8}"
-        print(
-            f"{r['B']:>4} {r['T']:>4} {r['H']:>4} | {r['numpy']:>9,} {r['seed_loop']:>9,} {tch} | "
-            f"{r['vs_seed']:>7.1f} {vt}"
-        )
+    machine = f"{platform.machine()}, {os.cpu_count()} cpus"
+    print(f"tiny shakespeare: {len(ids):,} chars, vocab {len(vocab)}; {machine}")
+    print(f"numpy BLAS {common.blas_name()}, {common.blas_threads()} threads by default")
+    print(f"torch {torch.__version__ if torch else None}")
+    print(f"{timing[0]} alternated rounds of {timing[1]:g} s per contender and size; medians in characters/s")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
+    rows = [measure(ids, len(vocab), size, kinds, torch, timing) for size in CONFIGS]
+    load_after = os.getloadavg()
+    table(rows, kinds)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
     result = {
         "configs": rows,
-        "blas_threads": threads,
-        "threads": {
-            "numpy": threads,
-            "seed_loop": threads,
-            "torch": torch_info["threads"] if torch_info else None,
-        },
+        "numpy_blas_threads": common.blas_threads(),
         "blas": common.blas_name(),
-        "torch_version": torch_info["version"] if torch_info else None,
-        "rounds": rounds,
-        "seconds_per_round": seconds,
+        "torch_version": torch and torch.__version__,
+        "rounds": timing[0],
+        "seconds_per_round": timing[1],
         "quick": args.quick,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in load_after],
+        "machine": machine,
     }
-    if limiter is not None:
-        limiter.restore_original_limits()
     print(json.dumps(result))
 
 

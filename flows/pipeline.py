@@ -19,7 +19,7 @@ from flows.tasks import (
     publish,
     train_model,
 )
-from model.rnn import ModelConfig as M
+from model.net import ModelConfig as M
 from model.train import TrainConfig as T
 
 
@@ -33,6 +33,7 @@ def run_name(fingerprint: str, model: M, config: T, parent: str | None) -> str:
 def pipeline(
     data_dir: DataDir | None = None,
     steps: like(T, "steps") = default(T, "steps"),
+    cell: like(M, "cell") = default(M, "cell"),
     hidden: like(M, "hidden") = default(M, "hidden"),
     layers: like(M, "layers") = default(M, "layers"),
     dropout: like(M, "dropout") = default(M, "dropout"),
@@ -52,6 +53,7 @@ def pipeline(
     Args:
         data_dir: the corpus: a folder of UTF-8 .txt files, or one file (default: CHAR_RNN_DATA)
         steps: optimizer steps in total
+        cell: the recurrent cell: rnn (vanilla tanh), gru or lstm
         hidden: hidden units per layer
         layers: stacked layers
         dropout: dropout between layers
@@ -75,7 +77,8 @@ def pipeline(
         logger.info("Nothing to retrain: %s", reason)
         return Decision(promoted=False, tag=current.tag, reason=reason)
     config = T(steps=steps, batch=batch, seq=seq, lr=lr, checkpoint_every=checkpoint_every, seed=seed)
-    shape = M(vocab_size=len(current.vocab) if current else 1, hidden=hidden, layers=layers, dropout=dropout)
+    vocab_size = len(current.vocab) if current else 1
+    shape = M(vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers, dropout=dropout)
     why_not = current.shape_differs(shape) if current else None
     if why_not:
         logger.info("Training from scratch: %s", why_not)

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ValidationError
 
 from flows import report
 from flows.report import Comparison, Decision, Outcome, Score
-from model import checkpoint, corpus, rnn, train
+from model import checkpoint, corpus, net, train
 from model.files import locked, make_dirs, write_atomic
-from model.rnn import ModelConfig
+from model.net import ModelConfig
 from model.sample import Settings, sample
 from model.train import Progress, Streams, TrainConfig
 from model.vocab import Vocab
@@ -241,7 +241,7 @@ def train_model(
     init = parent = None
     if warm is not None:
         ck = checkpoint.load_dir(warm.path, with_optim=False)
-        init = rnn.grow(ck.params, ck.config, model.vocab_size, np.random.default_rng(config.seed))
+        init = net.grow(ck.params, ck.config, model.vocab_size, np.random.default_rng(config.seed))
         parent = warm.tag
     t0 = time.perf_counter()
     with locked(make_dirs(run_dir) / ".lock", f"another run is training into {run_dir}; waiting for it"):

@@ -2,10 +2,11 @@
 
 A checkpoint is a directory  step-000500/  holding
   weights.npz  the model's arrays                  (loaded with allow_pickle=False)
-  optim.npz    optimizer moments + hidden state    (for bitwise resume; optional in exports)
-  meta.json    format, vocab, configs, step, RNG state, data position, metrics, fingerprint,
-               parent, and the sha256 of each .npz
+  optim.npz    optimizer moments + the carried state (L, S, B, H)   (for bitwise resume; optional in exports)
+  meta.json    format, vocab, configs (the cell among them), step, RNG state, data position, metrics,
+               fingerprint, parent, and the sha256 of each .npz
 It is written under a temporary name, fsynced, then renamed; pointers are updated the same way, last.
+Format 1 (before GRU and LSTM) loads as the vanilla `rnn` cell, its per-layer `hidden.<l>` as the state.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from model import net
 from model.files import fsync_dir, named, sha256, write_atomic, write_file
-from model.rnn import ModelConfig, Params
+from model.net import ModelConfig, Params
 from model.vocab import Vocab
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # formats this code loads
 FILES = ("weights.npz", "optim.npz")
 log = logging.getLogger("char_rnn")
 
@@ -51,6 +54,14 @@ class Meta(BaseModel):
     parent: str | None = None
     sha256: dict[str, str] = {}
     created: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def format1_is_rnn(cls, data: Any) -> Any:
+        """Format 1 had no `cell`: its models are vanilla RNNs (whatever ModelConfig's default is now)."""
+        if isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("model"), dict):
+            data = data | {"model": {"cell": "rnn"} | data["model"]}
+        return data
 
 
 @dataclass
@@ -117,8 +128,8 @@ def read_meta(path: Path) -> Meta:
         raise CheckpointError(f"{path}: no meta.json; is this a checkpoint directory?") from e
     except (ValidationError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable checkpoint metadata ({e.__class__.__name__})") from e
-    if meta.format != FORMAT:
-        raise CheckpointError(f"{f}: checkpoint format {meta.format}, this code reads {FORMAT}")
+    if meta.format not in READS:
+        raise CheckpointError(f"{f}: checkpoint format {meta.format}, this code reads {READS}")
     return meta
 
 
@@ -143,14 +154,14 @@ def load_dir(path: Path, with_optim: bool = True) -> Checkpoint:
             raise CheckpointError(f"{f}: unreadable ({e})") from e
     params = arrays["weights.npz"]
     check_shapes(params, meta.model, path)
-    return Checkpoint(path, params, meta, arrays.get("optim.npz", {}))
+    optim = arrays.get("optim.npz", {})
+    if meta.format == 1 and optim:  # per-layer h (B, H) -> the state (L, 1, B, H)
+        optim["state"] = np.stack([optim.pop(f"hidden.{l}") for l in range(meta.model.layers)])[:, None]
+    return Checkpoint(path, params, meta, optim)
 
 
 def check_shapes(params: Params, cfg: ModelConfig, where: Path) -> None:
-    H, V = cfg.hidden, cfg.vocab_size
-    want = {"V": (H, V), "c": (V,)}
-    for l in range(cfg.layers):
-        want |= {f"U{l}": (V if l == 0 else H, H), f"W{l}": (H, H), f"b{l}": (H,)}
+    want = net.shapes(cfg)
     got = {k: v.shape for k, v in params.items()}
     if got != want:
         raise CheckpointError(f"{where}: weights do not match the model config ({got} vs {want})")

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from model.rnn import Params
+from model.cell import Params
 
 OptimName = Literal["adam", "adagrad", "sgd"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import rnn
-from model.rnn import ModelConfig, Params
+from model import net
+from model.net import ModelConfig, Params
 from model.vocab import Unknown, Vocab
 
 
@@ -31,14 +31,14 @@ class Settings:
 
 
 def prime(p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray]) -> np.ndarray:
-    """The state (L, B, H) after reading each prompt's ids; rows of different lengths advance masked."""
+    """The state (L, S, B, H) after reading each prompt's ids; rows of different lengths advance masked."""
     B = len(prompts)
-    h = rnn.zeros_hidden(cfg, B)
+    h = net.zeros_state(cfg, B)
     lens = np.array([len(q) for q in prompts])
     for t in range(int(lens.max(initial=0))):
         live = lens > t  # (B,)
         ids = np.array([q[t] if len(q) > t else 0 for q in prompts], dtype=np.int64)
-        h = np.where(live[None, :, None], rnn.step(p, cfg, ids, h), h)
+        h = np.where(live[:, None], net.step(p, cfg, ids, h), h)  # live (B, 1) against (..., B, H)
     return h
 
 
@@ -86,11 +86,11 @@ def generate_ids(
     u = np.stack([np.random.default_rng(r.seed).random(length) for r in rows]) if rows else None  # (B, N)
     h = prime(p, cfg, prompts)
     for t in range(length):
-        cdf = np.cumsum(filt(rnn.logits(p, h)), axis=1)  # (B, V) unnormalised
+        cdf = np.cumsum(filt(net.logits(p, h)), axis=1)  # (B, V) unnormalised
         ids = (cdf < u[:, t : t + 1] * cdf[:, -1:]).sum(axis=1)
         ids = np.minimum(ids, cfg.vocab_size - 1)
         yield ids
-        h = rnn.step(p, cfg, ids, h)
+        h = net.step(p, cfg, ids, h)
 
 
 def sample(

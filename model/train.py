@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from model import checkpoint, optim, rnn
+from model import checkpoint, net, optim
 from model.checkpoint import Checkpoint, Meta
-from model.rnn import ModelConfig, Params
+from model.net import ModelConfig, Params
 from model.vocab import Vocab
 
 
@@ -90,11 +90,11 @@ def evaluate(p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq:
     b = min(batch, len(ids) - 1)
     n = (len(ids) - 1) // b
     base = np.arange(b)[:, None] * n
-    h = rnn.zeros_hidden(cfg, b)
+    h = net.zeros_state(cfg, b)
     total = 0.0
     for s in range(0, n, seq):
         idx = base + np.arange(s, min(s + seq, n))[None, :]
-        loss, _, h = rnn.forward(p, cfg, ids[idx], ids[idx + 1], h)
+        loss, _, h = net.forward(p, cfg, ids[idx], ids[idx + 1], h)
         total += loss * idx.size
     return total / (b * n)
 
@@ -135,10 +135,10 @@ def train(
         checkpoint.clear(out)
     streams = Streams(train_ids, cfg.batch, cfg.seq)
     rng = np.random.default_rng(cfg.seed)
-    params = init_params if init_params is not None else rnn.init(model_cfg, rng)
+    params = init_params if init_params is not None else net.init(model_cfg, rng)
     params = {k: np.array(v, dtype=model_cfg.dtype) for k, v in params.items()}
     opt = optim.make(cfg.optimizer, params, cfg.weight_decay)
-    h = rnn.zeros_hidden(model_cfg, cfg.batch)
+    h = net.zeros_state(model_cfg, cfg.batch)  # (L, S, B, H), carried across chunks
     step, pos = 0, 0
     metrics: dict = {"train": [], "val": []}
     if resume and checkpoint.step_dirs(out):
@@ -153,13 +153,13 @@ def train(
     t0, step0 = time.perf_counter(), step
     while step < cfg.steps:
         x, y, nxt = streams.get(pos)
-        loss, cache, h = rnn.forward(params, model_cfg, x, y, h, drop_rng)
+        loss, cache, h = net.forward(params, model_cfg, x, y, h, drop_rng)
         if not math.isfinite(loss) or loss > limit:
             raise TrainingDiverged(
                 f"loss {loss:.3g} at step {step + 1} (limit {limit:.3g}); no checkpoint was written "
                 f"for it. Lower the learning rate (--lr {cfg.lr / 3:.2g}) or the clip (--clip)"
             )
-        grads = rnn.backward(params, model_cfg, cache)
+        grads = net.backward(params, model_cfg, cache)
         norm = optim.clip_(grads, cfg.clip)
         if not math.isfinite(norm):
             raise TrainingDiverged(f"gradient norm {norm} at step {step + 1}; lower the learning rate")
@@ -202,8 +202,7 @@ def train(
                 parent=parent,
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
             )
-            state = opt.state_dict() | {f"hidden.{l}": h[l] for l in range(model_cfg.layers)}
-            checkpoint.save(out, params, meta, state, keep=cfg.keep)
+            checkpoint.save(out, params, meta, opt.state_dict() | {"state": h}, keep=cfg.keep)
     return checkpoint.load(out)
 
 
@@ -216,7 +215,8 @@ def restore(
     opt: optim.Optimizer,
     h: np.ndarray,
 ) -> tuple[int, int, Params, dict, str | None]:
-    """Check that `ck` belongs to this run, load its optimizer and hidden state; step, pos, params..."""
+    """Check that `ck` belongs to this run, load its optimizer state and the carried state `h`; step, pos,
+    params..."""
     if ck.vocab != vocab:
         raise ValueError(
             f"{ck.path}: the vocabulary differs from this corpus's ({len(ck.vocab)} vs {len(vocab)} "
@@ -232,8 +232,9 @@ def restore(
         raise ValueError(f"{ck.path}: training settings {sorted(differs)} differ from the checkpoint's")
     if not ck.optim:
         raise ValueError(f"{ck.path}: no optimizer state saved; cannot resume from it")
+    if ck.optim.get("state", np.empty(0)).shape != h.shape:
+        raise ValueError(f"{ck.path}: no carried state of shape {h.shape} saved; cannot resume from it")
     opt.load_state_dict(ck.optim)
-    for l in range(model_cfg.layers):
-        h[l] = ck.optim[f"hidden.{l}"]
+    h[...] = ck.optim["state"]
     params = {k: v.copy() for k, v in ck.params.items()}
     return ck.meta.step, ck.meta.data_pos, params, ck.meta.metrics, ck.meta.parent

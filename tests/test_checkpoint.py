@@ -3,18 +3,23 @@
 import io
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import damage
+from conftest import SHAKESPEARE, damage
 
-from model import checkpoint, rnn
+from model import checkpoint, corpus, net, sample, train
 from model.checkpoint import CheckpointError, Meta
+from model.vocab import Vocab
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def make(step: int, val: float | None = None, V: int = 5, H: int = 4):
-    cfg = rnn.ModelConfig(vocab_size=V, hidden=H)
-    params = rnn.init(cfg, np.random.default_rng(step))
+    cfg = net.ModelConfig(vocab_size=V, cell="gru", hidden=H)
+    params = net.init(cfg, np.random.default_rng(step))
     meta = Meta(
         format=checkpoint.FORMAT,
         vocab=list("abcde"[:V]),
@@ -22,7 +27,7 @@ def make(step: int, val: float | None = None, V: int = 5, H: int = 4):
         step=step,
         metrics={"val_loss": val},
     )
-    return params, meta, {"t": np.array(step), "hidden.0": np.zeros((2, H), np.float32)}
+    return params, meta, {"t": np.array(step), "state": net.zeros_state(cfg, 2)}
 
 
 def test_round_trip(tmp_path):
@@ -117,3 +122,29 @@ def test_interrupted_write_leaves_no_valid_looking_checkpoint(tmp_path, monkeypa
     monkeypatch.undo()
     assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step-0000010"]
     assert not list(tmp_path.glob(".tmp-*")) and checkpoint.load(tmp_path).meta.step == 10
+
+
+def test_a_format1_checkpoint_loads_samples_and_resumes(tmp_path):
+    """Written by the code before cells (commit a7fd26d, tests/fixtures/README.md): it loads as the vanilla
+    RNN, samples what that code sampled, and resumes training to the weights that code reached."""
+    ck = checkpoint.load(FIXTURES / "format1-rnn")
+    assert ck.meta.format == 1 and ck.config.cell == "rnn" and ck.meta.step == 20
+    assert ck.optim["state"].shape == (2, 1, 4, 8)  # (L, S, B, H) from its per-layer hidden.<l>
+    text = sample.sample(ck.params, ck.config, ck.vocab, ["ROMEO:"], 40, sample.Settings(seed=1))
+    assert text == ["Yv:yIUsSc pcLpLa:REHkHUzwoWE?ya.eofv gW!"]
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "format1-rnn", run)
+    t = SHAKESPEARE.read_text(encoding="utf-8")[:3000]
+    vocab = Vocab.from_text(t)
+    assert vocab == ck.vocab
+    tr, va = corpus.split(vocab.encode(t))
+    cfg = train.TrainConfig(
+        steps=30, batch=4, seq=16, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=10, checkpoint_every=10,
+        log_every=5, keep=1, seed=3,
+    )  # fmt: skip
+    done = train.train(tr, va, vocab, ck.config, cfg, run, resume=True)
+    assert done.meta.step == 30 and done.meta.format == checkpoint.FORMAT == 2
+    with np.load(FIXTURES / "format1-rnn-step30.npz", allow_pickle=False) as want:
+        assert set(want.files) == set(done.params)
+        for k in want.files:
+            np.testing.assert_allclose(done.params[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)

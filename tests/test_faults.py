@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import damage
 
-from model import checkpoint, corpus, rnn, train
+from model import checkpoint, corpus, net, train
 from model.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ CFG = train.TrainConfig(steps=60, batch=8, seq=16, warmup=5, eval_every=20, chec
 def fit(text: str, out: Path, cfg: train.TrainConfig = CFG, **kw) -> checkpoint.Checkpoint:
     vocab = Vocab.from_text(text)
     tr, va = corpus.split(vocab.encode(text))
-    mcfg = rnn.ModelConfig(vocab_size=len(vocab), hidden=24, layers=1, dropout=0.1)
+    mcfg = net.ModelConfig(vocab_size=len(vocab), hidden=24, layers=1, dropout=0.1)
     return train.train(tr, va[:2000], vocab, mcfg, cfg, out, **kw)
 
 

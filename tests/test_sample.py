@@ -3,13 +3,20 @@
 import numpy as np
 import pytest
 
-from model import rnn, sample
+from model import net, sample
 from model.sample import Settings
 from model.vocab import UnknownCharsError, Vocab
 
 VOCAB = Vocab.from_text("abcdefgh \n")
-CFG = rnn.ModelConfig(vocab_size=len(VOCAB), hidden=16, layers=2)
-P = {k: v * 3 for k, v in rnn.init(CFG, np.random.default_rng(0)).items()}  # a peaky model
+CFG = net.ModelConfig(vocab_size=len(VOCAB), cell="rnn", hidden=16, layers=2)
+P = {k: v * 3 for k, v in net.init(CFG, np.random.default_rng(0)).items()}  # a peaky model
+CELLS = ["rnn", "gru", "lstm"]
+
+
+def model(cell: str):
+    """A peaky model with the `cell`."""
+    cfg = CFG.model_copy(update={"cell": cell})
+    return {k: v * 3 for k, v in net.init(cfg, np.random.default_rng(0)).items()}, cfg
 
 
 SEEDED = Settings(seed=1)
@@ -19,30 +26,37 @@ def gen(prompts, n=40, rows=SEEDED):
     return sample.sample(P, CFG, VOCAB, prompts, n, rows)
 
 
-def test_seed_reproducible_and_independent_of_the_batch():
-    alone = gen(["abc"], rows=Settings(seed=7))[0]
-    assert len(alone) == 40 and set(alone) <= set(VOCAB.chars)
-    mixed = gen(["hhh", "abc", ""], rows=[Settings(seed=3), Settings(seed=7), Settings(seed=9)])
-    assert mixed[1] == alone and gen(["abc"], rows=Settings(seed=8))[0] != alone
+@pytest.mark.parametrize("cell", CELLS)
+def test_seed_reproducible_and_independent_of_the_batch(cell):
+    """Each row's text equals the same prompt and seed sampled alone (batched steps equal unbatched)."""
+    p, cfg = model(cell)
+    prompts, rows = ["hhh", "abc", "", "a"], [Settings(seed=s) for s in (3, 7, 9, 7)]
+    mixed = sample.sample(p, cfg, VOCAB, prompts, 40, rows)
+    for q, r, text in zip(prompts, rows, mixed, strict=True):
+        assert sample.sample(p, cfg, VOCAB, [q], 40, r) == [text]
+    assert len(mixed[1]) == 40 and set(mixed[1]) <= set(VOCAB.chars) and mixed[1] != mixed[3]
+    assert sample.sample(p, cfg, VOCAB, ["abc"], 40, Settings(seed=8))[0] != mixed[1]
 
 
-def test_prime_matches_feeding_one_by_one():
-    prompts = [VOCAB.encode("abcd"), VOCAB.encode("h"), VOCAB.encode("")]
-    h = sample.prime(P, CFG, prompts)
+@pytest.mark.parametrize("cell", CELLS)
+def test_prime_matches_feeding_one_by_one(cell):
+    p, cfg = model(cell)
+    prompts = [VOCAB.encode("abcd"), VOCAB.encode("h"), VOCAB.encode(""), VOCAB.encode("hgfedcba")]
+    s = sample.prime(p, cfg, prompts)  # (L, S, B, H)
     for i, q in enumerate(prompts):
-        ref = rnn.zeros_hidden(CFG, 1)
+        ref = net.zeros_state(cfg, 1)
         for c in q:
-            ref = rnn.step(P, CFG, np.array([c]), ref)
-        np.testing.assert_allclose(h[:, i : i + 1], ref, atol=1e-6)
+            ref = net.step(p, cfg, np.array([c]), ref)
+        np.testing.assert_allclose(s[:, :, i : i + 1], ref, atol=1e-6)
 
 
 def greedy(prompt: str, n: int) -> str:
     h = sample.prime(P, CFG, [VOCAB.encode(prompt)])
     out = []
     for _ in range(n):
-        i = int(np.argmax(rnn.logits(P, h)[0]))
+        i = int(np.argmax(net.logits(P, h)[0]))
         out.append(i)
-        h = rnn.step(P, CFG, np.array([i]), h)
+        h = net.step(P, CFG, np.array([i]), h)
     return VOCAB.decode(out)
 
 

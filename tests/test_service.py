@@ -18,7 +18,7 @@ os.environ["CHAR_RNN_RELOAD_INTERVAL"] = "0.1"  # before `service` is imported
 
 from model import sample
 from model.checkpoint import Checkpoint
-from model.rnn import ModelConfig
+from model.net import ModelConfig
 from model.train import TrainConfig, train
 from model.vocab import Vocab
 

@@ -1,0 +1,107 @@
+"""What every recurrent cell provides (`rnn.py`, `gru.py`, `lstm.py`), and the helpers they share.
+
+A cell is one layer's recurrence over T steps, batched and time-major. The network (`net.py`) gives it the
+input pre-activations a = x U + b of all T steps, computed in one product per layer and laid out gate-major,
+(k, T, B, H) for k gate blocks of width H: each gate of each step is one contiguous (B, H) block, so the
+pointwise maths of a step runs on whole blocks in place. The cell adds h_{t-1} W: one matmul call per step
+with W (H, kH) seen as its k blocks (k, H, H). Its state is S arrays (B, H), h first (the LSTM adds its c).
+Sigmoids are computed as σ(x) = (1 + tanh(x / 2)) / 2: one tanh call can then cover a slab of gates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from functools import cache
+from typing import Any, ClassVar
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+Params = dict[str, np.ndarray]
+
+EMBED_STD = 0.6  # std of the layer-0 input rows (every gate block)
+SMALL_FLOPS = 1 << 24  # per-step (B, H) x (H, H) products below this run on one BLAS thread
+
+
+class Cell:
+    """One layer's maths. Subclasses set the class attributes and implement forward and backward."""
+
+    name: ClassVar[str]
+    gates: ClassVar[int]  # k: blocks of width H in U, W and b
+    states: ClassVar[int]  # S: arrays of (B, H) in the state, h first
+    recur_gain: ClassVar[float]  # the singular values of every (H, H) block of W at init
+
+    def shapes(self, H: int) -> dict[str, tuple[int, ...]]:
+        """The layer's parameters besides U (in, kH), as name -> shape (the net appends the layer index)."""
+        return {"W": (H, self.gates * H), "b": (self.gates * H,)}
+
+    def init(self, fan_in: int, H: int, rng: np.random.Generator, embed: bool) -> Params:
+        """Fresh float64 parameters of one layer: inputs N(0, 0.6^2) for embedding rows, N(0, 1/fan_in)
+        above; every (H, H) block of W orthogonal with gain `recur_gain`; zero biases."""
+        k = self.gates
+        U = rng.standard_normal((fan_in, k * H)) * (EMBED_STD if embed else 1.0 / np.sqrt(fan_in))
+        W = np.concatenate([orthogonal(H, self.recur_gain, rng) for _ in range(k)], axis=1)
+        return {"U": U, "W": W} | {n: np.zeros(s) for n, s in self.shapes(H).items() if n != "W"}
+
+    def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, Any, np.ndarray]:
+        """The outputs h (T, B, H), a cache for `backward`, and the last state (S, B, H), from the input
+        pre-activations `a` (k, T, B, H; overwritten), the layer's parameters `q` and the state `s0`."""
+        raise NotImplementedError
+
+    def backward(self, dh: np.ndarray, cache: Any, q: Params) -> tuple[np.ndarray, Params]:
+        """From the loss gradient w.r.t. the outputs h (T, B, H; overwritten): the gradient w.r.t. the
+        pre-activations a (k, T, B, H) and the gradients of `q` besides U and b (truncated at the chunk
+        start; the net derives U's and b's from a's)."""
+        raise NotImplementedError
+
+
+def blocks(M: np.ndarray, k: int) -> np.ndarray:
+    """The k gate blocks of M, (kH,) or (R, kH), as a view (k, H) or (k, R, H)."""
+    if M.ndim == 1:
+        return M.reshape(k, -1)
+    return M.reshape(len(M), k, -1).swapaxes(0, 1)
+
+
+def back_through_time(dh: np.ndarray, dz: np.ndarray, W: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Walk t = T-1 .. 0 and yield (t, dh[t]) with the future's part added in place: dh[t] += dz[:, t+1] W^T,
+    where dz (k, T, B, H) is the gradient w.r.t. the recurrent products h_t W, which the caller fills for step
+    t (from dh[t]) before the walk goes on."""
+    T, B, H = dh.shape
+    WT = blocks(W, len(dz)).transpose(0, 2, 1)  # (k, H, H)
+    tmpk = np.empty((len(dz), B, H), dh.dtype)
+    tmp = np.empty((B, H), dh.dtype)
+    with one_thread(T, B, H):
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                np.matmul(dz[:, t + 1], WT, out=tmpk)
+                np.sum(tmpk, axis=0, out=tmp)
+                dh[t] += tmp
+            yield t, dh[t]
+
+
+def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:
+    """dW (H, kH) = sum over steps of h_{t-1}^T dz_t, from h (T+1, B, H) and dz (k, T, B, H)."""
+    H, k = h.shape[-1], len(dz)
+    dW = np.empty((H, k * H), dz.dtype)
+    np.matmul(h[:-1].reshape(-1, H).T, dz.reshape(k, -1, H), out=blocks(dW, k))
+    return dW
+
+
+def orthogonal(H: int, gain: float, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((H, H)))
+    return gain * q * np.sign(np.diag(r))
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
+    """BLAS on one thread for the T sequential (B, H) x (H, H) products (one per gate block) when they are
+    small: a thread hand-off per small product costs more than it saves, and much more when other jobs share
+    the cores. Not for a single step (sampling): setting the limit costs more than the step."""
+    if T == 1 or 2 * B * H * H >= SMALL_FLOPS:
+        return nullcontext()
+    return _blas().limit(limits=1, user_api="blas")

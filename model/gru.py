@@ -1,0 +1,79 @@
+"""The GRU cell (Cho et al.; PyTorch's nn.GRU and cuDNN's form, the reset gate applied after the product):
+
+    r = σ(a_r + h_{t-1} W_r)    z = σ(a_z + h_{t-1} W_z)    n = tanh(a_n + r ⊙ (h_{t-1} W_n + d))
+    h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}                          a_t = x_t U + b
+
+d (`bh`) is the recurrent bias of n, which r scales (the other recurrent biases fold into b). The gate blocks
+lie in the order (r, z, n): the two sigmoids are one slab. W's blocks start orthogonal with gain 1, biases
+at 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.cell import Cell, Params, back_through_time, blocks, one_thread, recur_grad
+
+
+class GRU(Cell):
+    name, gates, states, recur_gain = "gru", 3, 1, 1.0
+
+    def shapes(self, H: int) -> dict[str, tuple[int, ...]]:
+        return super().shapes(H) | {"bh": (H,)}
+
+    def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
+        _, T, B, H = a.shape
+        W, bh = blocks(q["W"], 3), q["bh"]  # (3, H, H), (H,)
+        r, z, n = a  # (T, B, H) each: pre-activations, then the gates
+        h = np.empty((T + 1, B, H), a.dtype)
+        h[0] = s0[0]
+        R = np.empty_like(a)  # (3, T, B, H): h_{t-1} W, its n block + d
+        tmp = np.empty((B, H), a.dtype)
+        with one_thread(T, B, H):
+            for t in range(T):
+                np.matmul(h[t], W, out=R[:, t])
+                s = a[:2, t]  # r, z
+                s += R[:2, t]
+                s *= 0.5
+                np.tanh(s, out=s)
+                s *= 0.5
+                s += 0.5
+                R[2, t] += bh
+                np.multiply(r[t], R[2, t], out=tmp)
+                n[t] += tmp
+                np.tanh(n[t], out=n[t])
+                np.subtract(h[t], n[t], out=h[t + 1])
+                h[t + 1] *= z[t]
+                h[t + 1] += n[t]
+        return h[1:], (a, h, R), h[-1:]
+
+    def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
+        x, h, R = cache
+        T, B, H = dh.shape
+        r, z, n = x
+        # dR_t = dh_t ⊙ (Cr, Cz, Cn r), the gradient w.r.t. h_{t-1} W + (0, 0, d); da_t = (dR_r, dR_z,
+        # dh_t ⊙ Cn); dh_{t-1} += dh_t ⊙ z_t + dR_t Wᵀ. The coefficients are computed for all steps at
+        # once, in R.
+        Cn = np.multiply(n, n)  # (T, B, H)
+        np.subtract(1.0, Cn, out=Cn)
+        tmp = np.subtract(1.0, z)
+        Cn *= tmp  # (1 - z)(1 - n²)
+        cr, cz, cn = R
+        np.subtract(1.0, r, out=tmp)
+        tmp *= r
+        tmp *= cn  # r(1 - r)(h W_n + d)
+        np.multiply(tmp, Cn, out=cr)
+        np.subtract(1.0, z, out=tmp)
+        tmp *= z
+        np.subtract(h[:-1], n, out=cz)
+        cz *= tmp  # (h_{t-1} - n) z(1 - z)
+        np.multiply(Cn, r, out=cn)
+        tmp = np.empty((B, H), dh.dtype)
+        for t, d in back_through_time(dh, R, q["W"]):  # d (B, H): the gradient w.r.t. h_t
+            if t < T - 1:
+                np.multiply(dh[t + 1], z[t + 1], out=tmp)
+                d += tmp
+            R[:, t] *= d
+        g = {"W": recur_grad(h, R), "bh": R[2].sum(axis=(0, 1))}
+        np.multiply(dh, Cn, out=cn)  # R becomes da
+        return R, g

@@ -1,0 +1,86 @@
+"""The LSTM cell (Hochreiter & Schmidhuber, with Gers's forget gate; PyTorch's nn.LSTM):
+
+    o = σ(a_o + h_{t-1} W_o)     i = σ(a_i + h_{t-1} W_i)     f = σ(a_f + h_{t-1} W_f)
+    g = tanh(a_g + h_{t-1} W_g)  c_t = f ⊙ c_{t-1} + i ⊙ g    h_t = o ⊙ tanh(c_t)       a_t = x_t U + b
+
+The state is (h, c). The gate blocks lie in the order (o, i, f, g): the three sigmoids are one slab forward
+(and one tanh call covers all four blocks), and the three blocks whose gradient is a multiple of c's are one
+slab backward. The forget bias b_f starts at 1 (remember by default); W's blocks start
+orthogonal with gain 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.cell import Cell, Params, back_through_time, blocks, one_thread, recur_grad
+
+
+class LSTM(Cell):
+    name, gates, states, recur_gain = "lstm", 4, 2, 1.0
+
+    def init(self, fan_in: int, H: int, rng: np.random.Generator, embed: bool) -> Params:
+        q = super().init(fan_in, H, rng, embed)
+        q["b"][2 * H : 3 * H] = 1.0  # f
+        return q
+
+    def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
+        _, T, B, H = a.shape
+        W = blocks(q["W"], 4)  # (4, H, H)
+        o, i, f, g = a  # (T, B, H) each: pre-activations, then the gates
+        h = np.empty((T + 1, B, H), a.dtype)
+        c = np.empty((T + 1, B, H), a.dtype)
+        h[0], c[0] = s0
+        tc = np.empty((T, B, H), a.dtype)  # tanh(c_t)
+        tmp = np.empty((4, B, H), a.dtype)
+        ig = np.empty((B, H), a.dtype)
+        with one_thread(T, B, H):
+            for t in range(T):
+                z = a[:, t]  # (4, B, H)
+                np.matmul(h[t], W, out=tmp)
+                z += tmp
+                s = a[:3, t]  # o, i, f
+                s *= 0.5
+                np.tanh(z, out=z)
+                s *= 0.5
+                s += 0.5
+                np.multiply(f[t], c[t], out=c[t + 1])
+                np.multiply(i[t], g[t], out=ig)
+                c[t + 1] += ig
+                np.tanh(c[t + 1], out=tc[t])
+                np.multiply(o[t], tc[t], out=h[t + 1])
+        return h[1:], (a, h, c, tc), np.stack([h[-1], c[-1]])
+
+    def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
+        z, h, c, tc = cache
+        T, B, H = dh.shape
+        o, i, f, g = z
+        # da = (dh ⊙ Co, dc ⊙ Ci, dc ⊙ Cf, dc ⊙ Cg) with dc_t = dh_t ⊙ Q_t + dc_{t+1} ⊙ f_{t+1}; the
+        # coefficients C (in da's buffer) and Q are computed for all steps at once
+        da = np.empty_like(z)  # (4, T, B, H)
+        co, ci, cf, cg = da
+        np.subtract(1.0, o, out=co)
+        co *= o  # o(1 - o)
+        Q = np.multiply(tc, tc)
+        np.subtract(1.0, Q, out=Q)
+        Q *= o  # o(1 - tanh²c)
+        co *= tc
+        np.subtract(1.0, i, out=ci)
+        ci *= i
+        ci *= g  # g i(1 - i)
+        np.subtract(1.0, f, out=cf)
+        cf *= f
+        cf *= c[:-1]  # c_{t-1} f(1 - f)
+        np.multiply(g, g, out=cg)
+        np.subtract(1.0, cg, out=cg)
+        cg *= i  # i(1 - g²)
+        tmp = np.empty((B, H), dh.dtype)
+        dc = np.zeros((B, H), dh.dtype)
+        for t, d in back_through_time(dh, da, q["W"]):  # d (B, H): the gradient w.r.t. h_t
+            if t < T - 1:
+                dc *= f[t + 1]
+            np.multiply(d, Q[t], out=tmp)
+            dc += tmp
+            co[t] *= d
+            da[1:, t] *= dc
+        return da, {"W": recur_grad(h, da)}

@@ -1,0 +1,211 @@
+"""The network around the cell: a stack of recurrent layers over characters, batched and time-major.
+
+    layer 0:  a_t = U_0[id_t] + b_0     an embedding: a row of U_0 per character
+    layer l:  a_t = x_t U_l + b_l       x = the layer below's output after dropout; all T steps in one product
+              h_t, state_t = cell(a_t, state_{t-1})    one (B, H) x (H, kH) product per step
+    output:   y_t = h_t V + c,  p_t = softmax(y_t),  loss = mean cross-entropy in nats per character
+
+The cell (`rnn`, `gru` or `lstm`: `rnn.py`, `gru.py`, `lstm.py`) has k gate blocks of width H, so U_l is
+(in, kH) and b_l (kH,); a is laid out gate-major, (k, T, B, H) (see `cell.py`). Dropout (inverted) applies to
+each layer's output, never to the recurrence. The state of the network is one array (L, S, B, H): S = 1 (h)
+for rnn and gru, 2 (h, c) for lstm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.cell import Cell, Params, blocks
+from model.gru import GRU
+from model.lstm import LSTM
+from model.rnn import RNN
+
+CELLS: dict[str, Cell] = {c.name: c for c in (RNN(), GRU(), LSTM())}
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    vocab_size: int = Field(ge=1, le=1_000_000)
+    # defaults: the best full-validation loss found for a 5-minute budget (bench/train_quality.py; B=32,
+    # T=64, lr 3e-3; 1 BLAS thread on a shared 2-core box, 2026-11-28), each config run for the steps a quiet
+    # box would give it in 5 minutes (CPU time per step here, calibrated on rnn 2x384's 4175 quiet steps):
+    # gru 2x256, 3000 steps: 1.4685; lstm 2x256, 2450 steps: 1.5105; gru 2x256 with dropout 0.25: 1.4824 on
+    # the 40k sample at step 2500 (0.1: 1.4447); rnn 2x384: 1.527 (README). To rerun as a quiet 5-minute run.
+    cell: Literal["rnn", "gru", "lstm"] = "gru"
+    hidden: int = Field(256, ge=1, le=8192)
+    layers: int = Field(2, ge=1, le=8)
+    dropout: float = Field(0.1, ge=0.0, le=0.9)
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape."""
+    cell, H, V = CELLS[cfg.cell], cfg.hidden, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {}
+    for l in range(cfg.layers):
+        out[f"U{l}"] = (V if l == 0 else H, cell.gates * H)
+        out |= {f"{k}{l}": s for k, s in cell.shapes(H).items()}
+    return out | {"V": (H, V), "c": (V,)}
+
+
+def init(cfg: ModelConfig, rng: np.random.Generator) -> Params:
+    """Fresh parameters: each layer's as its cell starts it, outputs N(0, 1/H), zero output biases."""
+    cell, H, V = CELLS[cfg.cell], cfg.hidden, cfg.vocab_size
+    p: Params = {}
+    for l in range(cfg.layers):
+        q = cell.init(V if l == 0 else H, H, rng, embed=l == 0)
+        p |= {f"{k}{l}": v for k, v in q.items()}
+    p["V"] = rng.standard_normal((H, V)) / np.sqrt(H)
+    p["c"] = np.zeros(V)
+    return {k: v.astype(cfg.dtype) for k, v in p.items()}
+
+
+def grow(p: Params, cfg: ModelConfig, vocab_size: int, rng: np.random.Generator) -> Params:
+    """Parameters for a larger vocabulary: old rows/columns kept, new ones fresh."""
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
+    fresh = init(cfg.model_copy(update={"vocab_size": vocab_size}), rng)
+    out = {k: v.copy() for k, v in p.items()}
+    n = cfg.vocab_size
+    out["U0"] = np.concatenate([p["U0"], fresh["U0"][n:]], axis=0)
+    out["V"] = np.concatenate([p["V"], fresh["V"][:, n:]], axis=1)
+    out["c"] = np.concatenate([p["c"], fresh["c"][n:]])
+    return out
+
+
+def zeros_state(cfg: ModelConfig, batch: int) -> np.ndarray:
+    return np.zeros((cfg.layers, CELLS[cfg.cell].states, batch, cfg.hidden), cfg.dtype)  # (L, S, B, H)
+
+
+def layer(p: Params, cfg: ModelConfig, l: int) -> Params:
+    """Layer l's parameters besides U, under their names in its cell (W, b, ...)."""
+    return {k: p[f"{k}{l}"] for k in CELLS[cfg.cell].shapes(cfg.hidden)}
+
+
+def inputs(p: Params, l: int, k: int, x: np.ndarray) -> np.ndarray:
+    """Layer l's input pre-activations a = x U_l + b_l, gate-major (k, ..., H): layer 0 looks up the ids `x`
+    (...) as rows of U_0, the others take x (N, H) through one matmul call."""
+    U, b = blocks(p[f"U{l}"], k), blocks(p[f"b{l}"], k)  # (k, in, H), (k, H)
+    if l > 0:
+        a = np.matmul(x, U)  # (k, N, H)
+    elif x.size >= U.shape[1]:  # more ids than rows: fold the bias into the rows first
+        return np.take(np.ascontiguousarray(U + b[:, None]), x, axis=1)  # (k, *x.shape, H)
+    else:
+        a = np.take(U, x, axis=1)
+    a += b.reshape(k, *(1,) * (a.ndim - 2), -1)
+    return a
+
+
+@dataclass
+class Cache:
+    ids: np.ndarray  # (T, B) inputs, time-major
+    tgt: np.ndarray  # (T*B,) targets
+    outs: list[np.ndarray]  # per layer (T, B, H), the layer output after dropout
+    masks: list[np.ndarray | None]  # per layer (T, B, H) dropout masks (scaled)
+    cells: list[Any]  # per layer, the cell's cache
+    dz: np.ndarray  # (T*B, V) softmax / (T*B); backward turns it into the logits' gradient in place
+
+
+def forward(
+    p: Params,
+    cfg: ModelConfig,
+    ids: np.ndarray,
+    targets: np.ndarray,
+    s0: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, Cache, np.ndarray]:
+    """Mean loss (nats/char) of `targets` given `ids` (both (B, T)) from the state `s0` (L, S, B, H): the
+    loss, the cache for backward, the last state. Dropout is applied only when `rng` is given (training)."""
+    B, T = ids.shape
+    cell, H, N, dt = CELLS[cfg.cell], cfg.hidden, T * B, cfg.dtype
+    k = cell.gates
+    ids_t = np.ascontiguousarray(ids.T)  # (T, B)
+    tgt = np.ascontiguousarray(targets.T).reshape(-1)  # (N,)
+    outs, masks, caches = [], [], []
+    sT = np.empty_like(s0)
+    x = ids_t
+    for l in range(cfg.layers):
+        a = inputs(p, l, k, x if l == 0 else x.reshape(N, H)).reshape(k, T, B, H)
+        h, c, sT[l] = cell.forward(a, layer(p, cfg, l), s0[l])  # (T, B, H)
+        x, mask = h, None
+        if rng is not None and cfg.dropout > 0:
+            keep = 1.0 - cfg.dropout
+            mask = np.less(rng.random((T, B, H), dtype=dt), keep).astype(dt)
+            mask *= 1.0 / keep
+            x = h * mask
+        outs.append(x)
+        masks.append(mask)
+        caches.append(c)
+    z = x.reshape(N, H) @ p["V"]  # (N, V) logits
+    z += p["c"]
+    z -= z.max(axis=1, keepdims=True)
+    zt = z[np.arange(N), tgt]  # (N,) target logits, shifted
+    np.exp(z, out=z)
+    s = z.sum(axis=1, keepdims=True)  # (N, 1)
+    loss = float((np.log(s[:, 0]) - zt).astype(np.float64).mean())
+    z *= 1.0 / (s * N)
+    return loss, Cache(ids_t, tgt, outs, masks, caches, z), sT
+
+
+def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:
+    """The sum of the rows of each gate block of d (k, N, H) per id (N,), as a (V, kH) array: a one-hot
+    product when that is small, else a scatter-add."""
+    k, N, H = d.shape
+    g = np.zeros((V, k * H), d.dtype)
+    if V <= N and V * N <= 1 << 26:
+        onehot = np.zeros((V, N), d.dtype)
+        onehot[ids, np.arange(N)] = 1.0
+        np.matmul(onehot, d, out=blocks(g, k))
+    else:
+        np.add.at(blocks(g, k), (slice(None), ids), d)
+    return g
+
+
+def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
+    """Gradients of the mean loss with respect to every parameter (truncated at the chunk start)."""
+    T, B = c.ids.shape
+    cell, H, N = CELLS[cfg.cell], cfg.hidden, T * B
+    k = cell.gates
+    g: Params = {}
+    dz = c.dz  # reused in place: (N, V)
+    dz[np.arange(N), c.tgt] -= 1.0 / N
+    g["V"] = c.outs[-1].reshape(N, H).T @ dz
+    g["c"] = dz.sum(axis=0)
+    dout = (dz @ p["V"].T).reshape(T, B, H)  # (T, B, H)
+    for l in reversed(range(cfg.layers)):
+        if c.masks[l] is not None:
+            dout *= c.masks[l]
+        da, gq = cell.backward(dout, c.cells[l], layer(p, cfg, l))  # (k, T, B, H)
+        g |= {f"{name}{l}": v for name, v in gq.items()}
+        da = da.reshape(k, N, H)
+        if l == 0:
+            g["U0"] = embed_grad(c.ids.reshape(-1), da, cfg.vocab_size)
+            g["b0"] = g["U0"].sum(axis=0)
+        else:
+            g[f"U{l}"] = np.empty((H, k * H), da.dtype)
+            np.matmul(c.outs[l - 1].reshape(N, H).T, da, out=blocks(g[f"U{l}"], k))
+            g[f"b{l}"] = da.sum(axis=1).reshape(-1)
+            dout = np.matmul(da, blocks(p[f"U{l}"], k).transpose(0, 2, 1)).sum(axis=0).reshape(T, B, H)
+    return g
+
+
+def step(p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,); returns the new state."""
+    cell = CELLS[cfg.cell]
+    out = np.empty_like(s)
+    x = ids
+    for l in range(cfg.layers):
+        a = inputs(p, l, cell.gates, x)[:, None]  # (k, 1, B, H)
+        h, _, out[l] = cell.forward(a, layer(p, cfg, l), s[l])
+        x = h[0]
+    return out
+
+
+def logits(p: Params, s: np.ndarray) -> np.ndarray:
+    """Next-character logits (B, V) from the top layer's h in the state `s` (L, S, B, H)."""
+    return s[-1, 0] @ p["V"] + p["c"]

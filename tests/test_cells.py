@@ -1,0 +1,177 @@
+"""Every cell against independent references: its equations written plainly, and central finite differences
+in float64 for every parameter's gradient."""
+
+import numpy as np
+import pytest
+
+from model import net
+
+CELLS = ["rnn", "gru", "lstm"]
+
+
+def rng(seed):
+    return None if seed is None else np.random.default_rng(seed)
+
+
+def numeric_grad(p, cfg, x, y, s0, seed, name, eps=1e-5):
+    """Central differences of the loss w.r.t. every entry of p[name]."""
+    g = np.zeros_like(p[name])
+    it = np.nditer(p[name], flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = p[name][i]
+        p[name][i] = old + eps
+        lp = net.forward(p, cfg, x, y, s0, rng(seed))[0]
+        p[name][i] = old - eps
+        lm = net.forward(p, cfg, x, y, s0, rng(seed))[0]
+        p[name][i] = old
+        g[i] = (lp - lm) / (2 * eps)
+    return g
+
+
+def lively(cfg, seed, B):
+    """Parameters with non-zero biases and a livelier recurrence, and a non-zero state (LSTM c included)."""
+    r = np.random.default_rng(seed)
+    p = net.init(cfg, r)
+    for k in p:
+        p[k] += 0.3 * r.standard_normal(p[k].shape)
+    return p, 0.5 * r.standard_normal(net.zeros_state(cfg, B).shape), r
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers,dropout", [(1, 0.0), (2, 0.0), (2, 0.3)])
+def test_gradients_match_finite_differences(cell, layers, dropout):
+    V, H, B, T = 7, 5, 3, 4
+    cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=layers, dropout=dropout, dtype="float64")
+    p, s0, r = lively(cfg, 0, B)
+    x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+    seed = 123 if dropout else None
+    _, cache, _ = net.forward(p, cfg, x, y, s0, rng(seed))
+    grads = net.backward(p, cfg, cache)
+    assert set(grads) == set(p) == set(net.shapes(cfg))
+    for name in p:
+        num = numeric_grad(p, cfg, x, y, s0, seed, name)
+        err = np.abs(grads[name] - num).max() / max(1e-8, np.abs(num).max())
+        assert err < 1e-6, (name, err)
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def reference_step(cell, a, W, s, q):
+    """One step of the cell as its docstring states it; a = x U + b (B, kH), s the state (S, B, H)."""
+    h = s[0]
+    if cell == "rnn":
+        return np.tanh(a + h @ W)[None]
+    if cell == "gru":
+        ar, az, an = np.split(a, 3, axis=1)
+        Wr, Wz, Wn = np.split(W, 3, axis=1)
+        r, z = sigmoid(ar + h @ Wr), sigmoid(az + h @ Wz)
+        n = np.tanh(an + r * (h @ Wn + q["bh"]))
+        return ((1 - z) * n + z * h)[None]
+    o, i, f, g = np.split(a + h @ W, 4, axis=1)
+    c = sigmoid(f) * s[1] + sigmoid(i) * np.tanh(g)
+    return np.stack([sigmoid(o) * np.tanh(c), c])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_follows_the_equations(cell):
+    """Two layers, T steps, the state carried: the loss and the last state equal a plain per-step
+    implementation of the docstrings' equations."""
+    V, H, B, T = 6, 4, 3, 5
+    cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=2, dtype="float64")
+    p, s0, r = lively(cfg, 1, B)
+    x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+    loss, _, sT = net.forward(p, cfg, x, y, s0)
+    s, nll = s0.copy(), 0.0
+    for t in range(T):
+        inp = np.eye(V)[x[:, t]]  # one-hot rows: layer 0's input product is an embedding lookup
+        for l in range(2):
+            q = net.layer(p, cfg, l)
+            s[l] = reference_step(cell, inp @ p[f"U{l}"] + q["b"], q["W"], s[l], q)
+            inp = s[l, 0]
+        z = inp @ p["V"] + p["c"]
+        nll -= (z[np.arange(B), y[:, t]] - np.log(np.exp(z).sum(axis=1))).sum()
+    np.testing.assert_allclose(sT, s, atol=1e-12)
+    assert loss == pytest.approx(nll / (B * T), abs=1e-12)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_matches_float64(cell):
+    cfg64 = net.ModelConfig(vocab_size=11, cell=cell, hidden=16, layers=2, dtype="float64")
+    cfg32 = cfg64.model_copy(update={"dtype": "float32"})
+    r = np.random.default_rng(1)
+    p64 = net.init(cfg64, r)
+    p32 = {k: v.astype(np.float32) for k, v in p64.items()}
+    x, y = r.integers(0, 11, (4, 9)), r.integers(0, 11, (4, 9))
+    s64 = 0.5 * r.standard_normal(net.zeros_state(cfg64, 4).shape)
+    l64, c64, h64 = net.forward(p64, cfg64, x, y, s64)
+    l32, c32, h32 = net.forward(p32, cfg32, x, y, s64.astype(np.float32))
+    assert abs(l64 - l32) < 1e-5 and h32.dtype == np.float32
+    np.testing.assert_allclose(h32, h64, atol=1e-5)
+    g64, g32 = net.backward(p64, cfg64, c64), net.backward(p32, cfg32, c32)
+    for k in g64:
+        assert g32[k].dtype == np.float32
+        np.testing.assert_allclose(g32[k], g64[k], atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_matches_forward(cell):
+    """The one-character step used for sampling equals the training forward pass."""
+    cfg = net.ModelConfig(vocab_size=9, cell=cell, hidden=8, layers=2, dtype="float64")
+    p, s0, r = lively(cfg, 2, 3)
+    x = r.integers(0, 9, (3, 6))
+    _, _, sT = net.forward(p, cfg, x, x, s0)
+    s = s0
+    for t in range(6):
+        s = net.step(p, cfg, x[:, t], s)
+    np.testing.assert_allclose(s, sT, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_grow_keeps_old_rows(cell):
+    cfg = net.ModelConfig(vocab_size=5, cell=cell, hidden=4)
+    p = net.init(cfg, np.random.default_rng(0))
+    g = net.grow(p, cfg, 8, np.random.default_rng(1))
+    assert {k: v.shape for k, v in g.items()} == net.shapes(cfg.model_copy(update={"vocab_size": 8}))
+    np.testing.assert_array_equal(g["U0"][:5], p["U0"])
+    np.testing.assert_array_equal(g["V"][:, :5], p["V"])
+    np.testing.assert_array_equal(g["W0"], p["W0"])
+    with pytest.raises(ValueError):
+        net.grow(p, cfg, 4, np.random.default_rng(1))
+
+
+def test_init():
+    """The vanilla cell starts as it always has; the LSTM's forget bias starts at 1, every other bias at 0."""
+    cfg = net.ModelConfig(vocab_size=5, cell="rnn", hidden=4, layers=2, dtype="float64")
+    p = net.init(cfg, np.random.default_rng(0))
+    np.testing.assert_allclose(p["W1"] @ p["W1"].T, 0.36 * np.eye(4), atol=1e-12)  # orthogonal, gain 0.6
+    lstm = net.init(cfg.model_copy(update={"cell": "lstm"}), np.random.default_rng(0))
+    assert lstm["b0"].tolist() == [0.0] * 8 + [1.0] * 4 + [0.0] * 4  # blocks o, i, f, g
+    gru = net.init(cfg.model_copy(update={"cell": "gru"}), np.random.default_rng(0))
+    assert not gru["b1"].any() and not gru["bh1"].any()
+
+
+def test_gradients_large_vocab():
+    """More classes than characters in the chunk: the embedding gradient takes its scatter-add path."""
+    V, H, B, T = 23, 4, 2, 3
+    cfg = net.ModelConfig(vocab_size=V, cell="lstm", hidden=H, layers=1, dropout=0.0, dtype="float64")
+    p, s0, r = lively(cfg, 3, B)
+    x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+    x[0, :2] = 5  # a repeated id must accumulate
+    grads = net.backward(p, cfg, net.forward(p, cfg, x, y, s0)[1])
+    for name in ("U0", "b0"):
+        num = numeric_grad(p, cfg, x, y, s0, None, name)
+        err = np.abs(grads[name] - num).max() / max(1e-8, np.abs(num).max())
+        assert err < 1e-6, (name, err)
+
+
+def test_embed_grad_paths_agree():
+    r = np.random.default_rng(4)
+    ids, d = r.integers(0, 6, 50), r.standard_normal((2, 50, 3))  # two gate blocks of width 3
+    ref = np.zeros((6, 6))
+    for n, i in enumerate(ids):
+        ref[i] += np.concatenate([d[0, n], d[1, n]])
+    np.testing.assert_allclose(net.embed_grad(ids, d, 6), ref, atol=1e-12)  # one-hot product
+    np.testing.assert_allclose(net.embed_grad(ids, d, 60)[:6], ref, atol=1e-12)  # scatter-add (V > N)
