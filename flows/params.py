@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 def like(model: type[BaseModel], name: str) -> Any:
     """The type and bounds of `model`'s field `name`, for a flow parameter of the same meaning."""
     f = model.model_fields[name]
-    finite = [AllowInfNan(False)] if f.annotation is float else []
-    return Annotated[(f.annotation, *f.metadata, *finite)]
+    rules = [*f.metadata, *([AllowInfNan(False)] if f.annotation is float else [])]
+    return Annotated[(f.annotation, *rules)] if rules else f.annotation
 
 
 def default(model: type[BaseModel], name: str) -> Any:
