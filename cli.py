@@ -205,6 +205,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     design(p["space"], p["trials"], p["seed"], p["steps"], p["halving"])  # before Prefect starts
     if p["dask_address"]:
         reachable(p["dask_address"])
+    from prefect.logging.handlers import APILogHandler
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
@@ -220,6 +221,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     finally:
         flow_log.removeHandler(lines)
         if server:
+            APILogHandler().flush()  # the run's queued logs, while the server is still there
             server.stop()
     d = o.decision
     print(f"{'promoted' if d.promoted else 'kept'} {d.tag}: {d.reason}\nsweep: {o.dir}")

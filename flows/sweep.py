@@ -143,7 +143,7 @@ def progress(t: Trial, r: Rung, rungs: int) -> str:
 
 
 def fates(
-    trials: list[Trial], results: dict[int, list[Rung]], out_of_time: set[int]
+    trials: list[Trial], results: dict[int, list[Rung]], out_of_time: set[int], rungs: int
 ) -> tuple[int | None, dict]:
     """The winner (best validation loss among the trials that went furthest) and each trial's status."""
     finished = [t for t in trials if results[t.index] and results[t.index][-1].failed is None]
@@ -162,6 +162,8 @@ def fates(
             status[t.index] = "winner"
         elif t.index in out_of_time:
             status[t.index] = f"out of time after rung {last.rung}"
+        elif last.rung == rungs - 1:
+            status[t.index] = "finished, not the best"
         else:
             status[t.index] = f"stopped after rung {last.rung}"
     return (None if best is None else best.index), status
@@ -250,7 +252,7 @@ def sweep(
         with cluster(dask_address, local_workers, s.home / "dask") as runner:
             results, out_of_time = halve(runner, data, group, plan, minutes, logger.info)
     seconds = time.perf_counter() - t0
-    winner, status = fates(group, results, out_of_time)
+    winner, status = fates(group, results, out_of_time, len(plan))
     outcomes = [
         TrialOutcome(
             index=t.index,

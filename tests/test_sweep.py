@@ -19,6 +19,7 @@ from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
 from prefect.testing.utilities import prefect_test_harness
 from pydantic import TypeAdapter
+from threadpoolctl import threadpool_limits
 
 from flows import space as sp
 from flows.sweep import sweep
@@ -143,19 +144,23 @@ def test_a_finished_rung_is_read_back_and_a_trial_resumes_to_the_next(encoded, t
     second = train_trial.fn(encoded, t, 1, 60)
     assert (first.step, second.step, second.resumed_from) == (30, 60, 30) and second.val < first.val
     assert t.rungs() == [first, second]
-    whole = train.train(
-        encoded.load("train"),
-        encoded.load("val"),
-        Vocab(tuple(encoded.vocab)),
-        t.model,
-        t.config,
-        tmp_path / "u",
+    assert same_weights(
+        checkpoint.load(t.dir / "checkpoints").params, uninterrupted(encoded, t, tmp_path / "u")
     )
-    assert same_weights(checkpoint.load(t.dir / "checkpoints").params, whole.params)
 
 
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def uninterrupted(data: Encoded, t: Trial, out: Path, stop: int | None = None) -> dict:
+    """The weights of `t` trained in one go, on one BLAS thread as on the workers (2 threads sum in
+    another order)."""
+    with threadpool_limits(1):
+        vocab = Vocab(tuple(data.vocab))
+        return train.train(
+            data.load("train"), data.load("val"), vocab, t.model, t.config, out, stop=stop
+        ).params
 
 
 # --- the flow on a LocalCluster ------------------------------------------------------------------------
@@ -242,17 +247,19 @@ def dask_cluster(tmp_path):
     user.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CHAR_RNN_"))}
     env |= isolated_env(tmp_path / "workers-home") | {"HOME": str(user), "OPENBLAS_NUM_THREADS": "1"}
+    env["DASK_TEMPORARY_DIRECTORY"] = str(scratch)  # the scheduler's scratch space (it has no option)
     dask = str(Path(sys.executable).parent / "dask")
     address, log = f"tcp://127.0.0.1:{port}", tmp_path / "dask.log"
     scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
     worker = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
+    worker += ["--local-directory", str(scratch)]
     procs: list[subprocess.Popen] = []
     try:
         with open(log, "w") as out:
             for cmd in (scheduler, worker, worker):
                 procs.append(
                     subprocess.Popen(
-                        [*cmd, "--local-directory", str(scratch)],
+                        cmd,
                         env=env,
                         cwd=ROOT,
                         stdout=out,
@@ -305,16 +312,8 @@ def test_sweep_on_dask_worker_processes_survives_a_killed_worker(prefect_api, te
     assert o.decision.promoted and Registry(home / "bentoml").current().tag == o.decision.tag
     data = Encoded.model_validate_json(next((home / "sweeps").glob("data-*/manifest.json")).read_bytes())
     t = Trial.model_validate_json((killed["trial"] / "trial.json").read_bytes())
-    whole = train.train(
-        data.load("train"),
-        data.load("val"),
-        Vocab(tuple(data.vocab)),
-        t.model,
-        t.config,
-        home / "uninterrupted",
-        stop=hit.last.step,
-    )
-    assert same_weights(checkpoint.load(t.dir / "checkpoints").params, whole.params)
+    whole = uninterrupted(data, t, home / "uninterrupted", stop=hit.last.step)
+    assert same_weights(checkpoint.load(t.dir / "checkpoints").params, whole)
     assert survivor.poll() is None and sorted(user.rglob("*")) == []  # nothing under the workers' HOME
 
 
