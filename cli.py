@@ -224,7 +224,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
             APILogHandler().flush()  # the run's queued logs, while the server is still there
             server.stop()
     d = o.decision
-    print(f"{'promoted' if d.promoted else 'kept'} {d.tag}: {d.reason}\nsweep: {o.dir}")
+    print(f"{'promoted' if d.promoted else 'kept'} {d.tag or 'no model'}: {d.reason}\nsweep: {o.dir}")
 
 
 def cmd_serve(a: argparse.Namespace) -> None:

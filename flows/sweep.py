@@ -297,5 +297,6 @@ def sweep(
         seconds=seconds,
     )
     publish(outcome)
-    logger.info("%s %s: %s", "Promoted" if decision.promoted else "Kept", decision.tag, decision.reason)
+    verdict = f"Promoted {decision.tag}" if decision.promoted else f"Kept {decision.tag or 'no model'}"
+    logger.info("%s: %s", verdict, decision.reason)
     return outcome

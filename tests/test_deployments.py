@@ -6,7 +6,6 @@ Everything started here is stopped by PID in the fixture's teardown.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop
 
 import settings
 from flows import serve
@@ -54,23 +54,6 @@ class Stack:
         return (
             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\nserve log:\n{self.serve_log.read_text()[-5000:]}"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End `proc` and its process group (it was started in a session of its own)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def wait_for_deployments(url: str, serve: subprocess.Popen, log: Path) -> None:

@@ -5,7 +5,6 @@ Prefect server: a LocalCluster of 2 worker processes, and a `dask scheduler` wit
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,9 +14,9 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+from conftest import free_port, stop
 from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
-from prefect.testing.utilities import prefect_test_harness
 from pydantic import TypeAdapter
 from threadpoolctl import threadpool_limits
 
@@ -32,12 +31,6 @@ from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"hidden": [16], "batch": [4], "seq": [16]}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(autouse=True)
@@ -211,23 +204,6 @@ def test_bad_parameters_fail_before_any_work(prefect_api, texts, home):
 
 
 # --- the multi-machine shape: dask scheduler + dask worker processes, one killed mid-trial --------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End `proc` and its process group (it was started in a session of its own)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def wait_for_workers(address: str, n: int, log: Path) -> None:
