@@ -51,6 +51,7 @@ from model import checkpoint
 from model.files import make_dirs, write_atomic
 from model.rnn import ModelConfig
 from model.train import TrainConfig as T
+from model.train import bits
 
 DaskAddress = Annotated[str, Field(pattern=r"^((tcp|tls)://)?\S+:\d{1,5}$", max_length=300)]
 Count = Annotated[int, Field(ge=1, le=256)]
@@ -59,9 +60,8 @@ Minutes = Annotated[float, Field(gt=0, le=7 * 24 * 60, allow_inf_nan=False)]
 
 def design(space: dict | None, trials: int, seed: int, steps: int, halving: bool) -> tuple[list, list[int]]:
     """The drawn configurations and the rungs' steps; a ValueError (one line) when they cannot be made."""
-    return draw(TypeAdapter(Space).validate_python(space or DEFAULT_SPACE), trials, seed), rungs(
-        trials, steps, halving
-    )
+    checked = TypeAdapter(Space).validate_python(space or DEFAULT_SPACE)
+    return draw(checked, trials, seed), rungs(trials, steps, halving)
 
 
 def reachable(address: str) -> None:
@@ -137,7 +137,7 @@ def progress(t: Trial, r: Rung, rungs: int) -> str:
         return f"{head}: failed at step {r.step}: {r.failed}"
     resumed = f", resumed at step {r.resumed_from}" if r.resumed_from else ""
     return (
-        f"{head} (step {r.step}): val {r.val:.4f} nats/char ({r.val / 0.6931471805599453:.3f} bits/char), "
+        f"{head} (step {r.step}): val {r.val:.4f} nats/char ({bits(r.val):.3f} bits/char), "
         f"{r.seconds:.1f} s, {r.chars_per_s:,.0f} chars/s on {r.worker}{resumed}"
     )
 
