@@ -118,16 +118,17 @@ def halve(
             break
         alive = ok[: max(1, len(alive) // 2)]
         if minutes is not None:
-            fits = [
-                t
-                for t in alive
-                if sum(r.seconds for r in results[t.index]) * plan[k + 1] / stop <= minutes * 60
-            ]
+            fits = [t for t in alive if in_time(results[t.index], plan[k + 1], minutes)]
             out_of_time |= {t.index for t in alive if t not in fits}
             alive = fits
         if not alive:
             break
     return results, out_of_time
+
+
+def in_time(done: list[Rung], stop: int, minutes: float) -> bool:
+    """Whether a trial would train to `stop` within `minutes` in all, at the speed of its rungs so far."""
+    return sum(r.seconds for r in done) * stop / done[-1].step <= minutes * 60
 
 
 def progress(t: Trial, r: Rung, rungs: int) -> str:

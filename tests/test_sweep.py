@@ -21,7 +21,8 @@ from pydantic import TypeAdapter
 from threadpoolctl import threadpool_limits
 
 from flows import space as sp
-from flows.sweep import sweep
+from flows.report import Rung
+from flows.sweep import in_time, sweep
 from flows.tasks import Encoded, Trial, encode, ingest, train_trial
 from model import checkpoint, train
 from model.rnn import ModelConfig
@@ -108,6 +109,13 @@ def test_each_rung_doubles_the_one_before_and_the_last_is_the_budget():
     assert sp.rungs(1, 100) == [100] and sp.rungs(8, 100, halving=False) == [100]
     with pytest.raises(ValueError, match="use steps >= 8"):
         sp.rungs(8, 5)
+
+
+def test_the_time_budget_stops_a_trial_whose_next_rung_would_not_fit():
+    done = [Rung(rung=0, step=100, val=2.0, seconds=20, chars_per_s=1, worker="w", resumed_from=0)]
+    assert in_time(done, 200, minutes=1) and not in_time(done, 400, minutes=1)  # 40 s and 80 s in all
+    done.append(done[0].model_copy(update={"rung": 1, "step": 200, "seconds": 30}))  # slower: 50 s for 200
+    assert not in_time(done, 400, minutes=1.5) and in_time(done, 400, minutes=1.7)
 
 
 # --- one trial, without Dask -------------------------------------------------------------------------
