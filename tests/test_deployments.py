@@ -142,7 +142,7 @@ def test_scheduled_retrain_skips_unchanged_text_and_trains_on_new(stack, small_t
     print(f"scheduled-retrain, wall seconds through `prefect deployment run --watch`: {seconds}")
 
 
-def test_sweep_deployment_trains_trials_on_dask_and_promotes(stack, small_text):
+def test_sweep_deployment_trains_trials_on_dask_and_judges_the_winner(stack, small_text):
     """The run, in flows.serve's runner, starts a LocalCluster of 2 workers that report to the server."""
     texts = stack.corpus("sweep", small_text[:8000])
     before = stack.promoted()
@@ -155,7 +155,10 @@ def test_sweep_deployment_trains_trials_on_dask_and_promotes(stack, small_text):
     (folder,) = (stack.home / "sweeps").glob("sweep-*")
     trials = json.loads((folder / "trials.json").read_text())
     assert sorted(t["status"] for t in trials["trials"]) == ["stopped after rung 0", "winner"]
-    assert len(stack.promoted()) == len(before) + 1 and trials["decision"]["promoted"]
+    d = trials["decision"]  # through the gate: earlier tests here may have promoted a better model
+    assert len(stack.promoted()) == len(before) + d["promoted"] and (
+        d["promoted"] or "does not beat" in d["reason"]
+    )
     print(f"char-rnn-sweep/on-demand, wall seconds through `prefect deployment run --watch`: {seconds:.1f}")
 
 
