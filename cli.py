@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -51,6 +52,18 @@ PIPELINE_FLAGS = (
     "checkpoint_every",
     "seed",
 )
+
+SWEEP_FLAGS = {  # the flow's parameters besides data_dir and space; defaults are the flow's
+    "trials": (int, "configurations drawn from the space"),
+    "seed": (int, "draws the configurations; every trial's seed"),
+    "steps": (int, "the budget per trial: the steps the winner trains (each earlier rung half the next)"),
+    "minutes": (float, "wall minutes a trial may train in all"),
+    "checkpoint_every": (int, "steps between a trial's checkpoints"),
+    "dask_address": (str, "a running Dask scheduler, e.g. tcp://10.0.0.5:8786; else a local cluster"),
+    "local_workers": (int, "worker processes of the local cluster; else one per core"),
+    "halving": (bool, "train every trial for --steps (a plain random or grid search)"),
+    "promote": (bool, "leave the winner unpromoted"),
+}
 
 
 class Bar:
@@ -192,6 +205,47 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_sweep(a: argparse.Namespace) -> None:
+    """The char-rnn-sweep flow in-process (Prefect's temporary server); a line per trial as it finishes."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    roots = [*settings.load().allowed_roots, Path(a.data).absolute()]
+    os.environ.update(settings.configure(allowed_roots=roots))
+    given = {k: getattr(a, k) for k in SWEEP_FLAGS if getattr(a, k) is not None}
+    if a.space is not None:
+        try:
+            given["space"] = json.loads(a.space)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--space is not JSON ({e}); e.g. --space '{{\"hidden\": [64, 128]}}'") from None
+    from flows.params import checked  # Prefect reads its home when imported: only after configure
+    from flows.sweep import design, reachable, sweep
+
+    p = checked(sweep, {"data_dir": a.data} | given)
+    design(p["space"], p["trials"], p["seed"], p["steps"], p["halving"])  # before Prefect starts
+    if p["dask_address"]:
+        reachable(p["dask_address"])
+    from prefect.logging.handlers import APILogHandler
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    # Dask workers report to Prefect by address: without PREFECT_API_URL each would start its own server
+    server = None if get_current_settings().api.url else SubprocessASGIServer()
+    lines, flow_log = Lines(logging.INFO), logging.getLogger("prefect.flow_runs")
+    flow_log.addHandler(lines)
+    try:
+        if server:
+            server.start(timeout=120)
+        with temporary_settings({PREFECT_API_URL: server.api_url} if server else {}):
+            o = sweep(**p)
+    finally:
+        flow_log.removeHandler(lines)
+        if server:
+            APILogHandler().flush()  # the run's queued logs, while the server is still there
+            server.stop()
+    d = o.decision
+    print(f"{'promoted' if d.promoted else 'kept'} {d.tag or 'no model'}: {d.reason}\nsweep: {o.dir}")
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     """`bentoml serve` for service.py with this project's homes and settings (it replaces this process)."""
     cmd = [sys.executable, "-m", "bentoml", "serve", "service:CharRNN", "--working-dir", str(settings.ROOT)]
@@ -260,6 +314,18 @@ def parser() -> argparse.ArgumentParser:
         model = net.ModelConfig if name in MODEL_FLAGS else train.TrainConfig
         p.add_argument(f"--{name.replace('_', '-')}", help="(default: the flow's)", **flag_type(model, name))
     p.set_defaults(fn=cmd_pipeline)
+
+    w = sub.add_parser("sweep", help="search settings on Dask (successive halving) and promote the best")
+    w.add_argument("--data", default="data", help="corpus folder (may be outside the allowed roots)")
+    w.add_argument(
+        "--space", help='JSON: setting -> [values] or {"low", "high", "log"} (default: the flow\'s)'
+    )
+    for name, (kind, help_) in SWEEP_FLAGS.items():
+        if kind is bool:
+            w.add_argument(f"--no-{name}", dest=name, action="store_false", default=None, help=help_)
+        else:
+            w.add_argument(f"--{name.replace('_', '-')}", type=kind, help=help_)
+    w.set_defaults(fn=cmd_sweep)
 
     v = sub.add_parser(
         "serve",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +68,21 @@ def alternate(
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+@contextmanager
+def server() -> Iterator[str]:
+    """The API URL of PREFECT_API_URL's server, or of one started (and stopped) with the project's script."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        yield url
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PREFECT_SERVER_PORT": str(port), "PYTHON": sys.executable}
+    script = ROOT / "scripts" / "prefect-server.sh"
+    try:
+        subprocess.run([script, "start"], env=env, check=True, capture_output=True)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True)

@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from settings import ROOT, isolated_env
@@ -30,6 +26,7 @@ os.environ.update(
 )
 os.environ.pop("CHAR_RNN_RUNS", None)
 
+from common import server
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -75,24 +72,6 @@ def timed(fn: Callable[[Path, Path, dict], None], data: Path, p: dict, n: int) -
     t0 = time.perf_counter()
     fn(data, home / "runs", p)
     return time.perf_counter() - t0
-
-
-@contextmanager
-def server() -> Iterator[str]:
-    """The API URL of PREFECT_API_URL's server, or of one started (and stopped) with the project's script."""
-    if url := os.environ.get("PREFECT_API_URL"):
-        yield url
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"PREFECT_SERVER_PORT": str(port), "PYTHON": sys.executable}
-    script = ROOT / "scripts" / "prefect-server.sh"
-    try:
-        subprocess.run([script, "start"], env=env, check=True, capture_output=True)
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        subprocess.run([script, "stop"], env=env, capture_output=True)
 
 
 def main() -> None:

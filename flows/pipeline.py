@@ -84,7 +84,7 @@ def pipeline(
         logger.info("Training from scratch: %s", why_not)
     warm = None if why_not else current
     data = encode(data_dir, corpus.fingerprint, root, warm.vocab if warm else None)
-    preflight(data, config, current)
+    preflight(data, [config], current)
     model = shape.model_copy(update={"vocab_size": len(data.vocab)})
     run_dir = root / run_name(corpus.fingerprint, model, config, warm.tag if warm else None)
     trained = train_model(data, run_dir, model, config, warm)

@@ -95,27 +95,32 @@ class Outcome(BaseModel):
     history: dict[str, list[list[float]]]  # "train" / "val": [step, loss] pairs
 
 
-def loss_curve_png(history: dict[str, list[list[float]]]) -> bytes:
-    """Train and validation loss (nats/char) against the step, as PNG bytes."""
+def curves_png(curves: dict[str, list[list[float]]], styles: dict[str, dict] | None = None) -> bytes:
+    """Loss curves (name -> [step, nats/char] pairs) on one chart, as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here: it costs ~0.7 s
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, style in (("train", {"lw": 1}), ("val", {"marker": "o"})):
-        points = history.get(name) or []
+    for name, points in curves.items():
         if points:
             steps, losses = zip(*points, strict=True)
-            ax.plot(steps, losses, label=name, **style)
+            ax.plot(steps, losses, label=name, **(styles or {}).get(name, {"marker": "."}))
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
     ax.grid(alpha=0.3)
     if ax.has_data():
-        ax.legend()
+        ax.legend(fontsize="small")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def loss_curve_png(history: dict[str, list[list[float]]]) -> bytes:
+    """Train and validation loss (nats/char) against the step, as PNG bytes."""
+    curves = {name: history.get(name) or [] for name in ("train", "val")}
+    return curves_png(curves, {"train": {"lw": 1}, "val": {"marker": "o"}})
 
 
 def table(o: Outcome) -> list[dict[str, Any]]:
@@ -173,3 +178,105 @@ def markdown(o: Outcome) -> str:
 
 ## Samples
 {shown}"""
+
+
+class Rung(BaseModel):
+    """A sweep trial trained to a rung's step: its validation loss there, or why it failed."""
+
+    rung: int
+    step: int
+    val: float | None  # nats/char on the validation sample at `step`
+    seconds: float  # wall seconds this rung trained (from resumed_from)
+    chars_per_s: float
+    worker: str  # the Dask worker's address
+    resumed_from: int  # the step this rung started at (a checkpoint, after a killed worker)
+    failed: str | None = None
+
+
+class TrialOutcome(BaseModel):
+    """One trial of a sweep: what it drew, what each rung it reached recorded, and how it ended."""
+
+    index: int
+    name: str  # its run directory's name
+    drawn: dict[str, Any]
+    rungs: list[Rung]
+    status: str  # "winner", "stopped after rung 1", "failed in rung 0: ...", "out of time after rung 2"
+    history: list[list[float]]  # validation [step, nats/char] pairs
+
+    @property
+    def last(self) -> Rung:
+        return self.rungs[-1]
+
+
+class SweepOutcome(BaseModel):
+    """Everything trials.json records about one sweep."""
+
+    sweep_id: str
+    dir: Path
+    flow_run_id: str | None
+    data_dir: str
+    fingerprint: str
+    plan: list[int]  # the step each rung trains to
+    trials: list[TrialOutcome]
+    winner: int | None  # index of the winning trial
+    candidate: Score | None  # the winner on the whole validation text
+    decision: Decision
+    seconds: float  # wall seconds from the first trial to the last
+
+
+def sweep_table(o: SweepOutcome) -> list[dict[str, Any]]:
+    """One row per trial: its configuration, steps, validation loss, time, speed, worker and fate."""
+    rows = []
+    for t in o.trials:
+        val = t.last.val
+        rows.append(
+            {"trial": t.index}
+            | t.drawn
+            | {
+                "steps": t.last.step,
+                "val nats/char": None if val is None else round(val, 4),
+                "val bits/char": None if val is None else round(val / math.log(2), 4),
+                "wall s": round(sum(r.seconds for r in t.rungs), 1),
+                "chars/s": round(t.last.chars_per_s),
+                "worker": " ".join(dict.fromkeys(r.worker for r in t.rungs)),
+                "result": t.status,
+            }
+        )
+    return rows
+
+
+def sweep_markdown(o: SweepOutcome) -> str:
+    """The sweep's report: the plan, the winner and the promotion decision, the trials table."""
+    rows = sweep_table(o)
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    body = "".join("| " + " | ".join("" if v is None else str(v) for v in r.values()) + " |\n" for r in rows)
+    cpu = sum(r.seconds for t in o.trials for r in t.rungs)
+    d = o.decision
+    if o.winner is None:
+        won = "No trial finished its first rung, so there is no winner."
+    else:
+        w = next(t for t in o.trials if t.index == o.winner)
+        setting = ", ".join(f"{k}={v}" for k, v in w.drawn.items())
+        won = (
+            f"**Winner: trial {w.index}** ({setting}): {w.last.step} steps, validation sample "
+            f"{w.last.val:.4f} nats/char; whole validation text {o.candidate.nats:.4f} nats/char "
+            f"({o.candidate.bits:.4f} bits/char)."
+        )
+    verdict = f"**Promoted** as `{d.tag}`" if d.promoted else f"**Not promoted** (current: `{d.tag}`)"
+    return f"""# char-rnn sweep `{o.sweep_id}`
+
+- corpus: `{o.data_dir}`, fingerprint `{o.fingerprint[:16]}`
+- {len(o.trials)} trials; rungs train to steps {", ".join(map(str, o.plan))}, each keeping the better half
+- training time: {cpu:.0f} s summed over trials, {o.seconds:.0f} s wall
+
+{won}
+
+## Decision
+
+{verdict}: {d.reason}
+
+## Trials
+
+{head}{body}
+Validation curves: `{o.dir / "curves.png"}`.
+"""

@@ -1,7 +1,8 @@
-"""`python -m flows.serve`: register the pipeline's two deployments with Prefect and run their flow runs.
+"""`python -m flows.serve`: register the pipeline's and the sweep's deployments and run their flow runs.
 
   char-rnn-pipeline/on-demand          runs when asked (`prefect deployment run ... --param steps=300`)
   char-rnn-pipeline/scheduled-retrain  on an interval or cron; ends at once when the corpus has not changed
+  char-rnn-sweep/on-demand             a hyperparameter sweep on Dask (`--param dask_address=tcp://...:8786`)
 
 The schedule comes from --interval/--cron, else CHAR_RNN_RETRAIN_INTERVAL (seconds) / CHAR_RNN_RETRAIN_CRON,
 else hourly. PREFECT_API_URL names the server.
@@ -22,10 +23,12 @@ from cli import Parser
 
 
 def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
-    """The on-demand deployment and the scheduled retrain (`timing`: interval= or cron=), given `params`."""
+    """The pipeline's on-demand deployment and scheduled retrain (`timing`: interval= or cron=), given
+    `params`, and the sweep's on-demand deployment, given those of `params` it takes."""
     from prefect.deployments.runner import EntrypointType
 
     from flows.pipeline import pipeline
+    from flows.sweep import sweep
 
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["char-rnn"]}
     return [
@@ -37,6 +40,12 @@ def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
             description="Retrain, warm-starting from the promoted model, when the corpus has changed.",
             parameters=params | {"only_if_changed": True},
             **timing,
+            **common,
+        ),
+        sweep.to_deployment(
+            "on-demand",
+            description="Search settings on Dask with successive halving; promote the best if it wins.",
+            parameters={k: v for k, v in params.items() if k in sweep.parameters.properties},
             **common,
         ),
     ]
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         type=param,
         action="append",
         default=[],
-        help="a default flow parameter, KEY=VALUE (repeatable)",
+        help="a default flow parameter, KEY=VALUE (repeatable; the sweep takes those it has)",
     )
     parser.add_argument("--limit", type=positive, default=1, help="flow runs executed at once (default 1)")
     args = parser.parse_args(argv)

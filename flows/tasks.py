@@ -10,9 +10,12 @@ import hashlib
 import io
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import runtime, task
@@ -25,10 +28,11 @@ from prefect.artifacts import (
 )
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from threadpoolctl import threadpool_limits
 
 from flows import report
-from flows.report import Comparison, Decision, Outcome, Score
+from flows.report import Comparison, Decision, Outcome, Rung, Score
 from model import checkpoint, corpus, net, train
 from model.files import locked, make_dirs, write_atomic
 from model.net import ModelConfig
@@ -189,9 +193,10 @@ def encode(data_dir: Path, fingerprint: str, root: Path, base_vocab: list[str] |
 
 
 @task(persist_result=False)
-def preflight(data: Encoded, config: TrainConfig, current: CurrentModel | None) -> None:
+def preflight(data: Encoded, configs: list[TrainConfig], current: CurrentModel | None) -> None:
     """Check everything training, evaluation and comparison need, before any training time is spent."""
-    Streams(np.zeros(data.train_chars, np.int32), config.batch, config.seq)  # raises when too short
+    for config in {(c.batch, c.seq): c for c in configs}.values():
+        Streams(np.zeros(data.train_chars, np.int32), config.batch, config.seq)  # raises when too short
     if data.val_chars < 2:
         raise ValueError(f"{data.dir}: the validation text has {data.val_chars} characters; add text")
     if current is not None:
@@ -270,6 +275,87 @@ def train_model(
         warm_start=final.meta.parent,
         seconds=time.perf_counter() - t0,
     )
+
+
+class Trial(BaseModel):
+    """One configuration of a sweep (trial.json) and its run directory: checkpoints/, rungs.json (what each
+    finished rung recorded) and worker.json (the Dask worker that trains it now, or did last)."""
+
+    index: int
+    dir: Path
+    drawn: dict[str, Any]  # the values drawn from the search space
+    model: ModelConfig
+    config: TrainConfig  # config.steps is the schedule's horizon: the most steps this trial may train
+
+    @property
+    def results(self) -> Path:
+        return self.dir / "rungs.json"
+
+    def rungs(self) -> list[Rung]:
+        """What the trial's finished rungs recorded (none when the file is missing or unreadable)."""
+        try:
+            return TypeAdapter(list[Rung]).validate_json(self.results.read_bytes())
+        except (OSError, ValidationError):
+            return []
+
+
+def worker_address() -> str:
+    """The address of the Dask worker running this task ("local" outside Dask)."""
+    from distributed import get_worker  # imported here: only sweep trials run on Dask
+
+    try:
+        return get_worker().address
+    except ValueError:
+        return "local"
+
+
+@task(persist_result=False)
+def train_trial(data: Encoded, trial: Trial, rung: int, stop: int) -> Rung:
+    """Train `trial` to step `stop`, resuming its newest checkpoint, on one BLAS thread. A rung it finished
+    before is read back, not trained again; a diverging trial is a failed Rung, not an error."""
+    done = {r.rung: r for r in trial.rungs()}
+    if rung in done:
+        return done[rung]
+    out, worker = trial.dir / "checkpoints", worker_address()
+    with locked(make_dirs(trial.dir) / ".lock", f"another worker is training {trial.dir}; waiting for it"):
+        now = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), "rung": rung}
+        write_atomic(trial.dir / "worker.json", json.dumps(now).encode())
+        write_atomic(trial.dir / "trial.json", trial.model_dump_json(indent=1).encode())
+        start = checkpoint.load(out, with_optim=False).meta.step if checkpoint.step_dirs(out) else 0
+        if start:
+            log().info("Trial %d: resuming from its checkpoint at step %d", trial.index, start)
+        t0, val, failed, step = time.perf_counter(), None, None, start
+        try:
+            with threadpool_limits(1):
+                ck = train.train(
+                    data.load("train"),
+                    data.load("val"),
+                    Vocab(tuple(data.vocab)),
+                    trial.model,
+                    trial.config,
+                    out,
+                    resume=True,
+                    fingerprint=data.fingerprint,
+                    stop=stop,
+                )
+            step, val = ck.meta.step, dict(map(tuple, ck.meta.metrics["val"]))[stop]
+        except train.TrainingDiverged as e:
+            failed = str(e)
+        seconds = time.perf_counter() - t0
+        speed = (step - start) * trial.config.batch * trial.config.seq / max(seconds, 1e-9)
+        result = Rung(
+            rung=rung,
+            step=stop if failed is None else step,
+            val=val,
+            seconds=seconds,
+            chars_per_s=speed,
+            worker=worker,
+            resumed_from=start,
+            failed=failed,
+        )
+        recorded = [*done.values(), result]
+        write_atomic(trial.results, TypeAdapter(list[Rung]).dump_json(recorded, indent=1))
+    return result
 
 
 def score(

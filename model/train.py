@@ -117,12 +117,14 @@ def train(
     parent: str | None = None,
     fingerprint: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    stop: int | None = None,
 ) -> Checkpoint:
     """Train for `cfg.steps` total steps, checkpointing into `out`; returns the final checkpoint.
 
     With `resume`, continues bitwise-exactly from the newest good checkpoint in `out`; otherwise `out` must
     hold no checkpoints, unless `overwrite` (which deletes them). `init_params` warm-starts (e.g. from a
-    promoted model grown to `vocab`)."""
+    promoted model grown to `vocab`). `stop` ends this call at that step (validated and checkpointed) while
+    the schedule still spans `cfg.steps`: resuming it later is the same as never having stopped."""
     if model_cfg.vocab_size != len(vocab):
         raise ValueError(f"model vocab_size {model_cfg.vocab_size} != vocabulary size {len(vocab)}")
     out = Path(out)
@@ -145,13 +147,14 @@ def train(
         ck = checkpoint.load(out)
         step, pos, params, metrics, parent = restore(ck, model_cfg, cfg, vocab, fingerprint, opt, h)
         rng.bit_generator.state = ck.meta.rng
-    if step >= cfg.steps:
+    end = min(stop or cfg.steps, cfg.steps)
+    if step >= end:
         return checkpoint.load(out)
 
     limit = cfg.max_loss_factor * math.log(max(len(vocab), 2))
     drop_rng = rng if model_cfg.dropout > 0 else None
     t0, step0 = time.perf_counter(), step
-    while step < cfg.steps:
+    while step < end:
         x, y, nxt = streams.get(pos)
         loss, cache, h = net.forward(params, model_cfg, x, y, h, drop_rng)
         if not math.isfinite(loss) or loss > limit:
@@ -170,17 +173,17 @@ def train(
             h[...] = 0.0  # streams wrapped: start from a clean state
         pos = nxt
         val = None
-        if step % (cfg.eval_every or cfg.checkpoint_every) == 0 or step == cfg.steps:
+        if step % (cfg.eval_every or cfg.checkpoint_every) == 0 or step == end:
             v_ids = val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids
             val = evaluate(params, model_cfg, v_ids)
             metrics["val"].append([step, round(val, 6)])
-        if step % cfg.log_every == 0 or val is not None or step == cfg.steps:
+        if step % cfg.log_every == 0 or val is not None or step == end:
             metrics["train"].append([step, round(loss, 6)])
             if on_progress:
                 rate = (step - step0) * cfg.batch * cfg.seq / max(time.perf_counter() - t0, 1e-9)
-                eta = (cfg.steps - step) * cfg.batch * cfg.seq / max(rate, 1e-9)
-                on_progress(Progress(step, cfg.steps, loss, lr, norm, rate, eta, val))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                eta = (end - step) * cfg.batch * cfg.seq / max(rate, 1e-9)
+                on_progress(Progress(step, end, loss, lr, norm, rate, eta, val))
+        if step % cfg.checkpoint_every == 0 or step == end:
             if not all(np.isfinite(v).all() for v in params.values()):
                 raise TrainingDiverged(f"non-finite weights at step {step}; no checkpoint was written")
             vals = [v for _, v in metrics["val"]]

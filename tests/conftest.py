@@ -1,10 +1,15 @@
 """Shared fixtures. Every test session writes under its own temporary CHAR_RNN_HOME, never under ~ or ./."""
 
 import os
+import signal
+import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+from prefect.testing.utilities import prefect_test_harness
+from threadpoolctl import threadpool_limits
 
 from settings import isolated_env
 
@@ -36,3 +41,27 @@ def damage(f: Path, how: str) -> None:
     else:
         raw[len(raw) // 2] ^= 0x5A
     f.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server and database for a module's flow runs (and one BLAS thread)."""
+    with prefect_test_harness(server_startup_timeout=120), threadpool_limits(1):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End `proc` and its process group (it was started in a session of its own)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -6,7 +6,6 @@ Everything started here is stopped by PID in the fixture's teardown.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop
 
 import settings
 from flows import serve
@@ -56,29 +56,16 @@ class Stack:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End `proc` and its process group (it was started in a session of its own)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def wait_for_deployments(url: str, serve: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 90
-    for name in ("on-demand", "scheduled-retrain"):
+    for name in (
+        "char-rnn-pipeline/on-demand",
+        "char-rnn-pipeline/scheduled-retrain",
+        "char-rnn-sweep/on-demand",
+    ):
         while True:
             try:
-                urllib.request.urlopen(f"{url}/deployments/name/char-rnn-pipeline/{name}", timeout=2)
+                urllib.request.urlopen(f"{url}/deployments/name/{name}", timeout=2)
                 break
             except OSError:
                 assert serve.poll() is None, f"flows.serve exited:\n{log.read_text()[-5000:]}"
@@ -153,6 +140,26 @@ def test_scheduled_retrain_skips_unchanged_text_and_trains_on_new(stack, small_t
     log = stack.serve_log.read_text()
     assert "Nothing to retrain: corpus unchanged since" in log and "Vocabulary grown by" in log
     print(f"scheduled-retrain, wall seconds through `prefect deployment run --watch`: {seconds}")
+
+
+def test_sweep_deployment_trains_trials_on_dask_and_judges_the_winner(stack, small_text):
+    """The run, in flows.serve's runner, starts a LocalCluster of 2 workers that report to the server."""
+    texts = stack.corpus("sweep", small_text[:8000])
+    before = stack.promoted()
+    grid = json.dumps({"hidden": [16], "batch": [4], "seq": [16], "lr": [0.003, 0.01]})
+    params = {"data_dir": texts, "space": grid, "trials": 2, "steps": 40, "checkpoint_every": 20}
+
+    done, seconds = stack.run("char-rnn-sweep/on-demand", **params, local_workers=2)
+
+    assert done.returncode == 0 and "Completed" in done.stdout, stack.explain(done)
+    (folder,) = (stack.home / "sweeps").glob("sweep-*")
+    trials = json.loads((folder / "trials.json").read_text())
+    assert sorted(t["status"] for t in trials["trials"]) == ["stopped after rung 0", "winner"]
+    d = trials["decision"]  # through the gate: earlier tests here may have promoted a better model
+    assert len(stack.promoted()) == len(before) + d["promoted"] and (
+        d["promoted"] or "does not beat" in d["reason"]
+    )
+    print(f"char-rnn-sweep/on-demand, wall seconds through `prefect deployment run --watch`: {seconds:.1f}")
 
 
 def test_invalid_parameter_is_refused_before_a_run(stack):
@@ -239,10 +246,11 @@ def test_serve_refuses_bad_options_in_one_line(args, env, message):
 
 
 def test_both_deployments_share_parameters_and_only_the_retrain_is_scheduled():
-    on_demand, retrain = serve.deployments({"steps": 300}, cron="0 3 * * *")
-    assert (on_demand.name, retrain.name) == ("on-demand", "scheduled-retrain")
-    assert on_demand.parameters == {"steps": 300} and not on_demand.schedules
-    assert retrain.parameters == {"steps": 300, "only_if_changed": True}
+    on_demand, retrain, sweep = serve.deployments({"steps": 300, "hidden": 64}, cron="0 3 * * *")
+    assert (on_demand.name, retrain.name, sweep.name) == ("on-demand", "scheduled-retrain", "on-demand")
+    assert sweep.flow_name == "char-rnn-sweep" and sweep.parameters == {"steps": 300} and not sweep.schedules
+    assert on_demand.parameters == {"steps": 300, "hidden": 64} and not on_demand.schedules
+    assert retrain.parameters == {"steps": 300, "hidden": 64, "only_if_changed": True}
     assert retrain.schedules[0].schedule.cron == "0 3 * * *"
     assert on_demand.entrypoint == "flows.pipeline.pipeline"
     assert serve.param("lr=3e-3") == ("lr", 3e-3) and serve.param("data_dir=/srv/text") == (

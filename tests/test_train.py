@@ -70,6 +70,29 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path, small_text, cell, dro
     assert resumed.meta.metrics["val"] == full.meta.metrics["val"]
 
 
+def test_stopping_at_rungs_then_resuming_equals_one_uninterrupted_run(tmp_path, small_text):
+    """What successive halving relies on: a run stopped at steps 15 and 35 (not checkpoint steps) and resumed
+    each time ends bitwise where an uninterrupted run ends, optimizer state included. Resuming a run trained
+    with a smaller `steps` does not: the learning-rate schedule spans `steps`."""
+    tr, va, vocab, mcfg = data(small_text)
+    mcfg = mcfg.model_copy(update={"dropout": 0.2})
+    full = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "full")
+
+    rungs = [train.train(tr, va, vocab, mcfg, CFG, tmp_path / "rungs", resume=True, stop=s) for s in (15, 35)]
+    last = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "rungs", resume=True)
+
+    assert [r.meta.step for r in rungs] == [15, 35] and [s for s, _ in rungs[1].meta.metrics["val"]] == [
+        15,
+        20,
+        35,
+    ]
+    assert last.meta.step == 60 and same_weights(full.params, last.params)
+    assert same_weights(checkpoint.load(tmp_path / "full").optim, checkpoint.load(tmp_path / "rungs").optim)
+    short = train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"steps": 35}), tmp_path / "short")
+    longer = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "short", resume=True)
+    assert short.meta.step == 35 and longer.meta.step == 60 and not same_weights(full.params, longer.params)
+
+
 def test_resume_refuses_another_run(tmp_path, small_text):
     tr, va, vocab, mcfg = data(small_text)
     train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"steps": 20}), tmp_path)
