@@ -105,14 +105,15 @@ def main() -> None:
     warm = min(20.0, max(5.0, 0.05 * budget))
     per_step, per_eval, per_save, n_warm = timings(tr, va, mcfg, tcfg, warm, tmp)
     # checkpoints take ~1% of the time, so that a deadline loses few steps (those since the last one)
-    every = min(tcfg.eval_every, max(10, math.ceil(per_save / (0.01 * per_step))))
+    eval_every = tcfg.eval_every or tcfg.checkpoint_every
+    every = min(eval_every, max(10, math.ceil(per_save / (0.01 * per_step))))
     eval_chars = tcfg.eval_chars or len(va)
     final_evals = 2 * per_eval * len(va) / min(eval_chars, len(va))  # the final and the best, on all of va
     deadline = start + budget * (1 - MARGIN) - final_evals
     left = deadline - time.perf_counter()
-    per_step_all = per_step * 1.01 + per_eval / tcfg.eval_every + per_save / every  # 1%: logging, progress
+    per_step_all = per_step * 1.01 + per_eval / eval_every + per_save / every  # 1%: logging, progress
     steps = args.steps or max(1, int(left / per_step_all))
-    tcfg = tcfg.model_copy(update={"steps": steps, "checkpoint_every": every})
+    tcfg = tcfg.model_copy(update={"steps": steps, "checkpoint_every": every, "eval_every": eval_every})
     print(f"tiny shakespeare: {len(tr):,} train / {len(va):,} validation chars")
     print(f"BLAS {common.blas_name()}, {common.blas_threads()} threads")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
