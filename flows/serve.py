@@ -5,6 +5,11 @@
 
 The schedule comes from --interval/--cron, else CHAR_RNN_RETRAIN_INTERVAL (seconds) / CHAR_RNN_RETRAIN_CRON,
 else hourly. PREFECT_API_URL names the server.
+
+Each deployment runs one flow run at a time. A retrain that falls due while another retrain runs is cancelled
+by the server (the next one catches up), so late runs never pile up behind a long training; a second
+on-demand run waits for the first. The runner therefore takes two runs at once (--limit 2): with one slot,
+a due retrain would wait in the runner's queue, logged as "skipped (at capacity)" at every poll.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from cli import Parser
 
 def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
     """The on-demand deployment and the scheduled retrain (`timing`: interval= or cron=), given `params`."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
     from flows.pipeline import pipeline
@@ -30,12 +36,19 @@ def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["char-rnn"]}
     return [
         pipeline.to_deployment(
-            "on-demand", description="Train, evaluate and maybe promote, now.", parameters=params, **common
+            "on-demand",
+            description="Train, evaluate and maybe promote, now.",
+            parameters=params,
+            concurrency_limit=1,  # a second run waits for the first
+            **common,
         ),
         pipeline.to_deployment(
             "scheduled-retrain",
             description="Retrain, warm-starting from the promoted model, when the corpus has changed.",
             parameters=params | {"only_if_changed": True},
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
             **timing,
             **common,
         ),
@@ -119,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a default flow parameter, KEY=VALUE (repeatable)",
     )
-    parser.add_argument("--limit", type=positive, default=1, help="flow runs executed at once (default 1)")
+    parser.add_argument(
+        "--limit", type=positive, default=2, help="flow runs executed at once (default 2: one per deployment)"
+    )
     args = parser.parse_args(argv)
     try:
         os.environ.update(settings.configure())
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if not url:
             raise ValueError(
                 "PREFECT_API_URL is not set: start a server with `scripts/prefect-server.sh start`, then "
-                "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+                "export the PREFECT_API_URL it prints"
             )
         when = timing(args.interval, args.cron, s)
         params = dict(args.param)
