@@ -1,6 +1,8 @@
-"""Shared fixtures. Every test session writes under its own temporary CHAR_RNN_HOME, never under ~ or ./."""
+"""Shared fixtures. Every test session writes under its own temporary CHAR_RNN_HOME, never under ~ or ./,
+and removes it at the end."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -8,11 +10,27 @@ import pytest
 
 from settings import isolated_env
 
-os.environ.update(isolated_env(Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))))
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))
+os.environ.update(isolated_env(SESSION_HOME))
 os.environ.pop("CHAR_RNN_RUNS", None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server and database for the module's flow runs (and one BLAS thread)."""
+    from prefect.testing.utilities import prefect_test_harness  # Prefect only for the tests that need it
+    from threadpoolctl import threadpool_limits
+
+    with prefect_test_harness(server_startup_timeout=120), threadpool_limits(1):
+        yield
 
 
 @pytest.fixture(scope="session")

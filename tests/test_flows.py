@@ -11,8 +11,6 @@ import pytest
 from conftest import damage
 from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
-from prefect.testing.utilities import prefect_test_harness
-from threadpoolctl import threadpool_limits
 
 from flows.pipeline import pipeline
 from flows.report import Score
@@ -22,13 +20,6 @@ from model.corpus import CorpusError
 from registry import Registry
 
 TINY = {"steps": 40, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 20}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server and database for this module's flow runs (and one BLAS thread)."""
-    with prefect_test_harness(server_startup_timeout=120), threadpool_limits(1):
-        yield
 
 
 @pytest.fixture(autouse=True)

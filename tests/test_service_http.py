@@ -5,7 +5,9 @@ requests: no request fails, and every response is wholly the work of the model i
 by a separate process, as the pipeline would."""
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -176,6 +178,61 @@ def test_starts_without_a_model_then_hot_reloads_under_load(server, small_text, 
         assert r.status_code == 200 and r.headers["x-model-tag"] == newest
         got = events(r.iter_text())
     assert ["".join(d["text"] for _, d in got[:-1])] == expected(cks[newest], "THE ", 50, 0.8, 4)
+
+
+def test_a_rollback_switches_the_live_service_with_no_failed_request(server):
+    """`char-rnn models rollback` (another process) while clients keep asking: the service answers with the
+    rolled-back model within its reload interval, and no request fails on the way."""
+    client, env = server
+    before = client.post("/model_info").json()["model"]
+    answers: list[list[tuple[float, httpx.Response]]] = [[] for _ in range(4)]  # (received at, response)
+    stop = threading.Event()
+
+    def loop(k: int) -> None:
+        for i in range(3000):
+            if stop.wait(0.01):
+                return
+            r = client.post("/generate", json={"prompt": "THE ", "max_new_chars": 20, "seed": 1000 * k + i})
+            answers[k].append((time.monotonic(), r))
+
+    def model(r: httpx.Response) -> str:
+        return r.json()["model"] if r.status_code == 200 else f"{r.status_code}: {r.text}"
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: sum(map(len, answers)) >= 20, 30, "requests before the rollback")
+        cli = shutil.which("char-rnn")
+        assert cli, "the char-rnn script is not on PATH; install the project (uv sync)"
+        reason = "tests: rolled back under load"
+        done = subprocess.run(
+            [cli, "models", "rollback", "--reason", reason], env=env, capture_output=True, text=True
+        )
+        rolled = time.monotonic()
+        assert done.returncode == 0, done.stderr
+        target = done.stdout.split()[0]
+        wait_for(
+            lambda: sum(model(r) == target for rs in answers for _, r in rs) >= 20, 30, f"{target} answers"
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert target != before
+    for rs in answers:
+        models = [model(r) for _, r in rs]
+        assert all(r.status_code == 200 for _, r in rs), [m for m in models if m not in (before, target)]
+        assert models == sorted(models, key=[before, target].index), "a client went back to the old model"
+    took = min(t for rs in answers for t, r in rs if model(r) == target) - rolled
+    interval = float(env["CHAR_RNN_RELOAD_INTERVAL"])
+    print(
+        f"the service switched {took:.2f} s after `char-rnn models rollback` returned (reload every {interval} s)"
+    )
+    assert took < interval + 2.0, "not within the reload interval (with 2 s for a busy machine)"
+    last = json.loads((Path(env["BENTOML_HOME"]) / "char-rnn-promoted.json").read_text())["entries"][-1]
+    assert (last["tag"], last["action"], last["reason"]) == (target, "rollback", reason)
 
 
 def test_bentoml_build_bundles_the_promoted_model(server):
