@@ -227,9 +227,7 @@ def test_a_rollback_switches_the_live_service_with_no_failed_request(server):
         assert models == sorted(models, key=[before, target].index), "a client went back to the old model"
     took = min(t for rs in answers for t, r in rs if model(r) == target) - rolled
     interval = float(env["CHAR_RNN_RELOAD_INTERVAL"])
-    print(
-        f"the service switched {took:.2f} s after `char-rnn models rollback` returned (reload every {interval} s)"
-    )
+    print(f"the service switched {took:.2f} s after `char-rnn models rollback` (reload every {interval} s)")
     assert took < interval + 2.0, "not within the reload interval (with 2 s for a busy machine)"
     last = json.loads((Path(env["BENTOML_HOME"]) / "char-rnn-promoted.json").read_text())["entries"][-1]
     assert (last["tag"], last["action"], last["reason"]) == (target, "rollback", reason)
