@@ -48,7 +48,7 @@ class Screen:
 
     def __init__(self, out=sys.stdout, every: float = 15.0):
         self.out, self.tty, self.every = out, out.isatty(), every
-        self.status, self.printed, self.at = "", "", -every
+        self.status, self.printed, self.at = "", "", time.monotonic()
 
     def draw(self, text: str) -> None:
         width = shutil.get_terminal_size().columns - 1  # the last column would wrap on some terminals
@@ -67,13 +67,14 @@ class Screen:
         if self.tty and self.status:
             self.draw(f"  {self.status}")
 
-    def show(self, status: str) -> None:
+    def show(self, status: str, passing: bool = False) -> None:
+        """Redraw the status line; off a terminal, print it now and then, unless it is `passing` (a wait)."""
         if status == self.status:
             return
-        self.status = status
+        self.status = "" if passing and not self.tty else status
         if self.tty:
             self.draw(f"  {status}")
-        elif time.monotonic() - self.at >= self.every:
+        elif not passing and time.monotonic() - self.at >= self.every:
             self.print(status)
 
     def keep(self) -> None:
@@ -106,7 +107,7 @@ def deployment(client: Any, name: str, runner: int | None, screen: Screen, timeo
     from prefect.exceptions import ObjectNotFound
 
     end = time.monotonic() + timeout
-    screen.show(f"waiting for the runner to register {name}")
+    screen.show(f"waiting for the runner to register {name}", passing=True)
     while True:
         try:
             return client.read_deployment_by_name(name)
@@ -153,7 +154,9 @@ def next_run(client: Any, name: str, dep: Any, runner: int | None, screen: Scree
             raise RuntimeError(f"the runner (PID {runner}) exited")
         due = runs(client, dep.id, ["SCHEDULED"])
         left = (due[0].expected_start_time - datetime.now(UTC)).total_seconds() if due else None
-        screen.show(f"waiting for its next run (in {max(left, 0):.0f} s)" if left is not None else "waiting")
+        screen.show(
+            f"waiting for its next run (in {max(left, 0):.0f} s)" if left is not None else "waiting", True
+        )
         time.sleep(1)
 
 
@@ -167,7 +170,7 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
         screen.line(f"flow run '{run.name}': {ui}/runs/flow-run/{run.id}")
     seen: set[UUID] = set()
     done: set[UUID] = set()  # finished progress artifacts
-    after = ended = None
+    after = ended = finished = None  # finished: when the training's progress reached 100%
     said = ""
     progress = ArtifactFilter(flow_run_id={"any_": [run.id]}, type={"any_": ["progress"]})
     while True:
@@ -178,6 +181,9 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
                 continue
             seen.add(log.id)
             after = log.timestamp
+            if finished and log.timestamp >= finished:  # lines logged before the training ended stay above it
+                screen.keep()
+                finished = None
             first = log.message.splitlines()[0] if log.message else ""
             if log.level >= 30:
                 screen.line(f"{'error' if log.level >= 40 else 'warning'}: {first}")
@@ -188,13 +194,15 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
         if found and found[0].id not in done:
             screen.show(f"{bar(float(found[0].data) / 100)} {found[0].description or ''}")
             if float(found[0].data) >= 100:
-                screen.keep()
                 done.add(found[0].id)
+                finished = found[0].updated
         elif not found and not run.state.is_final():
-            screen.show(f"{run.state.name}...")
+            screen.show(f"{run.state.name}...", passing=True)
         if run.state.is_final():  # its last log lines may still be on their way (sent every ~2 s)
             ended = ended or time.monotonic()
             if said.startswith(OUTCOME) or run.state.message == BUSY or time.monotonic() - ended > 5:
+                if finished:
+                    screen.keep()
                 screen.clear()
                 return run.state
         if not alive(runner):
@@ -212,7 +220,7 @@ def follow(args: argparse.Namespace, screen: Screen) -> Any:
         if args.next:
             run = next_run(client, args.deployment, dep, args.runner_pid, screen)
         else:
-            screen.show(f"starting {args.deployment}")
+            screen.show(f"starting {args.deployment}", passing=True)
             try:
                 run = client.create_flow_run_from_deployment(dep.id, parameters=dict(args.param))
             except PrefectHTTPStatusError as e:
