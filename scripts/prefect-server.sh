@@ -31,13 +31,14 @@ case ${1:-} in
 start)
     if running; then echo "Prefect server already running (PID $(cat "$PIDFILE")) at $URL"; hint; exit 0; fi
     mkdir -p "$PREFECT_HOME"
-    # Migrate first: parallel first runs on a fresh database would race on it.
-    PREFECT_API_URL= "${PY[@]}" -m prefect server database upgrade -y >"$LOG" 2>&1
+    # A new database is made first: parallel first runs on it would race (the server migrates existing ones).
+    : >"$LOG"
+    [[ -f $PREFECT_HOME/prefect.db ]] || PREFECT_API_URL= "${PY[@]}" -m prefect server database upgrade -y >>"$LOG" 2>&1
     # Its own session, so `stop` ends the server and the services it spawns together. No PREFECT_API_URL: the UI
     # then calls the API at PREFECT_SERVER_API_HOST:PREFECT_SERVER_API_PORT.
     PREFECT_API_URL= setsid "${PY[@]}" -m prefect server start >>"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
-    for _ in $(seq 120); do
+    while (( SECONDS < 300 )); do  # a busy machine: several minutes
         if "${PY[@]}" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=1)" \
             "$URL" 2>/dev/null; then
             echo "Prefect server up at $URL (PID $(cat "$PIDFILE"), log $LOG)"
@@ -47,7 +48,7 @@ start)
         running || { echo "the server exited; see $LOG" >&2; tail -20 "$LOG" >&2; exit 1; }
         sleep 0.5
     done
-    echo "the server did not answer at $URL within 60 s; see $LOG (stop it with $0 stop)" >&2
+    echo "the server did not answer at $URL within $SECONDS s; see $LOG (stop it with $0 stop)" >&2
     exit 1
     ;;
 stop)

@@ -46,9 +46,9 @@ finish() {  # stop what this script started, then one line: goodbye (Ctrl-C, sta
         kill -KILL -- "-$pid" 2>/dev/null
     done
     scripts/prefect-server.sh stop >/dev/null
-    if (( status == 0 || status == 130 )); then
+    if (( status == 0 || status == 130 || status == 143 )); then  # Ctrl-C (or kill): the way to stop it
         echo "Stopped the service, the runner and the Prefect server. Bye."
-        exit 0
+        exit $(( status == 143 ? 143 : 0 ))
     fi
     echo "make run failed (status $status); the logs are in $LOGS and $PREFECT_HOME/server.log" >&2
     exit "$status"
@@ -93,8 +93,8 @@ Everything is up. Ctrl-C stops it all.
 Try:
   curl -s $SERVICE/generate -H 'content-type: application/json' -d '{"prompt": "ROMEO:", "seed": 1}'
 MSG
-# Wait in the foreground while all keep running (Ctrl-C ends this wait, and `finish` stops them).
-( while kill -0 "${pids[@]}" 2>/dev/null; do sleep 1; done )
+# Wait while all keep running; Ctrl-C ends a `sleep` (the foreground job), and with it this script.
+while kill -0 "${pids[@]}" 2>/dev/null; do sleep 1; done
 for i in "${!pids[@]}"; do
     kill -0 "${pids[$i]}" 2>/dev/null && continue
     log=$([[ $i == 0 ]] && echo serve.log || echo service.log)
