@@ -7,16 +7,25 @@ export CHAR_RNN_HOME ?= $(CURDIR)/.char-rnn
 export PREFECT_HOME ?= $(CHAR_RNN_HOME)/prefect
 export BENTOML_HOME ?= $(CHAR_RNN_HOME)/bentoml
 PYTHON ?= python3
-UV := $(PYTHON) -m uv
+# uv: the one on PATH, else PYTHON's `-m uv`, else one in a venv of its own under CHAR_RNN_HOME (made with
+# PYTHON's venv module): pip refuses to install into a system Python ("externally managed", PEP 668), and the
+# project's .venv is uv's to prune.
+UV_VENV := $(CHAR_RNN_HOME)/uv
+UV := $(or $(shell command -v uv),$(shell $(PYTHON) -m uv --version >/dev/null 2>&1 && echo $(PYTHON) -m uv),$(UV_VENV)/bin/uv)
 
 .PHONY: install run test lint bench
 
-install:
-	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen --extra dev
+install: $(filter $(UV_VENV)/bin/uv,$(UV))
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
+
+$(UV_VENV)/bin/uv:
+	@echo "uv is not installed: installing it into $(UV_VENV), a venv of its own ($(PYTHON) is left as it is)"
+	@$(PYTHON) -m venv --clear $(UV_VENV) || { echo "$(PYTHON) cannot make a venv: install python3-venv \
+	(apt-get install python3-venv), or install uv (https://docs.astral.sh/uv/)" >&2; exit 1; }
+	$(UV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir uv
 
 run: install
-	bash scripts/run.sh
+	@bash scripts/run.sh
 
 test: install
 	@# tests/test_playground.py drives Debian's chromium (Playwright's own browser download is out of reach)

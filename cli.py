@@ -9,8 +9,8 @@ import logging
 import math
 import os
 import sys
-import time
 import typing
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +20,9 @@ from model import checkpoint, corpus, net, sample, train
 from model.checkpoint import CheckpointError
 from model.corpus import CorpusError
 from model.vocab import UnknownCharsError, Vocab
+
+if typing.TYPE_CHECKING:
+    from registry import Registry
 
 ERRORS = (CheckpointError, CorpusError, UnknownCharsError, train.TrainingDiverged, ValueError, OSError)
 
@@ -66,6 +69,11 @@ SWEEP_FLAGS = {  # the flow's parameters besides data_dir and space; defaults ar
 }
 
 
+def bar(fraction: float, width: int = 30) -> str:
+    done = int(width * min(max(fraction, 0.0), 1.0))
+    return f"[{'#' * done}{'.' * (width - done)}]"
+
+
 class Bar:
     """A one-line terminal progress bar on stderr (silent when stderr is not a terminal)."""
 
@@ -78,15 +86,7 @@ class Bar:
             self.last_val = p.val_loss
         if not self.enabled:
             return
-        width = 30
-        done = int(width * p.step / p.steps)
-        val = f" val {self.last_val:.3f}" if self.last_val is not None else ""
-        eta = time.strftime("%M:%S", time.gmtime(p.eta_s)) if p.eta_s < 3600 else f"{p.eta_s / 3600:.1f}h"
-        line = (
-            f"\r[{'#' * done}{'.' * (width - done)}] {p.step}/{p.steps} loss {p.loss:.3f}{val}"
-            f" | {p.chars_per_s / 1000:.0f}k char/s | eta {eta}"
-        )
-        sys.stderr.write(line)
+        sys.stderr.write(f"\r{bar(p.step / p.steps)} {p.summary(self.last_val)}")
         if p.step == p.steps:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -252,6 +252,93 @@ def cmd_serve(a: argparse.Namespace) -> None:
     os.execve(sys.executable, cmd + a.bentoml_args, os.environ.copy())
 
 
+def local_time(iso: str) -> str:
+    """An ISO time from the registry in this machine's time zone, to the second."""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return iso or "?"
+
+
+def registry() -> Registry:
+    from registry import Registry  # imports BentoML: only after configure()
+
+    return Registry(settings.current().bentoml_dir)
+
+
+def full_tag(tag: str) -> str:
+    """`char-rnn:VERSION`, given the tag or only its version."""
+    return tag if ":" in tag else f"char-rnn:{tag}"
+
+
+def cmd_models_list(a: argparse.Namespace) -> None:
+    reg = registry()
+    listed, cur = reg.models(), reg.current()
+    if not listed:
+        print(f"no promoted model under {reg.home} yet: `make run` or `char-rnn pipeline` trains one")
+        return
+    rows = [("", "TAG", "PROMOTED AT", "VAL LOSS", "PARENT", "FINGERPRINT")]
+    for m in listed:
+        val = m.labels.get("val_loss")
+        rows.append(
+            (
+                "*" if cur and m.tag == cur.tag else "",
+                m.tag,
+                local_time(m.labels.get("promoted_at", m.entries[0].at)),
+                f"{float(val):.4f}" if val else "?",
+                m.labels.get("parent") or "-",
+                m.labels.get("fingerprint", "")[:12] if m.labels else "(not in the store)",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    serving = f"* serves (a running service switches within {settings.current().reload_interval:g} s)"
+    print(serving if cur else "no model passes its checks: nothing serves")
+    last = reg.history()[-1]
+    if last.action == "rollback":
+        print(f"rolled back to {last.tag} at {local_time(last.at)}: {last.reason}")
+
+
+def cmd_models_show(a: argparse.Namespace) -> None:
+    reg, tag = registry(), full_tag(a.tag)
+    found = {m.tag: m for m in reg.models()}
+    if tag not in found:
+        raise ValueError(f"{tag} was never promoted; `char-rnn models list` shows the ones that were")
+    ck, cur = reg.load(tag), reg.current()
+    m, meta, labels = found[tag], ck.meta, found[tag].labels
+    val = float(labels.get("val_loss") or meta.metrics.get("val_loss"))
+    model = ", ".join(f"{k} {v}" for k, v in meta.model.model_dump().items())
+    lines = {
+        "serves": "yes (the current model)" if cur and cur.tag == tag else "no",
+        "promoted at": local_time(labels.get("promoted_at", m.entries[0].at)),
+        "val loss": f"{val:.4f} nats/char ({train.bits(val):.4f} bits/char) on the whole validation text",
+        "parent": labels.get("parent") or "- (trained from scratch)",
+        "fingerprint": labels.get("fingerprint", "?"),
+        "corpus": f"{int(labels.get('corpus_chars', 0)):,} characters",
+        "model": f"{model}; trained {meta.step} steps",
+        "run": str(settings.current().runs_dir / labels.get("run_id", "?")),
+        "files": str(ck.path),
+    }
+    print(tag)
+    for k, v in lines.items():
+        print(f"  {k:<12} {v}")
+    print("  history")
+    for e in m.entries:
+        print(f"    {local_time(e.at)}  {e.action:<8}  {e.reason}")
+
+
+def cmd_models_rollback(a: argparse.Namespace) -> None:
+    reg = registry()
+    before = reg.current()
+    e = reg.rollback(full_tag(a.tag) if a.tag else None, a.reason)
+    print(f"{e.tag} is the current model again{f' (instead of {before.tag})' if before else ''}: {e.reason}")
+    print(
+        f"A running service switches to it within {settings.current().reload_interval:g} s; the scheduled "
+        "retrain compares new text against it (and does not retrain on the text the replaced model learnt)."
+    )
+
+
 def number(kind: type, lo: float, hi: float) -> typing.Callable[[str], float]:
     """An argparse type: a finite `kind` in [lo, hi]."""
 
@@ -333,6 +420,18 @@ def parser() -> argparse.ArgumentParser:
         epilog="Other options (e.g. --port 3001) are passed to `bentoml serve`.",
     )
     v.set_defaults(fn=cmd_serve)
+
+    m = sub.add_parser("models", help="the promoted models: list, show, roll back")
+    msub = m.add_subparsers(dest="models_cmd", required=True, parser_class=Parser)
+    ml = msub.add_parser("list", help="every promoted model, and which one serves")
+    ml.set_defaults(fn=cmd_models_list)
+    ms = msub.add_parser("show", help="one promoted model in full, with its history")
+    ms.add_argument("tag", help="char-rnn:VERSION, or VERSION")
+    ms.set_defaults(fn=cmd_models_show)
+    mr = msub.add_parser("rollback", help="make an earlier promoted model current again")
+    mr.add_argument("tag", nargs="?", help="the model to make current (default: the one promoted before it)")
+    mr.add_argument("--reason", default="", help="recorded in the history (e.g. what was wrong)")
+    mr.set_defaults(fn=cmd_models_rollback)
     return ap
 
 

@@ -56,6 +56,15 @@ class Current:
 
 
 @dataclass
+class Listing:
+    """A model of the history: its store labels (empty when it is gone from the store) and its entries."""
+
+    tag: str
+    labels: dict[str, str]
+    entries: list[Entry]
+
+
+@dataclass
 class Verdict:
     """A judge's answer: does the candidate replace the current model, and why."""
 
@@ -167,6 +176,26 @@ class Registry:
             self.warn_once(f"no promoted model {where} passes its checks: {'; '.join(refused)}")
         return None
 
+    def models(self) -> list[Listing]:
+        """Every model the history names, in the order each was first promoted."""
+        found: dict[str, list[Entry]] = {}
+        for e in self.history():
+            found.setdefault(e.tag, []).append(e)
+        listed = []
+        for tag, entries in found.items():
+            try:
+                labels = dict(self.get(tag).info.labels)
+            except CheckpointError:
+                labels = {}
+            listed.append(Listing(tag, labels, entries))
+        return listed
+
+    def rolled_back_from(self, tag: str) -> list[str]:
+        """The models that rollbacks to `tag` replaced (each the model current before its rollback)."""
+        entries = self.history()
+        pairs = zip(entries, entries[1:], strict=False)  # (before, entry)
+        return [before.tag for before, e in pairs if e.action == "rollback" and e.tag == tag]
+
     def record(self, entry: Entry) -> None:
         """Append `entry` to the history (call under `lock()`)."""
         entries = [*self.history(), entry]
@@ -204,18 +233,19 @@ class Registry:
         return Promotion(True, tag, verdict.reason)
 
     def rollback(self, tag: str | None = None, reason: str = "") -> Entry:
-        """Make an earlier promoted model current again (default: the one before the current); the entry."""
+        """Make promoted model `tag` current again (default: the one promoted before the current one); the
+        history's new entry."""
         with self.lock():
-            entries = self.history()
-            tags = list(dict.fromkeys(e.tag for e in reversed(entries)))  # newest first, each once
+            order = list(dict.fromkeys(e.tag for e in self.history()))  # in the order first promoted
             cur = self.current()
             if tag is None:
-                older = [t for t in tags if cur is None or t != cur.tag]
-                if not older:
-                    raise ValueError("there is no earlier promoted model to roll back to")
-                tag = older[0]
-            if tag not in tags:
+                if cur is None or cur.tag not in order[1:]:
+                    raise ValueError("there is no model promoted before the current one to roll back to")
+                tag = order[order.index(cur.tag) - 1]
+            if tag not in order:
                 raise ValueError(f"{tag} was never promoted; `char-rnn models list` shows the ones that were")
+            if cur is not None and tag == cur.tag:
+                raise ValueError(f"{tag} is the current model already; `char-rnn models list` shows others")
             self.load(tag)  # refuse a damaged target before making it current
             entry = Entry(tag=tag, at=now(), action="rollback", reason=reason or "rolled back")
             self.record(entry)

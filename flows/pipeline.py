@@ -63,18 +63,16 @@ def pipeline(
         checkpoint_every: steps between checkpoints
         seed: random seed for initialisation and sampling
         artifacts_root: where run directories go (default: CHAR_RNN_RUNS, or CHAR_RNN_HOME/runs)
-        only_if_changed: end at once if the promoted model was trained on this very corpus
+        only_if_changed: end at once if the promoted model was trained on this very corpus (or a model
+            trained on it was rolled back to the promoted one)
     """
     logger = get_run_logger()
     s = settings.current()
     data_dir, root = data_dir or s.data, artifacts_root or s.runs_dir
     corpus = ingest(data_dir)
     current = current_model(s.bentoml_dir)
-    if only_if_changed and current and current.fingerprint == corpus.fingerprint:
-        reason = (
-            f"corpus unchanged since {current.tag} was trained on it (fingerprint {corpus.fingerprint[:12]})"
-        )
-        logger.info("Nothing to retrain: %s", reason)
+    if only_if_changed and current and (reason := current.knows(corpus.fingerprint)):
+        logger.info("Reusing the promoted model: %s", reason)
         return Decision(promoted=False, tag=current.tag, reason=reason)
     config = T(steps=steps, batch=batch, seq=seq, lr=lr, checkpoint_every=checkpoint_every, seed=seed)
     vocab_size = len(current.vocab) if current else 1

@@ -6,6 +6,12 @@
 
 The schedule comes from --interval/--cron, else CHAR_RNN_RETRAIN_INTERVAL (seconds) / CHAR_RNN_RETRAIN_CRON,
 else hourly. PREFECT_API_URL names the server.
+
+Each deployment runs one flow run at a time. A retrain that falls due while another retrain runs is cancelled
+by the server (the next one catches up), so late runs never pile up behind a long training; a second
+on-demand run (or sweep) waits for the first. The runner therefore takes one run per deployment at once
+(--limit 3): with fewer slots, a due retrain would wait in the runner's queue, logged as "skipped (at
+capacity)" at every poll.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cli import Parser
 def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
     """The pipeline's on-demand deployment and scheduled retrain (`timing`: interval= or cron=), given
     `params`, and the sweep's on-demand deployment, given those of `params` it takes."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
     from flows.pipeline import pipeline
@@ -33,12 +40,19 @@ def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["char-rnn"]}
     return [
         pipeline.to_deployment(
-            "on-demand", description="Train, evaluate and maybe promote, now.", parameters=params, **common
+            "on-demand",
+            description="Train, evaluate and maybe promote, now.",
+            parameters=params,
+            concurrency_limit=1,  # a second run waits for the first
+            **common,
         ),
         pipeline.to_deployment(
             "scheduled-retrain",
             description="Retrain, warm-starting from the promoted model, when the corpus has changed.",
             parameters=params | {"only_if_changed": True},
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
             **timing,
             **common,
         ),
@@ -46,6 +60,7 @@ def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
             "on-demand",
             description="Search settings on Dask with successive halving; promote the best if it wins.",
             parameters={k: v for k, v in params.items() if k in sweep.parameters.properties},
+            concurrency_limit=1,
             **common,
         ),
     ]
@@ -128,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a default flow parameter, KEY=VALUE (repeatable; the sweep takes those it has)",
     )
-    parser.add_argument("--limit", type=positive, default=1, help="flow runs executed at once (default 1)")
+    parser.add_argument(
+        "--limit", type=positive, default=3, help="flow runs executed at once (default 3: one per deployment)"
+    )
     args = parser.parse_args(argv)
     try:
         os.environ.update(settings.configure())
@@ -144,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if not url:
             raise ValueError(
                 "PREFECT_API_URL is not set: start a server with `scripts/prefect-server.sh start`, then "
-                "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+                "export the PREFECT_API_URL it prints"
             )
         when = timing(args.interval, args.cron, s)
         params = dict(args.param)

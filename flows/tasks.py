@@ -6,6 +6,7 @@ are their cache keys (encoded data under its fingerprint, checkpoints in a run f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,6 +35,7 @@ from threadpoolctl import threadpool_limits
 from flows import report
 from flows.report import Comparison, Decision, Outcome, Rung, Score
 from model import checkpoint, corpus, net, train
+from model.checkpoint import CheckpointError
 from model.files import locked, make_dirs, write_atomic
 from model.net import ModelConfig
 from model.sample import Settings, sample
@@ -44,6 +46,7 @@ from registry import Current, Registry, Verdict
 PROMPTS = ("\n", "The ", "ROMEO:")  # fixed, so samples are comparable across runs; unknown chars skipped
 SAMPLE_CHARS = 200
 SAMPLING = [Settings(temperature=0.8, seed=i) for i in range(len(PROMPTS))]
+PROGRESS = "char-rnn-training"  # the progress artifact's key
 
 
 class CorpusInfo(BaseModel):
@@ -63,13 +66,33 @@ class CurrentModel(BaseModel):
     fingerprint: str | None
     vocab: list[str]
     config: ModelConfig
+    rolled_back_from: dict[str, str] = {}  # fingerprint -> tag: models a rollback to this one replaced
 
     @classmethod
-    def of(cls, cur: Current) -> CurrentModel:
-        m = cur.checkpoint.meta
+    def of(cls, cur: Current, registry: Registry | None = None) -> CurrentModel:
+        """The model `cur`; with the `registry`, also what rollbacks to it replaced."""
+        m, replaced = cur.checkpoint.meta, {}
+        for tag in registry.rolled_back_from(cur.tag) if registry else ():
+            with contextlib.suppress(CheckpointError):
+                replaced[registry.get(tag).info.labels.get("fingerprint", "")] = tag
         return cls(
-            tag=cur.tag, path=cur.checkpoint.path, fingerprint=m.fingerprint, vocab=m.vocab, config=m.model
+            tag=cur.tag,
+            path=cur.checkpoint.path,
+            fingerprint=m.fingerprint,
+            vocab=m.vocab,
+            config=m.model,
+            rolled_back_from=replaced,
         )
+
+    def knows(self, fingerprint: str) -> str | None:
+        """Why retraining from this model on the corpus `fingerprint` would redo known work, if it would:
+        this model was trained on it, or a model trained on it from this one was rolled back to this one."""
+        seen = f"(fingerprint {fingerprint[:12]})"
+        if fingerprint == self.fingerprint:
+            return f"corpus unchanged since {self.tag} was trained on it {seen}"
+        if tag := self.rolled_back_from.get(fingerprint):
+            return f"corpus unchanged since {tag}, trained on it, was rolled back to {self.tag} {seen}"
+        return None
 
     def shape_differs(self, model: ModelConfig) -> str | None:
         """Why a candidate of config `model` cannot warm-start from this one (None when it can)."""
@@ -137,8 +160,9 @@ def ingest(data_dir: Path) -> CorpusInfo:
 @task(persist_result=False)
 def current_model(store: Path) -> CurrentModel | None:
     """The promoted model a candidate has to beat (the newest that passes its checks), or None."""
-    cur = Registry(store).current()
-    return None if cur is None else CurrentModel.of(cur)
+    registry = Registry(store)
+    cur = registry.current()
+    return None if cur is None else CurrentModel.of(cur, registry)
 
 
 def reuse(out: Path) -> Encoded | None:
@@ -211,18 +235,20 @@ def preflight(data: Encoded, configs: list[TrainConfig], current: CurrentModel |
 
 
 class Reporter:
-    """Training progress as a Prefect progress artifact and a log line, every `every` s and at evaluations."""
+    """Training progress as a Prefect progress artifact (its description is `Progress.summary`, the line
+    `python -m flows.follow` shows) and a log line, every `every` s and at evaluations."""
 
     def __init__(self, steps: int, every: float = 2.0):
-        self.every, self.last = every, 0.0
-        self.artifact = create_progress_artifact(0.0, key="char-rnn-training", description=f"{steps} steps")
+        self.every, self.last, self.last_val = every, 0.0, None
+        self.artifact = create_progress_artifact(0.0, key=PROGRESS, description=f"0/{steps} starting")
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
+        self.last_val = self.last_val if p.val_loss is None else p.val_loss
         if p.val_loss is None and p.step < p.steps and now - self.last < self.every:
             return
         self.last = now
-        update_progress_artifact(self.artifact, 100.0 * p.step / p.steps)
+        update_progress_artifact(self.artifact, 100.0 * p.step / p.steps, p.summary(self.last_val))
         val = f", val {p.val_loss:.4f} ({train.bits(p.val_loss):.3f} bits)" if p.val_loss is not None else ""
         log().info(
             "step %d/%d: loss %.4f nats/char%s, lr %.2g, |g| %.2f, %.0f chars/s, eta %.0f s",

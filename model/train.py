@@ -62,6 +62,14 @@ class Progress:
     eta_s: float
     val_loss: float | None = None
 
+    def summary(self, last_val: float | None = None) -> str:
+        """One short line: step, loss, the latest validation loss, speed and time left."""
+        val = f" val {last_val:.3f}" if last_val is not None else ""
+        left = self.eta_s
+        eta = time.strftime("%M:%S", time.gmtime(left)) if left < 3600 else f"{left / 3600:.1f}h"
+        speed = f"{self.chars_per_s / 1000:.0f}k char/s"
+        return f"{self.step}/{self.steps} loss {self.loss:.3f}{val} | {speed} | eta {eta}"
+
 
 class Streams:
     """B contiguous streams over the training ids; each batch is the next T characters of every stream."""

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The retraining demo, beside a running `make run`: drop a new text file into the corpus folder, then watch the
-# scheduled retrain train a candidate, promote it if it is better, and the running service switch to it.
+# The retraining demo, beside a running `make run`: drop a new text file into the corpus folder, follow the
+# next scheduled retrain (it trains a candidate from the promoted model and promotes it if it is better), then
+# wait until the running service answers with the new model.
 #   scripts/demo-retrain.sh [FILE]     (default: a few hundred lines of new text with new characters)
-# Environment as for scripts/run.sh: CHAR_RNN_HOME, CHAR_RNN_DATA, SERVICE_PORT; TIMEOUT (s, 900).
+# Environment as for scripts/run.sh: CHAR_RNN_HOME, CHAR_RNN_DATA, CHAR_RNN_PORT, PREFECT_SERVER_API_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CHAR_RNN_HOME=${CHAR_RNN_HOME:-$PWD/.char-rnn}
+export CHAR_RNN_HOME=${CHAR_RNN_HOME:-$PWD/.char-rnn}
 CHAR_RNN_DATA=${CHAR_RNN_DATA:-$CHAR_RNN_HOME/corpus}
-URL=http://127.0.0.1:${SERVICE_PORT:-3000}
+export PREFECT_API_URL=http://127.0.0.1:${PREFECT_SERVER_API_PORT:-4200}/api
+URL=http://127.0.0.1:${CHAR_RNN_PORT:-3000}
 PY=.venv/bin/python
 
 model() {  # the tag the service answers with
@@ -25,21 +27,20 @@ else
         printf 'CÉLIA:\nÀ la fête, %d élèves chantèrent « ô gué » — naïve œuvre d’été!\n\n' "$i"
     done >"$CHAR_RNN_DATA/$name"
 fi
-echo "service answers with $before; dropped $CHAR_RNN_DATA/$name"
-echo "waiting for the scheduled retrain (every \$CHAR_RNN_RETRAIN_INTERVAL s) to promote a better model..."
-start=$(date +%s)
-while :; do
+echo "The service answers with $before; dropped $CHAR_RNN_DATA/$name"
+# The next scheduled retrain, as it runs (the schedule's interval comes from the Prefect server).
+"$PY" -m flows.follow --next char-rnn-pipeline/scheduled-retrain
+current=$(.venv/bin/char-rnn models list | awk '$1 == "*" {print $2}')
+[[ $current != "$before" ]] || { echo "The retrain kept $before (the reason is above)" >&2; exit 1; }
+for _ in $(seq 60); do
     now=$(model 2>/dev/null || true)
     if [[ -n $now && $now != "$before" ]]; then
-        echo "after $(( $(date +%s) - start )) s the service answers with $now"
+        echo "The service answers with $now:"
         break
     fi
-    if (( $(date +%s) - start > ${TIMEOUT:-900} )); then
-        echo "no new model after ${TIMEOUT:-900} s: see the Prefect UI, or $CHAR_RNN_HOME/logs/serve.log" >&2
-        exit 1
-    fi
-    sleep 5
+    sleep 1
 done
+[[ -n $now && $now != "$before" ]] || { echo "the service still answers with $before" >&2; exit 1; }
 "$PY" - "$URL" <<'PY'
 import json, sys, urllib.request
 body = json.dumps({"prompt": "CÉLIA:\n", "max_new_chars": 200, "seed": 1}).encode()

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# `make run`: the whole product on this machine. Starts a local Prefect server, the process that runs the
-# deployments, runs the pipeline deployment on the corpus folder, then serves the promoted model with BentoML.
-# Ctrl-C stops everything it started. Running it again reuses what is there (cached encoding, finished
-# checkpoints, the promoted model).
+# `make run`: the whole product on this machine. Starts a local Prefect server and the process that runs the
+# deployments, runs the retrain deployment once now (it trains when the corpus differs from what the promoted
+# model learnt), then serves the promoted model with BentoML. Ctrl-C stops everything it started. Running it
+# again reuses what is there (cached encoding, finished checkpoints, the promoted model).
 #
 # Environment: CHAR_RNN_HOME (./.char-rnn), CHAR_RNN_DATA (corpus folder, $CHAR_RNN_HOME/corpus, seeded with
 # data/tinyshakespeare.txt), STEPS and HIDDEN (default: the model's and training's own defaults),
-# PREFECT_SERVER_PORT (4200), CHAR_RNN_PORT (the service's, 3000), CHAR_RNN_RETRAIN_INTERVAL (seconds between
-# scheduled retrains; 120 here).
+# PREFECT_SERVER_API_PORT (Prefect's API and UI, 4200), CHAR_RNN_PORT (the service's, 3000),
+# CHAR_RNN_RETRAIN_INTERVAL (seconds between scheduled retrains; 120 here).
 set -euo pipefail
-set -m  # each background job gets its own process group: Ctrl-C reaches only this script, which stops them
+# Job control: each command runs in a process group of its own, and the one in the foreground gets the
+# terminal. Ctrl-C then reaches only that step (not make, not the servers in the background); the step ends
+# with status 130, `set -e` ends the script, and `finish` stops everything it started and says goodbye.
+# (Hence no `step || ...` for the foreground steps: the status of a step in such a list does not end it.)
+set -m
 cd "$(dirname "$0")/.."
 
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false BENTOML_DO_NOT_TRACK=True
@@ -17,73 +21,87 @@ export CHAR_RNN_HOME=${CHAR_RNN_HOME:-$PWD/.char-rnn}
 export PREFECT_HOME=${PREFECT_HOME:-$CHAR_RNN_HOME/prefect} BENTOML_HOME=${BENTOML_HOME:-$CHAR_RNN_HOME/bentoml}
 export CHAR_RNN_DATA=${CHAR_RNN_DATA:-$CHAR_RNN_HOME/corpus}
 export CHAR_RNN_RETRAIN_INTERVAL=${CHAR_RNN_RETRAIN_INTERVAL:-120}
-export PREFECT_API_URL=http://127.0.0.1:${PREFECT_SERVER_PORT:-4200}/api
+export PREFECT_SERVER_API_PORT=${PREFECT_SERVER_API_PORT:-4200} CHAR_RNN_PORT=${CHAR_RNN_PORT:-3000}
+export PREFECT_API_URL=http://127.0.0.1:$PREFECT_SERVER_API_PORT/api
 export PREFECT_RUNNER_POLL_FREQUENCY=2 OPENBLAS_NUM_THREADS=1
-SERVICE_PORT=${CHAR_RNN_PORT:-${SERVICE_PORT:-3000}}
 params=(--param "data_dir=$CHAR_RNN_DATA")
 [[ -z ${STEPS:-} ]] || params+=(--param "steps=$STEPS")
 [[ -z ${HIDDEN:-} ]] || params+=(--param "hidden=$HIDDEN")
 PY=.venv/bin/python
 LOGS=$CHAR_RNN_HOME/logs
+SERVICE=http://127.0.0.1:$CHAR_RNN_PORT
 mkdir -p "$LOGS" "$CHAR_RNN_DATA"
 [[ -n $(ls -A "$CHAR_RNN_DATA") ]] || cp data/tinyshakespeare.txt "$CHAR_RNN_DATA/"
 
 pids=()
-stop_all() {
+finish() {  # stop what this script started, then one line: goodbye (Ctrl-C, status 0) or what failed
+    local status=$?
     trap - INT TERM EXIT
     trap '' PIPE  # the terminal (or a `| tee`) may be gone already: stop everything regardless
     set +e
-    echo; echo "stopping..."
-    for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+    echo
+    for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
     for pid in "${pids[@]}"; do
         for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-        kill -KILL -- "-$pid" 2>/dev/null || true
+        kill -KILL -- "-$pid" 2>/dev/null
     done
-    scripts/prefect-server.sh stop
+    scripts/prefect-server.sh stop >/dev/null
+    if (( status == 0 || status == 130 || status == 143 )); then  # Ctrl-C (or kill): the way to stop it
+        echo "Stopped the service, the runner and the Prefect server. Bye."
+        exit $(( status == 143 ? 143 : 0 ))
+    fi
+    echo "make run failed (status $status); the logs are in $LOGS and $PREFECT_HOME/server.log" >&2
+    exit "$status"
 }
-trap stop_all INT TERM EXIT
-
-wait_http() {  # URL SECONDS NAME LOG
-    for _ in $(seq "$(( $2 * 2 ))"); do
-        "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null &&
-            return 0
-        sleep 0.5
-    done
-    echo "$3 did not come up at $1; see $4" >&2
-    tail -20 "$4" >&2
-    return 1
-}
+trap finish EXIT
+trap 'exit 130' INT  # between steps this script itself has the terminal
+trap 'exit 143' TERM
 
 scripts/prefect-server.sh start
 
-echo "starting the deployments' runner (python -m flows.serve, log $LOGS/serve.log)"
+echo "Starting the deployments' runner (python -m flows.serve; log $LOGS/serve.log)"
 # Both deployments train with these defaults, so a scheduled retrain warm-starts from what this run promotes.
 "$PY" -m flows.serve "${params[@]}" >"$LOGS/serve.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 120); do
-    .venv/bin/prefect deployment inspect 'char-rnn-pipeline/on-demand' >/dev/null 2>&1 && break
-    kill -0 "${pids[-1]}" 2>/dev/null || { tail -20 "$LOGS/serve.log" >&2; exit 1; }
-    sleep 1
-done
 
-echo "running the pipeline on $CHAR_RNN_DATA (${params[*]})"
-# only_if_changed: a second `make run` on the same corpus reuses the promoted model instead of training again.
-.venv/bin/prefect deployment run 'char-rnn-pipeline/on-demand' --param only_if_changed=true --watch
+echo "Running the pipeline on $CHAR_RNN_DATA (the retrain deployment, now)"
+"$PY" -m flows.follow char-rnn-pipeline/scheduled-retrain "${params[@]}" --runner-pid "${pids[0]}"
 
-echo "starting the service (char-rnn serve, log $LOGS/service.log)"
-.venv/bin/char-rnn serve --port "$SERVICE_PORT" >"$LOGS/service.log" 2>&1 &
+echo "Starting the service (char-rnn serve; log $LOGS/service.log)"
+.venv/bin/char-rnn serve >"$LOGS/service.log" 2>&1 &
 pids+=($!)
-wait_http "http://127.0.0.1:$SERVICE_PORT/readyz" 120 "the service" "$LOGS/service.log"
+(  # a foreground job of its own, so that Ctrl-C ends it
+    # Ctrl-C ends this loop even when it lands in a Python that exits with a plain status (say, while it is
+    # shutting down): bash would take that as "the child handled it" and go on polling.
+    trap 'exit 130' INT
+    for _ in $(seq 240); do
+        "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$SERVICE/readyz" \
+            2>/dev/null && exit 0
+        kill -0 "${pids[1]}" 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "the service did not come up at $SERVICE; see $LOGS/service.log:" >&2
+    tail -20 "$LOGS/service.log" >&2
+    exit 1
+)
 
 cat <<MSG
 
 Everything is up. Ctrl-C stops it all.
-  Prefect UI      http://127.0.0.1:${PREFECT_SERVER_PORT:-4200}
-  Service docs    http://127.0.0.1:$SERVICE_PORT
-  Corpus folder   $CHAR_RNN_DATA  (drop a .txt file here: the scheduled retrain picks it up within ${CHAR_RNN_RETRAIN_INTERVAL}s)
+  Playground      $SERVICE/
+  Prefect UI      http://127.0.0.1:$PREFECT_SERVER_API_PORT
+  Corpus folder   $CHAR_RNN_DATA  (drop a .txt file here: the scheduled retrain picks it up within ${CHAR_RNN_RETRAIN_INTERVAL} s)
+  Models          .venv/bin/char-rnn models list   (and: models show TAG, models rollback)
 
 Try:
-  curl -s -X POST http://127.0.0.1:$SERVICE_PORT/generate -H 'content-type: application/json' \\
-       -d '{"prompt": "ROMEO:", "max_new_chars": 200, "seed": 1}'
+  curl -s $SERVICE/generate -H 'content-type: application/json' -d '{"prompt": "ROMEO:", "seed": 1}'
 MSG
-wait "${pids[@]}"
+# Wait while all keep running; Ctrl-C ends a `sleep` (the foreground job), and with it this script.
+while kill -0 "${pids[@]}" 2>/dev/null; do sleep 1; done
+for i in "${!pids[@]}"; do
+    kill -0 "${pids[$i]}" 2>/dev/null && continue
+    log=$([[ $i == 0 ]] && echo serve.log || echo service.log)
+    echo "$([[ $i == 0 ]] && echo "the runner" || echo "the service") exited; see $LOGS/$log:" >&2
+    tail -20 "$LOGS/$log" >&2
+done
+exit 1

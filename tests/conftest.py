@@ -1,6 +1,8 @@
-"""Shared fixtures. Every test session writes under its own temporary CHAR_RNN_HOME, never under ~ or ./."""
+"""Shared fixtures. Every test session writes under its own temporary CHAR_RNN_HOME, never under ~ or ./,
+and removes it at the end."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,8 +15,14 @@ from threadpoolctl import threadpool_limits
 
 from settings import isolated_env
 
-os.environ.update(isolated_env(Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))))
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))
+os.environ.update(isolated_env(SESSION_HOME))
 os.environ.pop("CHAR_RNN_RUNS", None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"

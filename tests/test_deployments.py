@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import free_port, stop
 
@@ -51,9 +52,10 @@ class Stack:
         return done, time.perf_counter() - t0
 
     def explain(self, done: subprocess.CompletedProcess) -> str:
-        return (
-            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\nserve log:\n{self.serve_log.read_text()[-5000:]}"
-        )
+        return f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{self.explain_log()}"
+
+    def explain_log(self) -> str:
+        return f"serve log:\n{self.serve_log.read_text()[-5000:]}"
 
 
 def wait_for_deployments(url: str, serve: subprocess.Popen, log: Path) -> None:
@@ -82,7 +84,7 @@ def stack(tmp_path_factory) -> Stack:
     (home / "user-home").mkdir()
     env |= isolated_env(home) | {
         "HOME": str(home / "user-home"),  # must stay empty: all state goes under CHAR_RNN_HOME
-        "PREFECT_SERVER_PORT": str(port),
+        "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_API_URL": url,
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "OPENBLAS_NUM_THREADS": "1",
@@ -138,7 +140,7 @@ def test_scheduled_retrain_skips_unchanged_text_and_trains_on_new(stack, small_t
         if case == "unchanged":
             assert stack.promoted() == tags
     log = stack.serve_log.read_text()
-    assert "Nothing to retrain: corpus unchanged since" in log and "Vocabulary grown by" in log
+    assert "Reusing the promoted model: corpus unchanged since" in log and "Vocabulary grown by" in log
     print(f"scheduled-retrain, wall seconds through `prefect deployment run --watch`: {seconds}")
 
 
@@ -160,6 +162,97 @@ def test_sweep_deployment_trains_trials_on_dask_and_judges_the_winner(stack, sma
         d["promoted"] or "does not beat" in d["reason"]
     )
     print(f"char-rnn-sweep/on-demand, wall seconds through `prefect deployment run --watch`: {seconds:.1f}")
+
+
+def api(stack: Stack, method: str, path: str, **body: object) -> object:
+    """A call to the stack's Prefect REST API; the decoded answer."""
+    r = httpx.request(method, f"{stack.url}{path}", json=body or None, timeout=30, trust_env=False)
+    r.raise_for_status()
+    return r.json() if r.content else None
+
+
+def flow_run(stack: Stack, deployment: str, params: dict, until, timeout: float = 300) -> dict:
+    """Start a run of `deployment` through the API; its state once `until(run)` is true."""
+    dep = api(stack, "GET", f"/deployments/name/{deployment}")
+    run = api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", parameters=params)
+    end = time.monotonic() + timeout
+    while not until(run := api(stack, "GET", f"/flow_runs/{run['id']}")):
+        assert time.monotonic() < end, f"{run['name']} stayed {run['state']['name']}:\n{stack.explain_log()}"
+        time.sleep(0.5)
+    return run
+
+
+def test_the_ui_calls_the_api_on_the_port_the_server_moved_to(stack):
+    """PREFECT_SERVER_API_PORT (scripts/prefect-server.sh) moves the API and the address the UI calls."""
+    ui = stack.url.removesuffix("/api")
+    assert httpx.get(f"{ui}/ui-settings", trust_env=False).json()["api_url"] == stack.url
+
+
+def test_a_schedule_gets_two_future_runs_not_an_hours_worth(stack):
+    """Prefect's scheduler creates an hour's worth of runs at least (60 for a 60 s interval) unless told."""
+    code = (
+        "from datetime import timedelta; from flows.pipeline import pipeline; "
+        "print(pipeline.to_deployment('schedule-check', interval=timedelta(seconds=60)).apply())"
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code], env=stack.env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    dep = made.stdout.split()[-1]
+    try:
+        match = {"flow_runs": {"deployment_id": {"any_": [dep]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
+        counts: list[int] = []
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            counts.append(len(api(stack, "POST", "/flow_runs/filter", **match)))
+            if counts[-1] and counts[-6:] == counts[-1:] * 6:  # scheduled, and unchanged for 3 s
+                break
+            time.sleep(0.5)
+        assert counts[-1] == 2, counts
+    finally:
+        api(stack, "DELETE", f"/deployments/{dep}")
+
+
+def test_a_retrain_due_during_a_retrain_is_cancelled_not_queued(stack, small_text):
+    """The runner takes it at once and the server cancels it: it never waits in the runner's queue, which
+    logs "N scheduled runs skipped (at capacity)" at every poll."""
+    texts = stack.corpus("busy", small_text[:12000])
+    params = {"data_dir": str(texts)} | {k: int(v) for k, v in TINY.items()} | {"steps": 600}
+    first = flow_run(
+        stack, "char-rnn-pipeline/scheduled-retrain", params, lambda r: r["state_type"] == "RUNNING"
+    )
+    second = flow_run(
+        stack, "char-rnn-pipeline/scheduled-retrain", params, lambda r: r["state_type"] != "SCHEDULED"
+    )
+    while second["state_type"] == "PENDING":  # a moment between the runner's proposal and the answer
+        second = api(stack, "GET", f"/flow_runs/{second['id']}")
+    assert (
+        second["state_type"] == "CANCELLED"
+        and second["state"]["message"] == "Deployment concurrency limit reached."
+    )
+    while (first := api(stack, "GET", f"/flow_runs/{first['id']}"))["state_type"] == "RUNNING":
+        time.sleep(0.5)
+    assert first["state_type"] == "COMPLETED", stack.explain_log()
+    assert "skipped (at capacity)" not in stack.serve_log.read_text()
+
+
+def test_follow_shows_the_pipeline_not_prefects_event_log(stack, small_text):
+    texts = stack.corpus("follow", small_text[:6000])
+    params = [f"--param={k}={v}" for k, v in (TINY | {"data_dir": texts}).items()]
+    cmd = [sys.executable, "-m", "flows.follow", "char-rnn-pipeline/on-demand", *params]
+    done = subprocess.run(cmd, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("  flow run '") and "/runs/flow-run/" in lines[0]
+    said = [line.split()[0] for line in lines[1:]]
+    trained = said.index("[" + "#" * 30 + "]")
+    assert said[0] == "Corpus" and "Training" in said[:trained] and said[trained + 1] == "Candidate:"
+    assert said[-1] in ("Promoted", "Kept") and lines[1 + trained].split("] ")[1].startswith("40/40 loss ")
+    assert len(lines) < 12 and "prefect" not in done.stdout.lower() and not done.stderr, done.stdout
+
+    bad = subprocess.run([*cmd, "--param=steps=0"], env=stack.env, cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("python -m flows.follow: error: ")
+    assert "refused the parameters" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def test_invalid_parameter_is_refused_before_a_run(stack):

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 import bentoml
 import httpx
 import pytest
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import EXTRA, events, expected, tiny_checkpoint
 
@@ -35,12 +37,6 @@ PROMOTE = (
     "r = Registry(Path(os.environ['BENTOML_HOME'])); "
     "print(*(r.promote(Path(d), {'source': 'tests'}).tag for d in sys.argv[1:]))"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -301,6 +297,59 @@ def test_metrics_count_what_the_service_did(server):
     info = {dict(k[1])["tag"]: v for k, v in seen.items() if k[0] == "char_rnn_model_info"}
     assert info.pop(tag) == 1 and len(info) >= 2 and set(info.values()) == {0}  # the models it served before
     assert any(k[0].startswith("bentoml_service_request") for k in seen)  # beside BentoML's own
+
+
+def test_a_rollback_switches_the_live_service_with_no_failed_request(server):
+    """`char-rnn models rollback` (another process) while clients keep asking: the service answers with the
+    rolled-back model within its reload interval, and no request fails on the way."""
+    client, env = server
+    before = client.post("/model_info").json()["model"]
+    answers: list[list[tuple[float, httpx.Response]]] = [[] for _ in range(4)]  # (received at, response)
+    stop = threading.Event()
+
+    def loop(k: int) -> None:
+        for i in range(3000):
+            if stop.wait(0.01):
+                return
+            r = client.post("/generate", json={"prompt": "THE ", "max_new_chars": 20, "seed": 1000 * k + i})
+            answers[k].append((time.monotonic(), r))
+
+    def model(r: httpx.Response) -> str:
+        return r.json()["model"] if r.status_code == 200 else f"{r.status_code}: {r.text}"
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: sum(map(len, answers)) >= 20, 30, "requests before the rollback")
+        cli = shutil.which("char-rnn")
+        assert cli, "the char-rnn script is not on PATH; install the project (uv sync)"
+        reason = "tests: rolled back under load"
+        done = subprocess.run(
+            [cli, "models", "rollback", "--reason", reason], env=env, capture_output=True, text=True
+        )
+        rolled = time.monotonic()
+        assert done.returncode == 0, done.stderr
+        target = done.stdout.split()[0]
+        wait_for(
+            lambda: sum(model(r) == target for rs in answers for _, r in rs) >= 20, 30, f"{target} answers"
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert target != before
+    for rs in answers:
+        models = [model(r) for _, r in rs]
+        assert all(r.status_code == 200 for _, r in rs), [m for m in models if m not in (before, target)]
+        assert models == sorted(models, key=[before, target].index), "a client went back to the old model"
+    took = min(t for rs in answers for t, r in rs if model(r) == target) - rolled
+    interval = float(env["CHAR_RNN_RELOAD_INTERVAL"])
+    print(f"the service switched {took:.2f} s after `char-rnn models rollback` (reload every {interval} s)")
+    assert took < interval + 2.0, "not within the reload interval (with 2 s for a busy machine)"
+    last = json.loads((Path(env["BENTOML_HOME"]) / "char-rnn-promoted.json").read_text())["entries"][-1]
+    assert (last["tag"], last["action"], last["reason"]) == (target, "rollback", reason)
 
 
 def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, tmp_path):
