@@ -163,10 +163,11 @@ def markdown(o: Outcome) -> str:
         for who, got in samples
         if got
     )
+    m = o.model
     return f"""# char-rnn run `{o.run_id}`
 
 - corpus: `{o.data_dir}`, {len(o.files)} file(s), fingerprint `{o.fingerprint[:16]}`{skipped}
-- model: {o.model["hidden"]} hidden x {o.model["layers"]} layer(s), vocabulary {o.vocab_size}{grown}
+- model: {m["cell"]}, {m["hidden"]} hidden x {m["layers"]} layer(s), vocabulary {o.vocab_size}{grown}
 - training: {o.step} steps, batch {o.train["batch"]} x seq {o.train["seq"]}, {start}, {o.train_seconds:.0f} s
 
 ## Validation
