@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -40,6 +40,10 @@ SAID = (
 OUTCOME = ("Promoted ", "Kept ", "Reusing the promoted model")  # the run's last line, when it completes
 BUSY = "Deployment concurrency limit reached."  # the state message of a retrain cancelled by another
 BUSY_STATES = ["PENDING", "RUNNING"]
+# A run process sends its log lines in batches (every ~2 s, later on a busy machine): lines may arrive
+# after the run's final state, and a batch may hold lines older than the newest one shown.
+LATE = timedelta(seconds=30)  # how far back each poll looks again for lines not seen yet
+GRACE = {True: 60.0, False: 5.0}  # s to wait after the final state for the outcome line: completed, other
 
 
 class Screen:
@@ -175,12 +179,13 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
     progress = ArtifactFilter(flow_run_id={"any_": [run.id]}, type={"any_": ["progress"]})
     while True:
         run = client.read_flow_run(run.id)
-        logs = LogFilter(flow_run_id={"any_": [run.id]}, level={"ge_": 20}, timestamp={"after_": after})
+        since = {"after_": after - LATE} if after else {}
+        logs = LogFilter(flow_run_id={"any_": [run.id]}, level={"ge_": 20}, timestamp=since)
         for log in client.read_logs(log_filter=logs, sort=LogSort.TIMESTAMP_ASC):
             if log.id in seen:
                 continue
             seen.add(log.id)
-            after = log.timestamp
+            after = max(after or log.timestamp, log.timestamp)
             if finished and log.timestamp >= finished:  # lines logged before the training ended stay above it
                 screen.keep()
                 finished = None
@@ -198,9 +203,10 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
                 finished = found[0].updated
         elif not found and not run.state.is_final():
             screen.show(f"{run.state.name}...", passing=True)
-        if run.state.is_final():  # its last log lines may still be on their way (sent every ~2 s)
+        if run.state.is_final():  # its last log lines may still be on their way
             ended = ended or time.monotonic()
-            if said.startswith(OUTCOME) or run.state.message == BUSY or time.monotonic() - ended > 5:
+            waited = time.monotonic() - ended > GRACE[run.state.is_completed()]
+            if said.startswith(OUTCOME) or run.state.message == BUSY or waited:
                 if finished:
                     screen.keep()
                 screen.clear()

@@ -40,8 +40,9 @@ def debian_python() -> Path:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without the test session's homes (so the checkout's defaults apply) and venv."""
-    drop = ("CHAR_RNN_", "PREFECT_", "BENTOML_HOME", "VIRTUAL_ENV", "MPLCONFIGDIR")
+    """This environment without the test session's homes (so the checkout's defaults apply), venv and, under
+    `make test`, the outer make's variables (a newcomer's make is no sub-make)."""
+    drop = ("CHAR_RNN_", "PREFECT_", "BENTOML_HOME", "VIRTUAL_ENV", "MPLCONFIGDIR", "MAKE", "MFLAGS")
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)} | extra
 
 
