@@ -117,6 +117,7 @@ class Settings(BaseSettings):
             "BENTOML_HOME": str(self.bentoml_dir),
             "MPLCONFIGDIR": str(self.home / "matplotlib"),  # matplotlib's font cache, not ~/.cache
             "PREFECT_LOGGING_EXTRA_LOGGERS": "char_rnn",  # model/'s and the registry's logs reach run logs
+            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ... and outside a run stay local, quietly
         }
 
 

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 from threadpoolctl import threadpool_limits
 
 from settings import isolated_env
@@ -54,6 +53,8 @@ def damage(f: Path, how: str) -> None:
 @pytest.fixture(scope="module")
 def prefect_api():
     """A temporary Prefect server and database for a module's flow runs (and one BLAS thread)."""
+    from prefect.testing.utilities import prefect_test_harness  # Prefect reads its home when imported
+
     with prefect_test_harness(server_startup_timeout=120), threadpool_limits(1):
         yield
 
