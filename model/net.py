@@ -194,15 +194,17 @@ def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     return g
 
 
-def step(p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,); returns the new state."""
+def step(
+    p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,), into `out` (a new array when
+    None; never `s`), through each cell's cheap step; returns it."""
     cell = CELLS[cfg.cell]
-    out = np.empty_like(s)
+    out = np.empty_like(s) if out is None else out
     x = ids
     for l in range(cfg.layers):
-        a = inputs(p, l, cell.gates, x)[:, None]  # (k, 1, B, H)
-        h, _, out[l] = cell.forward(a, layer(p, cfg, l), s[l])
-        x = h[0]
+        cell.step(inputs(p, l, cell.gates, x), layer(p, cfg, l), s[l], out[l])
+        x = out[l, 0]
     return out
 
 
