@@ -1,8 +1,9 @@
-"""Batched generation: prime on prompts, then sample with temperature, top-k and top-p."""
+"""Batched generation: prime on prompts, then sample with temperature, top-k and top-p; rows may join and
+leave the batch between steps (`Rows`, continuous batching)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from model import net
 from model.net import ModelConfig, Params
 from model.vocab import Unknown, Vocab
+
+CHUNK = 64  # uniforms drawn ahead per row: a generator's stream, whatever the chunks
 
 
 @dataclass(frozen=True)
@@ -43,30 +46,122 @@ def prime(p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray]) -> np.ndar
 
 
 class Filter:
-    """Each row's temperature, top-k and top-p as arrays, built once per batch."""
+    """The top-k and top-p of the rows that set them, as arrays, built when the live rows change."""
 
     def __init__(self, rows: Sequence[Settings], vocab_size: int):
-        self.inv_temp = np.array([1.0 / r.temperature for r in rows])[:, None]  # (B, 1)
-        self.k = np.array([r.top_k or vocab_size for r in rows])[:, None]
+        self.k = np.array([r.top_k or vocab_size for r in rows])[:, None]  # (B', 1)
         self.top_p = np.array([r.top_p for r in rows])[:, None]
-        self.active = bool((self.k < vocab_size).any() or (self.top_p < 1).any())
 
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        """Unnormalised probabilities (B, V) after temperature, top-k and top-p."""
-        z = logits * self.inv_temp  # float64 (B, V)
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z, out=z)
-        if self.active:
-            probs /= probs.sum(axis=1, keepdims=True)
-            order = np.argsort(-probs, axis=1, kind="stable")  # (B, V) most likely first
-            sorted_p = np.take_along_axis(probs, order, axis=1)
-            rank = np.arange(probs.shape[1])[None, :]
-            before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly ahead of each entry
-            keep_sorted = (rank < self.k) & ((before < self.top_p) | (rank == 0))
-            keep = np.zeros_like(keep_sorted)
-            np.put_along_axis(keep, order, keep_sorted, axis=1)
-            probs[~keep] = 0.0
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        """The unnormalised probabilities `probs` (B', V), normalised, outside top-k and top-p zeroed."""
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")  # (B', V) most likely first
+        sorted_p = np.take_along_axis(probs, order, axis=1)
+        rank = np.arange(probs.shape[1])[None, :]
+        before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly ahead of each entry
+        keep_sorted = (rank < self.k) & ((before < self.top_p) | (rank == 0))
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=1)
+        probs[~keep] = 0.0
         return probs
+
+
+class Rows:
+    """Continuous batching: the live rows of one model. Rows join (primed on their prompt, each drawing from
+    its own generator) and leave between steps; a step samples the next id of every live row with one matrix
+    product per layer. A row's text depends on its prompt, settings and seed only: not on when it joined,
+    nor on its neighbours. Temperature, top-k and top-p cost only the rows that set them."""
+
+    def __init__(self, p: Params, cfg: ModelConfig):
+        self.p, self.cfg = p, cfg
+        self.owners: list[Hashable] = []  # per row, whoever added it
+        self.settings: list[Settings] = []
+        self.rngs: list[np.random.Generator] = []
+        self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
+        self.pending: np.ndarray | None = None  # (B,) the ids sampled last, not yet read into the state
+        self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
+        self.pos = np.empty(0, np.intp)  # (B,) each row's next column of u
+        self.resize()
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    def add(self, owner: Hashable, prompts: Sequence[np.ndarray], rows: Sequence[Settings]) -> None:
+        """Rows for `prompts` (ids), one per Settings, after the live ones; they sample from the next step."""
+        if len(rows) != len(prompts):
+            raise ValueError("one Settings per prompt")
+        self.flush()
+        rngs = [np.random.default_rng(r.seed) for r in rows]
+        self.owners += [owner] * len(rows)
+        self.settings += rows
+        self.rngs += rngs
+        self.state = np.concatenate([self.state, prime(self.p, self.cfg, prompts)], axis=2)
+        self.u = np.concatenate([self.u, *(g.random((1, CHUNK)) for g in rngs)])
+        self.pos = np.concatenate([self.pos, np.zeros(len(rows), np.intp)])
+        self.resize()
+
+    def remove(self, owners: Container[Hashable]) -> None:
+        """Drop the rows of `owners` (their order is kept)."""
+        keep = np.array([o not in owners for o in self.owners], bool)
+        if keep.all():
+            return
+        idx = np.flatnonzero(keep)
+        self.owners = [self.owners[i] for i in idx]
+        self.settings = [self.settings[i] for i in idx]
+        self.rngs = [self.rngs[i] for i in idx]
+        self.state, self.u, self.pos = self.state[:, :, idx], self.u[idx], self.pos[idx]
+        if self.pending is not None:
+            self.pending = self.pending[idx]
+        self.resize()
+
+    def resize(self) -> None:
+        """Buffers and per-row settings sized to the live rows."""
+        B, V = len(self), self.cfg.vocab_size
+        self.spare = np.empty_like(self.state)
+        self.logits = np.empty((B, V), self.cfg.dtype)
+        self.z, self.cdf, self.x = np.empty((B, V)), np.empty((B, V)), np.empty((B, 1))  # float64
+        self.below = np.empty((B, V), bool)
+        self.rows = np.arange(B)
+        self.inv_temp = np.array([1.0 / r.temperature for r in self.settings]).reshape(B, 1)
+        self.hot = bool((self.inv_temp != 1).any())
+        self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
+        self.filter = Filter([self.settings[i] for i in self.filtered], V)
+        self.left = CHUNK - int(self.pos.max(initial=0))  # steps until a row needs fresh uniforms
+
+    def flush(self) -> None:
+        """Read the ids sampled last into the state."""
+        if self.pending is not None:
+            net.step(self.p, self.cfg, self.pending, self.state, self.spare)
+            self.state, self.spare, self.pending = self.spare, self.state, None
+
+    def step(self) -> np.ndarray:
+        """The next id of every live row (B,), rows in the order they were added."""
+        self.flush()
+        np.matmul(self.state[-1, 0], self.p["V"], out=self.logits)  # (B, V)
+        self.logits += self.p["c"]
+        z = self.z  # float64: after temperature, softmax numerators
+        if self.hot:
+            np.multiply(self.logits, self.inv_temp, out=z)
+        else:
+            z[...] = self.logits
+        np.max(z, axis=1, keepdims=True, out=self.x)
+        z -= self.x
+        np.exp(z, out=z)
+        if len(self.filtered):
+            z[self.filtered] = self.filter(z[self.filtered])
+        np.cumsum(z, axis=1, out=self.cdf)  # unnormalised inverse CDF draw: count cdf < u * total
+        np.multiply(self.u[self.rows, self.pos, None], self.cdf[:, -1:], out=self.x)
+        np.less(self.cdf, self.x, out=self.below)
+        ids = self.below.sum(axis=1)
+        np.minimum(ids, self.cfg.vocab_size - 1, out=ids)
+        self.pending = ids
+        self.pos += 1
+        self.left -= 1
+        if self.left == 0:
+            for i in np.flatnonzero(self.pos == CHUNK):
+                self.u[i], self.pos[i] = self.rngs[i].random(CHUNK), 0
+            self.left = CHUNK - int(self.pos.max(initial=0))
+        return ids
 
 
 def generate_ids(
@@ -76,21 +171,11 @@ def generate_ids(
     length: int,
     rows: Sequence[Settings],
 ) -> Iterator[np.ndarray]:
-    """Yield the next id of every row (B,), `length` times; one matrix product per layer per step.
-
-    Row i draws its uniforms from its own generator seeded by rows[i].seed, so its text does not depend
-    on what else is in the batch."""
-    if len(rows) != len(prompts):
-        raise ValueError("one Settings per prompt")
-    filt = Filter(rows, cfg.vocab_size)
-    u = np.stack([np.random.default_rng(r.seed).random(length) for r in rows]) if rows else None  # (B, N)
-    h = prime(p, cfg, prompts)
-    for t in range(length):
-        cdf = np.cumsum(filt(net.logits(p, h)), axis=1)  # (B, V) unnormalised
-        ids = (cdf < u[:, t : t + 1] * cdf[:, -1:]).sum(axis=1)
-        ids = np.minimum(ids, cfg.vocab_size - 1)
-        yield ids
-        h = net.step(p, cfg, ids, h)
+    """Yield the next id of every row (B,), `length` times: `Rows` that nobody joins or leaves."""
+    batch = Rows(p, cfg)
+    batch.add(None, prompts, rows)
+    for _ in range(length):
+        yield batch.step()
 
 
 def sample(

@@ -68,17 +68,66 @@ def test_degenerate_filters_are_greedy(rows):
 
 
 def filter_probs(logits, rows):
-    probs = sample.Filter(rows, logits.shape[1])(logits)
+    probs = sample.Filter(rows, logits.shape[1])(np.exp(logits))
     return probs / probs.sum(axis=1, keepdims=True)
 
 
 def test_filter():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    np.testing.assert_allclose(filter_probs(logits, [Settings()]), [[0.5, 0.3, 0.15, 0.05]])
-    np.testing.assert_allclose(filter_probs(logits, [Settings(top_k=2)]), [[0.625, 0.375, 0, 0]])
-    np.testing.assert_allclose(filter_probs(logits, [Settings(top_p=0.7)]), [[0.625, 0.375, 0, 0]])
-    hot = filter_probs(logits, [Settings(temperature=2.0)])[0]
-    assert hot[0] < 0.5 and hot[3] > 0.05
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 3))
+    rows = [Settings(top_k=2), Settings(top_p=0.7), Settings(top_k=3, top_p=0.99)]
+    want = [[0.625, 0.375, 0, 0], [0.625, 0.375, 0, 0], np.array([0.5, 0.3, 0.15, 0]) / 0.95]
+    np.testing.assert_allclose(filter_probs(logits, rows), want)
+
+
+def alone(p, cfg, prompt, n, row):
+    return sample.sample(p, cfg, VOCAB, [prompt], n, row)[0]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_rows_join_mid_way_and_leave_without_changing_anyones_text(cell):
+    """Continuous batching: a row that joins a running batch mid-way, or whose neighbour leaves (cancelled),
+    reads what it reads alone; filtered and unfiltered rows side by side; past the uniforms' first chunk."""
+    p, cfg = model(cell)
+    n = sample.CHUNK * 2 + 10
+    a, b = Settings(0.7, seed=3), Settings(top_k=3, top_p=0.9, seed=4)
+    c, d = Settings(seed=5), Settings(1.3, top_p=0.8, seed=6)
+    rows = sample.Rows(p, cfg)
+    rows.add("A", [VOCAB.encode("abc")], [a])
+    rows.add("B", [VOCAB.encode("h"), VOCAB.encode("")], [b, c])
+    got: dict[str, list[int]] = {"A": [], "B0": [], "B1": [], "D": []}
+    for t in range(n + 30):
+        if t == 30:
+            rows.add("D", [VOCAB.encode("hg")], [d])  # joins mid-way
+        if t == 50:
+            rows.remove({"B"})  # cancelled: both its rows leave
+        ids = rows.step()
+        keys = [o + str(rows.owners[:i].count(o)) if o == "B" else o for i, o in enumerate(rows.owners)]
+        assert len(ids) == len(rows) == len(keys)
+        for key, i in zip(keys, ids.tolist(), strict=True):
+            got[key].append(i)
+        if t == 30 + n - 1:
+            rows.remove({"D"})
+        if t == n - 1:
+            rows.remove({"A"})
+    assert len(rows) == 0
+    assert VOCAB.decode(got["A"]) == alone(p, cfg, "abc", n, a)
+    assert VOCAB.decode(got["D"]) == alone(p, cfg, "hg", n, d)
+    assert VOCAB.decode(got["B0"]) == alone(p, cfg, "h", 50, b)
+    assert VOCAB.decode(got["B1"]) == alone(p, cfg, "", 50, c)
+
+
+def test_generate_ids_draws_each_rows_uniforms_from_its_seed():
+    """A row's draws are np.random.default_rng(seed).random(length), in order, batched or not: the ids
+    follow from the probabilities and those uniforms by the inverse CDF."""
+    rows = [Settings(seed=11), Settings(seed=12)]
+    prompts = [VOCAB.encode("ab"), VOCAB.encode("c")]
+    ids = np.stack(list(sample.generate_ids(P, CFG, prompts, 100, rows)), axis=1)  # (2, 100)
+    for r, q, got in zip(rows, prompts, ids, strict=True):
+        u, h = np.random.default_rng(r.seed).random(100), sample.prime(P, CFG, [q])
+        for t in range(100):
+            cdf = np.cumsum(np.exp(net.logits(P, h)[0].astype(np.float64)))
+            assert got[t] == min(int((cdf < u[t] * cdf[-1]).sum()), len(VOCAB) - 1)
+            h = net.step(P, CFG, got[t : t + 1], h)
 
 
 def test_empirical_distribution_follows_the_model():
