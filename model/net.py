@@ -201,10 +201,11 @@ def step(
     None; never `s`), through each cell's cheap step; returns it."""
     cell = CELLS[cfg.cell]
     out = np.empty_like(s) if out is None else out
-    x = ids
+    a = np.take(p["U0"], ids, axis=0)  # (B, kH): rows of U0, gathered whole (cheaper than per block)
+    a += p["b0"]
     for l in range(cfg.layers):
-        cell.step(inputs(p, l, cell.gates, x), layer(p, cfg, l), s[l], out[l])
-        x = out[l, 0]
+        a = blocks(a, cell.gates) if l == 0 else inputs(p, l, cell.gates, out[l - 1, 0])  # (k, B, H)
+        cell.step(a, layer(p, cfg, l), s[l], out[l])
     return out
 
 

@@ -120,7 +120,7 @@ class Rows:
         self.spare = np.empty_like(self.state)
         self.logits = np.empty((B, V), self.cfg.dtype)
         self.z, self.cdf, self.x = np.empty((B, V)), np.empty((B, V)), np.empty((B, 1))  # float64
-        self.below = np.empty((B, V), bool)
+        self.below = np.empty((B, V - 1), bool)
         self.rows = np.arange(B)
         self.inv_temp = np.array([1.0 / r.temperature for r in self.settings]).reshape(B, 1)
         self.hot = bool((self.inv_temp != 1).any())
@@ -151,9 +151,8 @@ class Rows:
             z[self.filtered] = self.filter(z[self.filtered])
         np.cumsum(z, axis=1, out=self.cdf)  # unnormalised inverse CDF draw: count cdf < u * total
         np.multiply(self.u[self.rows, self.pos, None], self.cdf[:, -1:], out=self.x)
-        np.less(self.cdf, self.x, out=self.below)
+        np.less(self.cdf[:, :-1], self.x, out=self.below)  # the last id when all V-1 before it are below
         ids = self.below.sum(axis=1)
-        np.minimum(ids, self.cfg.vocab_size - 1, out=ids)
         self.pending = ids
         self.pos += 1
         self.left -= 1
