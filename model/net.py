@@ -194,19 +194,32 @@ def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     return g
 
 
+class Stepper:
+    """`step` for one model, its per-model work done once: layer 0's rows with their bias added, each layer's
+    parameters."""
+
+    def __init__(self, p: Params, cfg: ModelConfig):
+        self.p, self.cell = p, CELLS[cfg.cell]
+        self.embed = p["U0"] + p["b0"]  # (V, kH)
+        self.layers = [layer(p, cfg, l) for l in range(cfg.layers)]
+
+    def __call__(self, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty_like(s) if out is None else out
+        k = self.cell.gates
+        a = blocks(np.take(self.embed, ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
+        for l, q in enumerate(self.layers):
+            if l:
+                a = inputs(self.p, l, k, out[l - 1, 0])
+            self.cell.step(a, q, s[l], out[l])
+        return out
+
+
 def step(
     p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,), into `out` (a new array when
-    None; never `s`), through each cell's cheap step; returns it."""
-    cell = CELLS[cfg.cell]
-    out = np.empty_like(s) if out is None else out
-    a = np.take(p["U0"], ids, axis=0)  # (B, kH): rows of U0, gathered whole (cheaper than per block)
-    a += p["b0"]
-    for l in range(cfg.layers):
-        a = blocks(a, cell.gates) if l == 0 else inputs(p, l, cell.gates, out[l - 1, 0])  # (k, B, H)
-        cell.step(a, layer(p, cfg, l), s[l], out[l])
-    return out
+    None; never `s`), through each cell's cheap step; returns it. `Stepper` does it for many steps."""
+    return Stepper(p, cfg)(ids, s, out)
 
 
 def logits(p: Params, s: np.ndarray) -> np.ndarray:

@@ -33,15 +33,18 @@ class Settings:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def prime(p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray]) -> np.ndarray:
+def prime(
+    p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray], step: net.Stepper | None = None
+) -> np.ndarray:
     """The state (L, S, B, H) after reading each prompt's ids; rows of different lengths advance masked."""
+    step = step or net.Stepper(p, cfg)
     B = len(prompts)
     h = net.zeros_state(cfg, B)
     lens = np.array([len(q) for q in prompts])
     for t in range(int(lens.max(initial=0))):
         live = lens > t  # (B,)
         ids = np.array([q[t] if len(q) > t else 0 for q in prompts], dtype=np.int64)
-        h = np.where(live[:, None], net.step(p, cfg, ids, h), h)  # live (B, 1) against (..., B, H)
+        h = np.where(live[:, None], step(ids, h), h)  # live (B, 1) against (..., B, H)
     return h
 
 
@@ -73,15 +76,16 @@ class Rows:
     nor on its neighbours. Temperature, top-k and top-p cost only the rows that set them."""
 
     def __init__(self, p: Params, cfg: ModelConfig):
-        self.p, self.cfg = p, cfg
+        self.p, self.cfg, self.next_state = p, cfg, net.Stepper(p, cfg)
         self.owners: list[Hashable] = []  # per row, whoever added it
         self.settings: list[Settings] = []
         self.rngs: list[np.random.Generator] = []
         self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
         self.pending: np.ndarray | None = None  # (B,) the ids sampled last, not yet read into the state
         self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
-        self.pos = np.empty(0, np.intp)  # (B,) each row's next column of u
-        self.resize()
+        self.at = np.empty((0, 1), np.intp)  # (B, 1) each row's next uniform, as an index into u's elements
+        self.base = np.empty(0, np.intp)
+        self.resize(np.empty(0, np.intp))
 
     def __len__(self) -> int:
         return len(self.owners)
@@ -95,10 +99,9 @@ class Rows:
         self.owners += [owner] * len(rows)
         self.settings += rows
         self.rngs += rngs
-        self.state = np.concatenate([self.state, prime(self.p, self.cfg, prompts)], axis=2)
+        self.state = np.concatenate([self.state, prime(self.p, self.cfg, prompts, self.next_state)], axis=2)
         self.u = np.concatenate([self.u, *(g.random((1, CHUNK)) for g in rngs)])
-        self.pos = np.concatenate([self.pos, np.zeros(len(rows), np.intp)])
-        self.resize()
+        self.resize(np.concatenate([self.used(), np.zeros(len(rows), np.intp)]))
 
     def remove(self, owners: Container[Hashable]) -> None:
         """Drop the rows of `owners` (their order is kept)."""
@@ -109,29 +112,34 @@ class Rows:
         self.owners = [self.owners[i] for i in idx]
         self.settings = [self.settings[i] for i in idx]
         self.rngs = [self.rngs[i] for i in idx]
-        self.state, self.u, self.pos = self.state[:, :, idx], self.u[idx], self.pos[idx]
+        self.state, self.u, used = self.state[:, :, idx], self.u[idx], self.used()[idx]
         if self.pending is not None:
             self.pending = self.pending[idx]
-        self.resize()
+        self.resize(used)
 
-    def resize(self) -> None:
-        """Buffers and per-row settings sized to the live rows."""
+    def used(self) -> np.ndarray:
+        """How many of its uniforms in u each row has used (B,)."""
+        return self.at[:, 0] - self.base
+
+    def resize(self, used: np.ndarray) -> None:
+        """Buffers and per-row settings sized to the live rows, which have `used` uniforms each."""
         B, V = len(self), self.cfg.vocab_size
         self.spare = np.empty_like(self.state)
         self.logits = np.empty((B, V), self.cfg.dtype)
         self.z, self.cdf, self.x = np.empty((B, V)), np.empty((B, V)), np.empty((B, 1))  # float64
         self.below = np.empty((B, V - 1), bool)
-        self.rows = np.arange(B)
+        self.base = np.arange(B) * CHUNK  # (B,) where each row's uniforms start in u's elements
+        self.at = (self.base + used)[:, None]
         self.inv_temp = np.array([1.0 / r.temperature for r in self.settings]).reshape(B, 1)
         self.hot = bool((self.inv_temp != 1).any())
         self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
         self.filter = Filter([self.settings[i] for i in self.filtered], V)
-        self.left = CHUNK - int(self.pos.max(initial=0))  # steps until a row needs fresh uniforms
+        self.left = CHUNK - int(used.max(initial=0))  # steps until a row needs fresh uniforms
 
     def flush(self) -> None:
         """Read the ids sampled last into the state."""
         if self.pending is not None:
-            net.step(self.p, self.cfg, self.pending, self.state, self.spare)
+            self.next_state(self.pending, self.state, self.spare)
             self.state, self.spare, self.pending = self.spare, self.state, None
 
     def step(self) -> np.ndarray:
@@ -144,22 +152,22 @@ class Rows:
             np.multiply(self.logits, self.inv_temp, out=z)
         else:
             z[...] = self.logits
-        np.max(z, axis=1, keepdims=True, out=self.x)
+        np.maximum.reduce(z, axis=1, keepdims=True, out=self.x)
         z -= self.x
         np.exp(z, out=z)
         if len(self.filtered):
             z[self.filtered] = self.filter(z[self.filtered])
-        np.cumsum(z, axis=1, out=self.cdf)  # unnormalised inverse CDF draw: count cdf < u * total
-        np.multiply(self.u[self.rows, self.pos, None], self.cdf[:, -1:], out=self.x)
+        np.add.accumulate(z, axis=1, out=self.cdf)  # unnormalised inverse CDF draw: count cdf < u * total
+        np.multiply(np.take(self.u, self.at), self.cdf[:, -1:], out=self.x)
         np.less(self.cdf[:, :-1], self.x, out=self.below)  # the last id when all V-1 before it are below
-        ids = self.below.sum(axis=1)
+        ids = np.add.reduce(self.below, axis=1, dtype=np.intp)
         self.pending = ids
-        self.pos += 1
+        self.at += 1
         self.left -= 1
         if self.left == 0:
-            for i in np.flatnonzero(self.pos == CHUNK):
-                self.u[i], self.pos[i] = self.rngs[i].random(CHUNK), 0
-            self.left = CHUNK - int(self.pos.max(initial=0))
+            for i in np.flatnonzero(self.used() == CHUNK):
+                self.u[i], self.at[i] = self.rngs[i].random(CHUNK), self.base[i]
+            self.left = CHUNK - int(self.used().max(initial=0))
         return ids
 
 
