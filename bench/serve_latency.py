@@ -263,14 +263,18 @@ async def quiet(pids: list[int]) -> None:
 
 
 async def abandoned(url: str, pids: list[int], n: int) -> dict:
-    """The server's CPU seconds for n requests of LONG characters completed one after another, and for n whose
-    client closes the connection 10 ms after sending (the server's work counted until it is idle again)."""
+    """The server's CPU seconds for n requests of LONG characters, one at a time (the server idle before and
+    after each): n completed, then n whose client closes the connection 10 ms after sending. The idle
+    server's own CPU rate, measured first, is subtracted."""
     host, port = url.removeprefix("http://").split(":")
     body = {"prompt": "ROMEO:", "max_new_chars": LONG}
+    await quiet(pids)
+    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    await asyncio.sleep(2.0)
+    idle = (cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)  # CPU seconds per second
     cpu = {}
     for kind in ("completed", "abandoned"):
-        await quiet(pids)
-        cpu0 = cpu_seconds(pids)
+        cpu0, t0 = cpu_seconds(pids), time.perf_counter()
         for _ in range(n):
             conn = Connection(host, int(port))
             if kind == "completed":
@@ -279,9 +283,10 @@ async def abandoned(url: str, pids: list[int], n: int) -> dict:
                 await conn.send("/generate", body)
                 await asyncio.sleep(0.01)
             conn.close()
-        await quiet(pids)
-        cpu[kind] = round(cpu_seconds(pids) - cpu0, 3)
-    return {"n": n, "cpu_s": cpu, "ratio": round(cpu["abandoned"] / cpu["completed"], 3)}
+            await quiet(pids)
+        cpu[kind] = round(cpu_seconds(pids) - cpu0 - idle * (time.perf_counter() - t0), 3)
+    ratio = round(cpu["abandoned"] / cpu["completed"], 3)
+    return {"n": n, "cpu_s": cpu, "idle_cpu_per_s": round(idle, 4), "ratio": ratio}
 
 
 def main() -> None:
@@ -331,7 +336,8 @@ def main() -> None:
     )
     print(
         f"abandoned after 10 ms: {ab['n']} requests of {LONG} chars cost {ab['cpu_s']['abandoned']} s of "
-        f"server CPU, {ab['n']} completed {ab['cpu_s']['completed']} s: ratio {ab['ratio']}"
+        f"server CPU, {ab['n']} completed {ab['cpu_s']['completed']} s: ratio {ab['ratio']} (one at a time; "
+        f"the idle server's {ab['idle_cpu_per_s']} CPU s/s subtracted)"
     )
     for r in cost:
         print(

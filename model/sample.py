@@ -83,8 +83,6 @@ class Rows:
         self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
         self.pending: np.ndarray | None = None  # (B,) the ids sampled last, not yet read into the state
         self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
-        self.at = np.empty((0, 1), np.intp)  # (B, 1) each row's next uniform, as an index into u's elements
-        self.base = np.empty(0, np.intp)
         self.resize(np.empty(0, np.intp))
 
     def __len__(self) -> int:
@@ -129,7 +127,7 @@ class Rows:
         self.z, self.cdf, self.x = np.empty((B, V)), np.empty((B, V)), np.empty((B, 1))  # float64
         self.below = np.empty((B, V - 1), bool)
         self.base = np.arange(B) * CHUNK  # (B,) where each row's uniforms start in u's elements
-        self.at = (self.base + used)[:, None]
+        self.at = (self.base + used)[:, None]  # (B, 1) each row's next uniform, an index into u's elements
         self.inv_temp = np.array([1.0 / r.temperature for r in self.settings]).reshape(B, 1)
         self.hot = bool((self.inv_temp != 1).any())
         self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
