@@ -299,7 +299,7 @@ class CharRNN:
         except TimeoutError as e:
             return with_status(ctx, error(504, str(e)))
         finally:
-            job.cancelled = True
+            self.batcher.cancel(job)
             left.cancel()
         METRICS.generated(GENERATE, ids.size)
         return GenerateResponse(
@@ -341,7 +341,7 @@ class CharRNN:
                     return
                 yield sse("done", {"model": snap.tag, "chars": sent})
             finally:
-                job.cancelled = True
+                self.batcher.cancel(job)
                 METRICS.generated(STREAM, sent)
 
         headers = {"X-Model-Tag": snap.tag, "Cache-Control": "no-cache"}

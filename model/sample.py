@@ -38,13 +38,17 @@ def prime(
 ) -> np.ndarray:
     """The state (L, S, B, H) after reading each prompt's ids; rows of different lengths advance masked."""
     step = step or net.Stepper(p, cfg)
-    B = len(prompts)
-    h = net.zeros_state(cfg, B)
-    lens = np.array([len(q) for q in prompts])
-    for t in range(int(lens.max(initial=0))):
-        live = lens > t  # (B,)
-        ids = np.array([q[t] if len(q) > t else 0 for q in prompts], dtype=np.int64)
-        h = np.where(live[:, None], step(ids, h), h)  # live (B, 1) against (..., B, H)
+    lens = np.array([len(q) for q in prompts], np.intp)  # (B,)
+    ids = np.zeros((int(lens.max(initial=0)), len(prompts)), np.intp)  # (T, B) time-major, 0-padded
+    for i, q in enumerate(prompts):
+        ids[: len(q), i] = q
+    h = net.zeros_state(cfg, len(prompts))
+    spare = np.empty_like(h)
+    for t in range(len(ids)):
+        step(ids[t], h, spare)
+        if t >= lens.min():  # some rows have ended: they keep their state
+            np.copyto(spare, h, where=(lens <= t)[:, None])  # (B, 1) against (..., B, H)
+        h, spare = spare, h
     return h
 
 

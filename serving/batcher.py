@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -47,17 +48,12 @@ class Job:
     stream: asyncio.Queue[np.ndarray | None] | None = None
     deadline: float = 0.0
     since: float = 0.0  # when it was made (monotonic)
-    cancelled: bool = False  # set by the request's side when its client has gone or it stopped waiting
+    cancelled: bool = False  # set by Batcher.cancel: its client has gone, or it stopped waiting
     cols: list[np.ndarray] = field(default_factory=list)  # (rows,) per step so far
 
     def __post_init__(self) -> None:
         self.since = time.monotonic()
         self.deadline = self.since + self.timeout
-
-    def emit(self, ids: np.ndarray) -> None:
-        self.cols.append(ids)
-        if self.stream is not None:
-            self.loop.call_soon_threadsafe(self.stream.put_nowait, ids)
 
     def settle(self, result: np.ndarray | BaseException | None) -> None:
         """Resolve the request with its ids (rows, length) or an error; None cancels it (nobody waits)."""
@@ -77,12 +73,37 @@ def _settle(fut: asyncio.Future[np.ndarray], result: np.ndarray | BaseException 
         fut.set_result(result)
 
 
-@dataclass(eq=False)
 class Group:
-    """The live rows of one snapshot and their jobs, in the order their rows lie in `rows`."""
+    """The live rows of one snapshot: their jobs in the order their rows lie in `rows`, each job's slice of a
+    step's ids, the step at which each has all its characters and the nearest deadline, so that a step costs
+    little Python per job."""
 
-    rows: sample.Rows
-    jobs: list[Job] = field(default_factory=list)
+    def __init__(self, rows: sample.Rows):
+        self.rows, self.jobs, self.t = rows, [], 0  # t: steps taken
+        self.ends: dict[int, list[Job]] = {}  # step -> the jobs complete after it (left ones included)
+        self.fresh: list[Job] = []  # admitted since the last step
+        self.layout()
+
+    def add(self, job: Job) -> None:
+        self.rows.add(job, job.prompts, job.rows)
+        self.jobs.append(job)
+        self.fresh.append(job)
+        self.ends.setdefault(self.t + job.length, []).append(job)
+        self.layout()
+
+    def remove(self, gone: set[Job]) -> None:
+        self.rows.remove(gone)
+        self.jobs = [job for job in self.jobs if job not in gone]
+        self.layout()
+
+    def layout(self) -> None:
+        self.cuts, start = [], 0
+        for job in self.jobs:
+            self.cuts.append((job, slice(start, start + len(job.rows))))
+            start += len(job.rows)
+        self.streams = [(job, rs) for job, rs in self.cuts if job.stream is not None]
+        self.members = set(self.jobs)
+        self.deadline = min((job.deadline for job in self.jobs), default=math.inf)
 
 
 class Batcher:
@@ -91,6 +112,7 @@ class Batcher:
     def __init__(self, max_rows: int, observer: Observer):
         self.max_rows, self.observer = max_rows, observer
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.cancels: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.waiting: deque[Job] = deque()  # taken from `jobs`, not yet admitted (no room)
         self.groups: dict[int, Group] = {}  # id(snapshot) -> its rows
         self.stopping = False
@@ -100,6 +122,11 @@ class Batcher:
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
         self.observer.queued(self.jobs.qsize() + len(self.waiting))
+
+    def cancel(self, job: Job) -> None:
+        """The request no longer waits (its client left): its rows leave at the next step, if still there."""
+        job.cancelled = True
+        self.cancels.put(job)
 
     def stop(self) -> None:
         self.stopping = True
@@ -112,8 +139,11 @@ class Batcher:
     def run(self) -> None:
         while not self.stopping:
             self.admit()
+            cancelled = set()
+            while not self.cancels.empty():
+                cancelled.add(self.cancels.get())
             for key, group in list(self.groups.items()):
-                self.step(group)
+                self.step(group, cancelled)
                 if not group.jobs:
                     del self.groups[key]
             self.observer.live(self.live())
@@ -133,35 +163,35 @@ class Batcher:
             if len(job.rows) > room and room < self.max_rows:
                 break  # FIFO: it starts when enough rows have left (alone if it is wider than max_rows)
             self.waiting.popleft()
-            if self.leaves(job):
+            if self.leaves(job, time.monotonic()):
                 continue
             group = self.groups.get(id(job.model))
             if group is None:
                 group = self.groups[id(job.model)] = Group(sample.Rows(job.model.params, job.model.config))
             try:
-                group.rows.add(job, job.prompts, job.rows)
+                group.add(job)
             except Exception as e:  # a bad request must not stop the thread
                 log.exception("priming failed")
                 job.settle(e)
                 continue
-            group.jobs.append(job)
             room -= len(job.rows)
         self.observer.queued(self.jobs.qsize() + len(self.waiting))
 
-    def leaves(self, job: Job) -> bool:
+    def leaves(self, job: Job, now: float) -> bool:
         """Whether `job` must stop now (cancelled, or past its deadline: settled with a TimeoutError)."""
         if job.cancelled:
             self.observer.cancelled("disconnect", len(job.rows))
             job.settle(None)
             return True
-        if time.monotonic() > job.deadline:
+        if now > job.deadline:
             self.observer.cancelled("deadline", len(job.rows))
             job.settle(TimeoutError(f"generation took longer than {job.timeout:g} s"))
             return True
         return False
 
-    def step(self, group: Group) -> None:
-        """One step of a snapshot's rows; jobs that finished or must stop leave before the next."""
+    def step(self, group: Group, cancelled: set[Job]) -> None:
+        """One step of a snapshot's rows; jobs that finished, were cancelled or passed their deadline leave
+        before the next."""
         try:
             ids = group.rows.step()  # (B,)
         except Exception as e:  # keep the thread alive; the requests get the error
@@ -170,21 +200,21 @@ class Batcher:
                 job.settle(e)
             group.jobs = []
             return
+        group.t += 1
         self.observer.step(len(ids))
-        now, start, gone, still = time.monotonic(), 0, set(), []
-        for job in group.jobs:
-            n = len(job.rows)
-            job.emit(ids[start : start + n])
-            start += n
-            if len(job.cols) == 1:
-                self.observer.first_char(now - job.since)
-            if len(job.cols) == job.length:
+        for job, rs in group.cuts:
+            job.cols.append(ids[rs])
+        for job, rs in group.streams:
+            job.loop.call_soon_threadsafe(job.stream.put_nowait, ids[rs])
+        now, gone = time.monotonic(), set()
+        for job in group.fresh:
+            self.observer.first_char(now - job.since)
+        group.fresh = []
+        for job in group.ends.pop(group.t, ()):
+            if job in group.members:
                 job.settle(np.stack(job.cols, axis=1))  # (rows, length)
                 gone.add(job)
-            elif self.leaves(job):
-                gone.add(job)
-            else:
-                still.append(job)
+        if now > group.deadline or cancelled & group.members:
+            gone |= {job for job in group.jobs if job not in gone and self.leaves(job, now)}
         if gone:
-            group.rows.remove(gone)
-            group.jobs = still
+            group.remove(gone)

@@ -78,7 +78,7 @@ def test_cancelled_and_expired_rows_leave_at_the_next_step_and_neighbours_read_t
         for j in (gone, stay, other):
             batcher.submit(j)
         await gone.stream.get()  # it runs
-        gone.cancelled = True  # its client left
+        batcher.cancel(gone)  # its client left
         late = job(a, "c", 2000, [6], timeout=0.0)  # past its deadline at its first step
         batcher.submit(late)
         with pytest.raises(TimeoutError):
@@ -107,7 +107,7 @@ def test_a_short_request_joins_the_running_batch_and_finishes_before_the_long_on
         assert not any(j.done.done() for j in long)
         np.testing.assert_array_equal(got, alone(snap, short))  # joined mid-way, reads what it reads alone
         for j in long:
-            j.cancelled = True
+            batcher.cancel(j)
         await asyncio.gather(*(j.done for j in long), return_exceptions=True)
 
     seen = run(scenario)
