@@ -137,8 +137,10 @@ class Batcher:
         return sum(len(g.rows) for g in self.groups.values())
 
     def run(self) -> None:
+        rows = 0
         while not self.stopping:
-            self.admit()
+            if not self.groups or self.waiting or not self.jobs.empty():
+                self.admit()
             cancelled = set()
             while not self.cancels.empty():
                 cancelled.add(self.cancels.get())
@@ -146,16 +148,15 @@ class Batcher:
                 self.step(group, cancelled)
                 if not group.jobs:
                     del self.groups[key]
-            self.observer.live(self.live())
+            if (live := self.live()) != rows:
+                rows = live
+                self.observer.live(rows)
 
     def admit(self) -> None:
         """Take new jobs (waiting for one when nothing runs); add those that fit to their snapshot's rows."""
         new = [self.jobs.get()] if not self.groups and not self.waiting else []
-        try:
-            while True:
-                new.append(self.jobs.get_nowait())
-        except queue.Empty:
-            pass
+        while not self.jobs.empty():
+            new.append(self.jobs.get())
         self.waiting.extend(job for job in new if job is not None)  # None: stop() waking the thread
         room = self.max_rows - self.live()
         while self.waiting:
