@@ -299,7 +299,8 @@ class CharRNN:
         except TimeoutError as e:
             return with_status(ctx, error(504, str(e)))
         finally:
-            self.batcher.cancel(job)
+            if not job.done.done():  # the client left (or the handler was cancelled)
+                self.batcher.cancel(job)
             left.cancel()
         METRICS.generated(GENERATE, ids.size)
         return GenerateResponse(
@@ -341,7 +342,8 @@ class CharRNN:
                     return
                 yield sse("done", {"model": snap.tag, "chars": sent})
             finally:
-                self.batcher.cancel(job)
+                if not job.done.done():  # the client left mid-stream
+                    self.batcher.cancel(job)
                 METRICS.generated(STREAM, sent)
 
         headers = {"X-Model-Tag": snap.tag, "Cache-Control": "no-cache"}
