@@ -74,10 +74,11 @@ class Filter:
 
 
 class Rows:
-    """Continuous batching: the live rows of one model. Rows join (primed on their prompt, each drawing from
-    its own generator) and leave between steps; a step samples the next id of every live row with one matrix
-    product per layer. A row's text depends on its prompt, settings and seed only: not on when it joined,
-    nor on its neighbours. Temperature, top-k and top-p cost only the rows that set them."""
+    """Continuous batching: the live rows of one model. Rows join (primed on their prompt at once, `add`, or
+    reading it one id per step within the batch, `join`) and leave between steps; a step samples the next id
+    of every live row with one matrix product per layer. Each row draws from its own generator, so its text
+    depends on its prompt, settings and seed only: not on when it joined, nor on its neighbours. Temperature,
+    top-k and top-p cost only the rows that set them."""
 
     def __init__(self, p: Params, cfg: ModelConfig):
         self.p, self.cfg, self.next_state = p, cfg, net.Stepper(p, cfg)
@@ -85,7 +86,8 @@ class Rows:
         self.settings: list[Settings] = []
         self.rngs: list[np.random.Generator] = []
         self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
-        self.pending: np.ndarray | None = None  # (B,) the ids sampled last, not yet read into the state
+        self.pending = np.empty(0, np.intp)  # (B,) the ids to read into the state next; -1: none
+        self.reading: dict[Hashable, tuple[np.ndarray, int]] = {}  # owner -> its prompt, the next id to read
         self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
         self.resize(np.empty(0, np.intp))
 
@@ -93,15 +95,29 @@ class Rows:
         return len(self.owners)
 
     def add(self, owner: Hashable, prompts: Sequence[np.ndarray], rows: Sequence[Settings]) -> None:
-        """Rows for `prompts` (ids), one per Settings, after the live ones; they sample from the next step."""
+        """Rows primed on `prompts` (ids) now, one per Settings, after the live ones; they sample from the
+        next step."""
         if len(rows) != len(prompts):
             raise ValueError("one Settings per prompt")
-        self.flush()
+        self.append(owner, prime(self.p, self.cfg, prompts, self.next_state), rows, np.full(len(rows), -1))
+
+    def join(self, owner: Hashable, prompt: np.ndarray, rows: Sequence[Settings]) -> None:
+        """Rows that read `prompt` (ids) within the batch, one id per step, then sample: their first id comes
+        from the step max(len(prompt), 1) after joining (`step` gives -1 for them until then)."""
+        first = np.full(len(rows), prompt[0] if len(prompt) else -1)
+        self.append(owner, net.zeros_state(self.cfg, len(rows)), rows, first)
+        if len(prompt) > 1:
+            self.reading[owner] = (prompt, 1)
+
+    def append(
+        self, owner: Hashable, state: np.ndarray, rows: Sequence[Settings], pending: np.ndarray
+    ) -> None:
         rngs = [np.random.default_rng(r.seed) for r in rows]
         self.owners += [owner] * len(rows)
         self.settings += rows
         self.rngs += rngs
-        self.state = np.concatenate([self.state, prime(self.p, self.cfg, prompts, self.next_state)], axis=2)
+        self.state = np.concatenate([self.state, state], axis=2)
+        self.pending = np.concatenate([self.pending, pending])
         self.u = np.concatenate([self.u, *(g.random((1, CHUNK)) for g in rngs)])
         self.resize(np.concatenate([self.used(), np.zeros(len(rows), np.intp)]))
 
@@ -114,9 +130,9 @@ class Rows:
         self.owners = [self.owners[i] for i in idx]
         self.settings = [self.settings[i] for i in idx]
         self.rngs = [self.rngs[i] for i in idx]
+        self.reading = {o: r for o, r in self.reading.items() if o not in owners}
         self.state, self.u, used = self.state[:, :, idx], self.u[idx], self.used()[idx]
-        if self.pending is not None:
-            self.pending = self.pending[idx]
+        self.pending = self.pending[idx]
         self.resize(used)
 
     def used(self) -> np.ndarray:
@@ -137,15 +153,26 @@ class Rows:
         self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
         self.filter = Filter([self.settings[i] for i in self.filtered], V)
         self.left = CHUNK - int(used.max(initial=0))  # steps until a row needs fresh uniforms
+        self.spans: dict[Hashable, slice] = {}  # owner -> its rows (added together, so contiguous)
+        for i, o in enumerate(self.owners):
+            self.spans[o] = slice(self.spans[o].start if o in self.spans else i, i + 1)
 
     def flush(self) -> None:
-        """Read the ids sampled last into the state."""
-        if self.pending is not None:
-            self.next_state(self.pending, self.state, self.spare)
-            self.state, self.spare, self.pending = self.spare, self.state, None
+        """Read the pending ids into the state; rows without one keep theirs."""
+        ids = self.pending
+        hold = ids < 0
+        if hold.all():
+            return
+        if hold.any():
+            self.next_state(np.maximum(ids, 0), self.state, self.spare)
+            np.copyto(self.spare, self.state, where=hold[:, None])  # (B, 1) against (..., B, H)
+        else:
+            self.next_state(ids, self.state, self.spare)
+        self.state, self.spare = self.spare, self.state
 
     def step(self) -> np.ndarray:
-        """The next id of every live row (B,), rows in the order they were added."""
+        """The next id of every live row (B,), rows in the order they were added; -1 for a row still reading
+        its prompt."""
         self.flush()
         np.matmul(self.state[-1, 0], self.p["V"], out=self.logits)  # (B, V)
         self.logits += self.p["c"]
@@ -164,6 +191,16 @@ class Rows:
         np.less(self.cdf[:, :-1], self.x, out=self.below)  # the last id when all V-1 before it are below
         ids = np.add.reduce(self.below, axis=1, dtype=np.intp)
         self.pending = ids
+        if self.reading:
+            self.pending = ids.copy()
+            for owner, (prompt, k) in list(self.reading.items()):
+                rs = self.spans[owner]
+                self.pending[rs], ids[rs] = prompt[k], -1
+                self.at[rs] -= 1  # no uniform used
+                if k + 1 < len(prompt):
+                    self.reading[owner] = (prompt, k + 1)
+                else:
+                    del self.reading[owner]
         self.at += 1
         self.left -= 1
         if self.left == 0:

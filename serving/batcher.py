@@ -80,26 +80,31 @@ class Group:
 
     def __init__(self, rows: sample.Rows):
         self.rows, self.jobs, self.t = rows, [], 0  # t: steps taken
+        self.starts: dict[int, list[Job]] = {}  # step -> the jobs whose first character it gives
         self.ends: dict[int, list[Job]] = {}  # step -> the jobs complete after it (left ones included)
-        self.fresh: list[Job] = []  # admitted since the last step
+        self.writing: set[Job] = set()  # jobs past their prompt
         self.layout()
 
     def add(self, job: Job) -> None:
-        self.rows.add(job, job.prompts, job.rows)
+        """The job's rows read its prompt (the same for every row) within the batch, then generate."""
+        self.rows.join(job, job.prompts[0], job.rows)
         self.jobs.append(job)
-        self.fresh.append(job)
-        self.ends.setdefault(self.t + job.length, []).append(job)
+        first = self.t + max(len(job.prompts[0]), 1)
+        self.starts.setdefault(first, []).append(job)
+        self.ends.setdefault(first + job.length - 1, []).append(job)
         self.layout()
 
     def remove(self, gone: set[Job]) -> None:
         self.rows.remove(gone)
         self.jobs = [job for job in self.jobs if job not in gone]
+        self.writing -= gone
         self.layout()
 
     def layout(self) -> None:
         self.cuts, start = [], 0
         for job in self.jobs:
-            self.cuts.append((job, slice(start, start + len(job.rows))))
+            if job in self.writing:
+                self.cuts.append((job, slice(start, start + len(job.rows))))
             start += len(job.rows)
         self.streams = [(job, rs) for job, rs in self.cuts if job.stream is not None]
         self.members = set(self.jobs)
@@ -203,17 +208,19 @@ class Batcher:
             return
         group.t += 1
         self.observer.step(len(ids))
+        now, gone = time.monotonic(), set()
+        if fresh := [job for job in group.starts.pop(group.t, ()) if job in group.members]:
+            group.writing.update(fresh)
+            group.layout()
+            for job in fresh:
+                self.observer.first_char(now - job.since)
         for job, rs in group.cuts:
             job.cols.append(ids[rs])
         for job, rs in group.streams:
             job.loop.call_soon_threadsafe(job.stream.put_nowait, ids[rs])
-        now, gone = time.monotonic(), set()
-        for job in group.fresh:
-            self.observer.first_char(now - job.since)
-        group.fresh = []
         for job in group.ends.pop(group.t, ()):
             if job in group.members:
-                job.settle(np.stack(job.cols, axis=1))  # (rows, length)
+                job.settle(np.concatenate(job.cols).reshape(job.length, -1).T)  # (rows, length)
                 gone.add(job)
         if now > group.deadline or cancelled & group.members:
             gone |= {job for job in group.jobs if job not in gone and self.leaves(job, now)}

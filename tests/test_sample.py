@@ -85,33 +85,42 @@ def alone(p, cfg, prompt, n, row):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_rows_join_mid_way_and_leave_without_changing_anyones_text(cell):
-    """Continuous batching: a row that joins a running batch mid-way, or whose neighbour leaves (cancelled),
-    reads what it reads alone; filtered and unfiltered rows side by side; past the uniforms' first chunk."""
+    """Continuous batching: rows that join a running batch mid-way (primed at once, or reading their prompt
+    within the batch, one id per step), or whose neighbour leaves (cancelled), read what they read alone;
+    filtered and unfiltered rows side by side; past the uniforms' first chunk."""
     p, cfg = model(cell)
     n = sample.CHUNK * 2 + 10
     a, b = Settings(0.7, seed=3), Settings(top_k=3, top_p=0.9, seed=4)
-    c, d = Settings(seed=5), Settings(1.3, top_p=0.8, seed=6)
+    c, d, e = Settings(seed=5), Settings(1.3, top_p=0.8, seed=6), Settings(0.5, seed=7)
     rows = sample.Rows(p, cfg)
     rows.add("A", [VOCAB.encode("abc")], [a])
     rows.add("B", [VOCAB.encode("h"), VOCAB.encode("")], [b, c])
-    got: dict[str, list[int]] = {"A": [], "B0": [], "B1": [], "D": []}
-    for t in range(n + 30):
+    got: dict[str, list[int]] = {"A": [], "B0": [], "B1": [], "D0": [], "D1": [], "E": []}
+    for t in range(n + 40):
         if t == 30:
-            rows.add("D", [VOCAB.encode("hg")], [d])  # joins mid-way
+            rows.join("D", VOCAB.encode("hgfe"), [d, c])  # reads its prompt in the batch's steps
+        if t == 40:
+            rows.join("E", VOCAB.encode(""), [e])
         if t == 50:
             rows.remove({"B"})  # cancelled: both its rows leave
         ids = rows.step()
-        keys = [o + str(rows.owners[:i].count(o)) if o == "B" else o for i, o in enumerate(rows.owners)]
+        keys = [o + str(rows.owners[:i].count(o)) if o in "BD" else o for i, o in enumerate(rows.owners)]
         assert len(ids) == len(rows) == len(keys)
         for key, i in zip(keys, ids.tolist(), strict=True):
-            got[key].append(i)
-        if t == 30 + n - 1:
-            rows.remove({"D"})
+            if t >= 33 or key[0] != "D":
+                got[key].append(i)
+            else:
+                assert i == -1  # still reading "hgfe": its first id comes from its 4th step
+        for key in ("D0", "E"):
+            if len(got[key]) == n:
+                rows.remove({key[0]})
         if t == n - 1:
             rows.remove({"A"})
     assert len(rows) == 0
     assert VOCAB.decode(got["A"]) == alone(p, cfg, "abc", n, a)
-    assert VOCAB.decode(got["D"]) == alone(p, cfg, "hg", n, d)
+    assert VOCAB.decode(got["D0"]) == alone(p, cfg, "hgfe", n, d)
+    assert VOCAB.decode(got["D1"]) == alone(p, cfg, "hgfe", n, c)
+    assert VOCAB.decode(got["E"]) == alone(p, cfg, "", n, e)
     assert VOCAB.decode(got["B0"]) == alone(p, cfg, "h", 50, b)
     assert VOCAB.decode(got["B1"]) == alone(p, cfg, "", 50, c)
 
