@@ -278,10 +278,11 @@ def test_metrics_count_what_the_service_did(server):
         ("char_rnn_requests_total", (("route", "/generate"), ("status", "400"))): 1,
         ("char_rnn_requests_total", (("route", "/generate"), ("status", "415"))): 1,
         ("char_rnn_requests_total", (("route", "/generate_stream"), ("status", "200"))): 1,
-        ("char_rnn_batch_rows_count", ()): 25 + 20,  # steps: 25 of 3 rows, then 20 of 1
-        ("char_rnn_batch_rows_sum", ()): 75 + 20,
+        # steps: 28 of 3 rows (3 more reading "THE ", whose 4th step gives the first character), 20 of 1
+        ("char_rnn_batch_rows_count", ()): 28 + 20,
+        ("char_rnn_batch_rows_sum", ()): 84 + 20,
         ("char_rnn_batch_rows_bucket", (("le", "2.0"),)): 20,
-        ("char_rnn_batch_rows_bucket", (("le", "4.0"),)): 45,
+        ("char_rnn_batch_rows_bucket", (("le", "4.0"),)): 48,
         ("char_rnn_time_to_first_char_seconds_count", ()): 2,
     }
     seen: dict = {}
