@@ -87,6 +87,7 @@ class Rows:
         self.rngs: list[np.random.Generator] = []
         self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
         self.pending = np.empty(0, np.intp)  # (B,) the ids to read into the state next; -1: none
+        self.holding = False  # whether pending may hold a -1 (rows appended since the last flush)
         self.reading: dict[Hashable, tuple[np.ndarray, int]] = {}  # owner -> its prompt, the next id to read
         self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
         self.resize(np.empty(0, np.intp))
@@ -118,6 +119,7 @@ class Rows:
         self.rngs += rngs
         self.state = np.concatenate([self.state, state], axis=2)
         self.pending = np.concatenate([self.pending, pending])
+        self.holding = True
         self.u = np.concatenate([self.u, *(g.random((1, CHUNK)) for g in rngs)])
         self.resize(np.concatenate([self.used(), np.zeros(len(rows), np.intp)]))
 
@@ -160,10 +162,11 @@ class Rows:
     def flush(self) -> None:
         """Read the pending ids into the state; rows without one keep theirs."""
         ids = self.pending
-        hold = ids < 0
-        if hold.all():
+        hold = ids < 0 if self.holding else None
+        self.holding = False  # a step leaves an id to read in every row
+        if hold is not None and hold.all():
             return
-        if hold.any():
+        if hold is not None and hold.any():
             self.next_state(np.maximum(ids, 0), self.state, self.spare)
             np.copyto(self.spare, self.state, where=hold[:, None])  # (B, 1) against (..., B, H)
         else:
