@@ -275,7 +275,7 @@ class CharRNN:
             return unknown_chars_error(unknown)
         ids = snap.vocab.encode(prompt, "skip")
         loop, rows = asyncio.get_running_loop(), req.settings()
-        job = Job(snap, [ids] * len(rows), rows, req.max_new_chars, loop, loop.create_future(), S.timeout)
+        job = Job(snap, ids, rows, req.max_new_chars, loop, loop.create_future(), S.timeout)
         if stream:
             job.stream = asyncio.Queue()
         self.batcher.submit(job)

@@ -1,5 +1,5 @@
-"""Batched generation: prime on prompts, then sample with temperature, top-k and top-p; rows may join and
-leave the batch between steps (`Rows`, continuous batching)."""
+"""Batched generation: read prompts, then sample with temperature, top-k and top-p; rows may join and leave
+the batch between steps (`Rows`, continuous batching)."""
 
 from __future__ import annotations
 

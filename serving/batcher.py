@@ -1,5 +1,6 @@
-"""The generation thread, continuous batching: a request's rows join the running batch at the next step and
-leave it as they finish, are cancelled (the client left) or pass their deadline. The rows of one model
+"""The generation thread, continuous batching: a request's rows join the running batch at the next step (where
+they read its prompt, one character per step) and leave it as they finish, are cancelled (the client left) or
+pass their deadline. The rows of one model
 snapshot step together (`sample.Rows`: one matrix product per layer per step, per-row settings and seeds, so a
 seeded request reads the same batched or not); a request is served wholly by the snapshot it started with.
 Requests wait on asyncio futures; results come back on the request's event loop. What the thread does is
@@ -39,7 +40,7 @@ class Job:
     """One request's rows, queued to the generation thread."""
 
     model: Any  # the immutable snapshot the request holds (params, config); batched only with its own kind
-    prompts: list[np.ndarray]
+    prompt: np.ndarray  # ids, the same for every row
     rows: list[sample.Settings]
     length: int
     loop: asyncio.AbstractEventLoop
@@ -86,10 +87,10 @@ class Group:
         self.layout()
 
     def add(self, job: Job) -> None:
-        """The job's rows read its prompt (the same for every row) within the batch, then generate."""
-        self.rows.join(job, job.prompts[0], job.rows)
+        """The job's rows read its prompt within the batch, then generate."""
+        self.rows.join(job, job.prompt, job.rows)
         self.jobs.append(job)
-        first = self.t + max(len(job.prompts[0]), 1)
+        first = self.t + max(len(job.prompt), 1)
         self.starts.setdefault(first, []).append(job)
         self.ends.setdefault(first + job.length - 1, []).append(job)
         self.layout()

@@ -50,14 +50,15 @@ class Seen:
 def job(snap, prompt: str, length: int, seeds: list[int], timeout: float = 60.0) -> Job:
     loop = asyncio.get_running_loop()
     rows = [Settings(0.9, seed=s) for s in seeds]
-    j = Job(snap, [VOCAB.encode(prompt)] * len(rows), rows, length, loop, loop.create_future(), timeout)
+    j = Job(snap, VOCAB.encode(prompt), rows, length, loop, loop.create_future(), timeout)
     j.stream = asyncio.Queue()
     return j
 
 
 def alone(snap, j: Job) -> np.ndarray:
     """What `j` must read: its rows sampled unbatched."""
-    return np.stack(list(sample.generate_ids(snap.params, snap.config, j.prompts, j.length, j.rows)), axis=1)
+    prompts = [j.prompt] * len(j.rows)
+    return np.stack(list(sample.generate_ids(snap.params, snap.config, prompts, j.length, j.rows)), axis=1)
 
 
 def run(scenario) -> Seen:
