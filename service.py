@@ -46,7 +46,7 @@ from model.vocab import Vocab
 from registry import NAME, Current, Registry
 from serving import history, openapi, pages, workers
 from serving.batcher import Batcher, Job
-from serving.http import Gate, NoFields, QuietClientErrors, error
+from serving.http import Gate, NoFields, QuietClientErrors, disconnected, error
 from serving.metrics import Metrics
 
 S = settings.current()
@@ -172,6 +172,12 @@ def unknown_chars_error(chars: list[str]) -> JSONResponse:
     return error(400, msg, [{"type": "unknown_chars", "loc": ["prompt"], "msg": msg, "chars": chars}])
 
 
+def with_status(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
+    """`response`, its status kept: BentoML gives an API that takes `ctx` the status set on `ctx.response`."""
+    ctx.response.status_code = response.status_code
+    return response
+
+
 def sse(event: str | None, data: dict) -> str:
     """One server-sent event."""
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -269,27 +275,33 @@ class CharRNN:
             return unknown_chars_error(unknown)
         ids = snap.vocab.encode(prompt, "skip")
         loop, rows = asyncio.get_running_loop(), req.settings()
-        job = Job(snap, [ids] * len(rows), rows, req.max_new_chars, loop, loop.create_future(), S.timeout)
+        job = Job(snap, ids, rows, req.max_new_chars, loop, loop.create_future(), S.timeout)
         if stream:
             job.stream = asyncio.Queue()
         self.batcher.submit(job)
         return snap, job, unknown
 
     @bentoml.api(route=GENERATE, input_spec=GenerateRequest)
-    async def generate(self, **fields: Any) -> GenerateResponse:
+    async def generate(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Generate `num_samples` continuations of `prompt`; the response names the model that wrote them."""
         t0 = time.perf_counter()
         req = GenerateRequest.model_construct(**fields)  # validated by BentoML with GenerateRequest
         started = self.start(req, stream=False)
         if isinstance(started, JSONResponse):
-            return started
+            return with_status(ctx, started)
         snap, job, skipped = started
-        try:
-            ids = await job.done
+        left = asyncio.ensure_future(disconnected(ctx.request))
+        try:  # a client that leaves takes its rows out of the batch at the next step
+            await asyncio.wait((job.done, left), return_when=asyncio.FIRST_COMPLETED)
+            if not job.done.done():
+                return with_status(ctx, error(499, "the client closed the connection"))
+            ids = job.done.result()
         except TimeoutError as e:
-            return error(504, str(e))
+            return with_status(ctx, error(504, str(e)))
         finally:
-            job.cancelled = True
+            if not job.done.done():  # the client left (or the handler was cancelled)
+                self.batcher.cancel(job)
+            left.cancel()
         METRICS.generated(GENERATE, ids.size)
         return GenerateResponse(
             completions=[snap.vocab.decode(r) for r in ids.tolist()],
@@ -330,7 +342,8 @@ class CharRNN:
                     return
                 yield sse("done", {"model": snap.tag, "chars": sent})
             finally:
-                job.cancelled = True
+                if not job.done.done():  # the client left mid-stream
+                    self.batcher.cancel(job)
                 METRICS.generated(STREAM, sent)
 
         headers = {"X-Model-Tag": snap.tag, "Cache-Control": "no-cache"}

@@ -49,6 +49,11 @@ class Cell:
         pre-activations `a` (k, T, B, H; overwritten), the layer's parameters `q` and the state `s0`."""
         raise NotImplementedError
 
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+        """One step without the training caches (sampling): the next state into `out` (S, B, H), from the
+        input pre-activations `a` (k, B, H; overwritten) and the state `s` (S, B, H; not `out`)."""
+        raise NotImplementedError
+
     def backward(self, dh: np.ndarray, cache: Any, q: Params) -> tuple[np.ndarray, Params]:
         """From the loss gradient w.r.t. the outputs h (T, B, H; overwritten): the gradient w.r.t. the
         pre-activations a (k, T, B, H) and the gradients of `q` besides U and b (truncated at the chunk

@@ -47,6 +47,23 @@ class GRU(Cell):
                 h[t + 1] += n[t]
         return h[1:], (a, h, R), h[-1:]
 
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+        h, (r, z, n) = s[0], a  # (B, H) each
+        R = np.matmul(h, blocks(q["W"], 3))  # (3, B, H)
+        g = a[:2]  # r, z
+        g += R[:2]
+        g *= 0.5
+        np.tanh(g, out=g)
+        g *= 0.5
+        g += 0.5
+        R[2] += q["bh"]
+        R[2] *= r
+        n += R[2]
+        np.tanh(n, out=n)
+        np.subtract(h, n, out=out[0])
+        out[0] *= z
+        out[0] += n
+
     def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
         x, h, R = cache
         T, B, H = dh.shape

@@ -51,6 +51,20 @@ class LSTM(Cell):
                 np.multiply(o[t], tc[t], out=h[t + 1])
         return h[1:], (a, h, c, tc), np.stack([h[-1], c[-1]])
 
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+        o, i, f, g = a  # (B, H) each
+        tmp = np.matmul(s[0], blocks(q["W"], 4))  # (4, B, H)
+        a += tmp
+        a[:3] *= 0.5
+        np.tanh(a, out=a)
+        a[:3] *= 0.5
+        a[:3] += 0.5
+        np.multiply(f, s[1], out=out[1])
+        np.multiply(i, g, out=tmp[0])
+        out[1] += tmp[0]
+        np.tanh(out[1], out=tmp[0])
+        np.multiply(o, tmp[0], out=out[0])
+
     def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
         z, h, c, tc = cache
         T, B, H = dh.shape

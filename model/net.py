@@ -194,16 +194,32 @@ def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
     return g
 
 
-def step(p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,); returns the new state."""
-    cell = CELLS[cfg.cell]
-    out = np.empty_like(s)
-    x = ids
-    for l in range(cfg.layers):
-        a = inputs(p, l, cell.gates, x)[:, None]  # (k, 1, B, H)
-        h, _, out[l] = cell.forward(a, layer(p, cfg, l), s[l])
-        x = h[0]
-    return out
+class Stepper:
+    """`step` for one model, its per-model work done once: layer 0's rows with their bias added, each layer's
+    parameters."""
+
+    def __init__(self, p: Params, cfg: ModelConfig):
+        self.p, self.cell = p, CELLS[cfg.cell]
+        self.embed = p["U0"] + p["b0"]  # (V, kH)
+        self.layers = [layer(p, cfg, l) for l in range(cfg.layers)]
+
+    def __call__(self, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty_like(s) if out is None else out
+        k = self.cell.gates
+        a = blocks(np.take(self.embed, ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
+        for l, q in enumerate(self.layers):
+            if l:
+                a = inputs(self.p, l, k, out[l - 1, 0])
+            self.cell.step(a, q, s[l], out[l])
+        return out
+
+
+def step(
+    p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,), into `out` (a new array when
+    None; never `s`), through each cell's cheap step; returns it. `Stepper` does it for many steps."""
+    return Stepper(p, cfg)(ids, s, out)
 
 
 def logits(p: Params, s: np.ndarray) -> np.ndarray:

@@ -29,6 +29,11 @@ class RNN(Cell):
                 prev = h[t]
         return h, (h, h0), h[-1:]
 
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+        np.matmul(s[0], q["W"], out=out[0])
+        out[0] += a[0]
+        np.tanh(out[0], out=out[0])
+
     def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
         h, h0 = cache
         T, B, H = h.shape

@@ -1,8 +1,9 @@
-"""Batched generation: prime on prompts, then sample with temperature, top-k and top-p."""
+"""Batched generation: read prompts, then sample with temperature, top-k and top-p; rows may join and leave
+the batch between steps (`Rows`, continuous batching)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from model import net
 from model.net import ModelConfig, Params
 from model.vocab import Unknown, Vocab
+
+CHUNK = 64  # uniforms drawn ahead per row: a generator's stream, whatever the chunks
 
 
 @dataclass(frozen=True)
@@ -30,43 +33,184 @@ class Settings:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def prime(p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray]) -> np.ndarray:
+def prime(
+    p: Params, cfg: ModelConfig, prompts: Sequence[np.ndarray], step: net.Stepper | None = None
+) -> np.ndarray:
     """The state (L, S, B, H) after reading each prompt's ids; rows of different lengths advance masked."""
-    B = len(prompts)
-    h = net.zeros_state(cfg, B)
-    lens = np.array([len(q) for q in prompts])
-    for t in range(int(lens.max(initial=0))):
-        live = lens > t  # (B,)
-        ids = np.array([q[t] if len(q) > t else 0 for q in prompts], dtype=np.int64)
-        h = np.where(live[:, None], net.step(p, cfg, ids, h), h)  # live (B, 1) against (..., B, H)
+    step = step or net.Stepper(p, cfg)
+    lens = np.array([len(q) for q in prompts], np.intp)  # (B,)
+    ids = np.zeros((int(lens.max(initial=0)), len(prompts)), np.intp)  # (T, B) time-major, 0-padded
+    for i, q in enumerate(prompts):
+        ids[: len(q), i] = q
+    h = net.zeros_state(cfg, len(prompts))
+    spare = np.empty_like(h)
+    for t in range(len(ids)):
+        step(ids[t], h, spare)
+        if t >= lens.min():  # some rows have ended: they keep their state
+            np.copyto(spare, h, where=(lens <= t)[:, None])  # (B, 1) against (..., B, H)
+        h, spare = spare, h
     return h
 
 
 class Filter:
-    """Each row's temperature, top-k and top-p as arrays, built once per batch."""
+    """The top-k and top-p of the rows that set them, as arrays, built when the live rows change."""
 
     def __init__(self, rows: Sequence[Settings], vocab_size: int):
-        self.inv_temp = np.array([1.0 / r.temperature for r in rows])[:, None]  # (B, 1)
-        self.k = np.array([r.top_k or vocab_size for r in rows])[:, None]
+        self.k = np.array([r.top_k or vocab_size for r in rows])[:, None]  # (B', 1)
         self.top_p = np.array([r.top_p for r in rows])[:, None]
-        self.active = bool((self.k < vocab_size).any() or (self.top_p < 1).any())
 
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        """Unnormalised probabilities (B, V) after temperature, top-k and top-p."""
-        z = logits * self.inv_temp  # float64 (B, V)
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z, out=z)
-        if self.active:
-            probs /= probs.sum(axis=1, keepdims=True)
-            order = np.argsort(-probs, axis=1, kind="stable")  # (B, V) most likely first
-            sorted_p = np.take_along_axis(probs, order, axis=1)
-            rank = np.arange(probs.shape[1])[None, :]
-            before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly ahead of each entry
-            keep_sorted = (rank < self.k) & ((before < self.top_p) | (rank == 0))
-            keep = np.zeros_like(keep_sorted)
-            np.put_along_axis(keep, order, keep_sorted, axis=1)
-            probs[~keep] = 0.0
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        """The unnormalised probabilities `probs` (B', V), normalised, outside top-k and top-p zeroed."""
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")  # (B', V) most likely first
+        sorted_p = np.take_along_axis(probs, order, axis=1)
+        rank = np.arange(probs.shape[1])[None, :]
+        before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass strictly ahead of each entry
+        keep_sorted = (rank < self.k) & ((before < self.top_p) | (rank == 0))
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=1)
+        probs[~keep] = 0.0
         return probs
+
+
+class Rows:
+    """Continuous batching: the live rows of one model. Rows join (primed on their prompt at once, `add`, or
+    reading it one id per step within the batch, `join`) and leave between steps; a step samples the next id
+    of every live row with one matrix product per layer. Each row draws from its own generator, so its text
+    depends on its prompt, settings and seed only: not on when it joined, nor on its neighbours. Temperature,
+    top-k and top-p cost only the rows that set them."""
+
+    def __init__(self, p: Params, cfg: ModelConfig):
+        self.p, self.cfg, self.next_state = p, cfg, net.Stepper(p, cfg)
+        self.owners: list[Hashable] = []  # per row, whoever added it
+        self.settings: list[Settings] = []
+        self.rngs: list[np.random.Generator] = []
+        self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
+        self.pending = np.empty(0, np.intp)  # (B,) the ids to read into the state next; -1: none
+        self.holding = False  # whether pending may hold a -1 (rows appended since the last flush)
+        self.reading: dict[Hashable, tuple[np.ndarray, int]] = {}  # owner -> its prompt, the next id to read
+        self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
+        self.resize(np.empty(0, np.intp))
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    def add(self, owner: Hashable, prompts: Sequence[np.ndarray], rows: Sequence[Settings]) -> None:
+        """Rows primed on `prompts` (ids) now, one per Settings, after the live ones; they sample from the
+        next step."""
+        if len(rows) != len(prompts):
+            raise ValueError("one Settings per prompt")
+        self.append(owner, prime(self.p, self.cfg, prompts, self.next_state), rows, np.full(len(rows), -1))
+
+    def join(self, owner: Hashable, prompt: np.ndarray, rows: Sequence[Settings]) -> None:
+        """Rows that read `prompt` (ids) within the batch, one id per step, then sample: their first id comes
+        from the step max(len(prompt), 1) after joining (`step` gives -1 for them until then)."""
+        first = np.full(len(rows), prompt[0] if len(prompt) else -1)
+        self.append(owner, net.zeros_state(self.cfg, len(rows)), rows, first)
+        if len(prompt) > 1:
+            self.reading[owner] = (prompt, 1)
+
+    def append(
+        self, owner: Hashable, state: np.ndarray, rows: Sequence[Settings], pending: np.ndarray
+    ) -> None:
+        rngs = [np.random.default_rng(r.seed) for r in rows]
+        self.owners += [owner] * len(rows)
+        self.settings += rows
+        self.rngs += rngs
+        self.state = np.concatenate([self.state, state], axis=2)
+        self.pending = np.concatenate([self.pending, pending])
+        self.holding = True
+        self.u = np.concatenate([self.u, *(g.random((1, CHUNK)) for g in rngs)])
+        self.resize(np.concatenate([self.used(), np.zeros(len(rows), np.intp)]))
+
+    def remove(self, owners: Container[Hashable]) -> None:
+        """Drop the rows of `owners` (their order is kept)."""
+        keep = np.array([o not in owners for o in self.owners], bool)
+        if keep.all():
+            return
+        idx = np.flatnonzero(keep)
+        self.owners = [self.owners[i] for i in idx]
+        self.settings = [self.settings[i] for i in idx]
+        self.rngs = [self.rngs[i] for i in idx]
+        self.reading = {o: r for o, r in self.reading.items() if o not in owners}
+        self.state, self.u, used = self.state[:, :, idx], self.u[idx], self.used()[idx]
+        self.pending = self.pending[idx]
+        self.resize(used)
+
+    def used(self) -> np.ndarray:
+        """How many of its uniforms in u each row has used (B,)."""
+        return self.at[:, 0] - self.base
+
+    def resize(self, used: np.ndarray) -> None:
+        """Buffers and per-row settings sized to the live rows, which have `used` uniforms each."""
+        B, V = len(self), self.cfg.vocab_size
+        self.spare = np.empty_like(self.state)
+        self.logits = np.empty((B, V), self.cfg.dtype)
+        self.z, self.cdf, self.x = np.empty((B, V)), np.empty((B, V)), np.empty((B, 1))  # float64
+        self.below = np.empty((B, V - 1), bool)
+        self.base = np.arange(B) * CHUNK  # (B,) where each row's uniforms start in u's elements
+        self.at = (self.base + used)[:, None]  # (B, 1) each row's next uniform, an index into u's elements
+        self.inv_temp = np.array([1.0 / r.temperature for r in self.settings]).reshape(B, 1)
+        self.hot = bool((self.inv_temp != 1).any())
+        self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
+        self.filter = Filter([self.settings[i] for i in self.filtered], V)
+        self.left = CHUNK - int(used.max(initial=0))  # steps until a row needs fresh uniforms
+        self.spans: dict[Hashable, slice] = {}  # owner -> its rows (added together, so contiguous)
+        for i, o in enumerate(self.owners):
+            self.spans[o] = slice(self.spans[o].start if o in self.spans else i, i + 1)
+
+    def flush(self) -> None:
+        """Read the pending ids into the state; rows without one keep theirs."""
+        ids = self.pending
+        hold = ids < 0 if self.holding else None
+        self.holding = False  # a step leaves an id to read in every row
+        if hold is not None and hold.all():
+            return
+        if hold is not None and hold.any():
+            self.next_state(np.maximum(ids, 0), self.state, self.spare)
+            np.copyto(self.spare, self.state, where=hold[:, None])  # (B, 1) against (..., B, H)
+        else:
+            self.next_state(ids, self.state, self.spare)
+        self.state, self.spare = self.spare, self.state
+
+    def step(self) -> np.ndarray:
+        """The next id of every live row (B,), rows in the order they were added; -1 for a row still reading
+        its prompt."""
+        self.flush()
+        np.matmul(self.state[-1, 0], self.p["V"], out=self.logits)  # (B, V)
+        self.logits += self.p["c"]
+        z = self.z  # float64: after temperature, softmax numerators
+        if self.hot:
+            np.multiply(self.logits, self.inv_temp, out=z)
+        else:
+            z[...] = self.logits
+        np.maximum.reduce(z, axis=1, keepdims=True, out=self.x)
+        z -= self.x
+        np.exp(z, out=z)
+        if len(self.filtered):
+            z[self.filtered] = self.filter(z[self.filtered])
+        np.add.accumulate(z, axis=1, out=self.cdf)  # unnormalised inverse CDF draw: count cdf < u * total
+        np.multiply(np.take(self.u, self.at), self.cdf[:, -1:], out=self.x)
+        np.less(self.cdf[:, :-1], self.x, out=self.below)  # the last id when all V-1 before it are below
+        ids = np.add.reduce(self.below, axis=1, dtype=np.intp)
+        self.pending = ids
+        if self.reading:
+            self.pending = ids.copy()
+            for owner, (prompt, k) in list(self.reading.items()):
+                rs = self.spans[owner]
+                self.pending[rs], ids[rs] = prompt[k], -1
+                self.at[rs] -= 1  # no uniform used
+                if k + 1 < len(prompt):
+                    self.reading[owner] = (prompt, k + 1)
+                else:
+                    del self.reading[owner]
+        self.at += 1
+        self.left -= 1
+        if self.left == 0:
+            for i in np.flatnonzero(self.used() == CHUNK):
+                self.u[i], self.at[i] = self.rngs[i].random(CHUNK), self.base[i]
+            self.left = CHUNK - int(self.used().max(initial=0))
+        return ids
 
 
 def generate_ids(
@@ -76,21 +220,11 @@ def generate_ids(
     length: int,
     rows: Sequence[Settings],
 ) -> Iterator[np.ndarray]:
-    """Yield the next id of every row (B,), `length` times; one matrix product per layer per step.
-
-    Row i draws its uniforms from its own generator seeded by rows[i].seed, so its text does not depend
-    on what else is in the batch."""
-    if len(rows) != len(prompts):
-        raise ValueError("one Settings per prompt")
-    filt = Filter(rows, cfg.vocab_size)
-    u = np.stack([np.random.default_rng(r.seed).random(length) for r in rows]) if rows else None  # (B, N)
-    h = prime(p, cfg, prompts)
-    for t in range(length):
-        cdf = np.cumsum(filt(net.logits(p, h)), axis=1)  # (B, V) unnormalised
-        ids = (cdf < u[:, t : t + 1] * cdf[:, -1:]).sum(axis=1)
-        ids = np.minimum(ids, cfg.vocab_size - 1)
-        yield ids
-        h = net.step(p, cfg, ids, h)
+    """Yield the next id of every row (B,), `length` times: `Rows` that nobody joins or leaves."""
+    batch = Rows(p, cfg)
+    batch.add(None, prompts, rows)
+    for _ in range(length):
+        yield batch.step()
 
 
 def sample(

@@ -1,32 +1,38 @@
-"""The generation thread: the rows of concurrent requests for the same model run together, one matrix product
-per step (`sample.generate_ids`, with per-row settings and seeds, so a seeded request reads the same batched
-or not). Requests wait on asyncio futures; results come back on the request's event loop. What the thread
-does is reported to an `Observer` (serving.metrics)."""
+"""The generation thread, continuous batching: a request's rows join the running batch at the next step (where
+they read its prompt, one character per step) and leave it as they finish, are cancelled (the client left) or
+pass their deadline. The rows of one model
+snapshot step together (`sample.Rows`: one matrix product per layer per step, per-row settings and seeds, so a
+seeded request reads the same batched or not); a request is served wholly by the snapshot it started with.
+Requests wait on asyncio futures; results come back on the request's event loop. What the thread does is
+reported to an `Observer` (serving.metrics)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from model import sample
 
-GATHER_GAP, GATHER_MAX = 0.002, 0.01  # seconds: how long the batcher waits for stragglers
 log = logging.getLogger("char_rnn.serving")
 
 
 class Observer(Protocol):
     """What the generation thread reports; called on that thread (or on submit's), so it must be cheap."""
 
-    def queued(self, depth: int) -> None: ...  # requests waiting, not yet in a batch
+    def queued(self, depth: int) -> None: ...  # requests waiting, not yet in the batch
     def step(self, rows: int) -> None: ...  # one generation step computed `rows` rows
     def first_char(self, seconds: float) -> None: ...  # a request's first character, after `seconds`
+    def live(self, rows: int) -> None: ...  # rows in the batch after a step
+    def cancelled(self, reason: str, rows: int) -> None: ...  # rows left unfinished: "disconnect", "deadline"
 
 
 @dataclass(eq=False)
@@ -34,7 +40,7 @@ class Job:
     """One request's rows, queued to the generation thread."""
 
     model: Any  # the immutable snapshot the request holds (params, config); batched only with its own kind
-    prompts: list[np.ndarray]
+    prompt: np.ndarray  # ids, the same for every row
     rows: list[sample.Settings]
     length: int
     loop: asyncio.AbstractEventLoop
@@ -43,112 +49,181 @@ class Job:
     stream: asyncio.Queue[np.ndarray | None] | None = None
     deadline: float = 0.0
     since: float = 0.0  # when it was made (monotonic)
-    cancelled: bool = False
+    cancelled: bool = False  # set by Batcher.cancel: its client has gone, or it stopped waiting
+    cols: list[np.ndarray] = field(default_factory=list)  # (rows,) per step so far
 
     def __post_init__(self) -> None:
         self.since = time.monotonic()
         self.deadline = self.since + self.timeout
 
-    def emit(self, ids: np.ndarray) -> None:
-        if self.stream is not None:
-            self.loop.call_soon_threadsafe(self.stream.put_nowait, ids)
-
-    def settle(self, result: np.ndarray | BaseException) -> None:
+    def settle(self, result: np.ndarray | BaseException | None) -> None:
+        """Resolve the request with its ids (rows, length) or an error; None cancels it (nobody waits)."""
         self.loop.call_soon_threadsafe(_settle, self.done, result)
         if self.stream is not None:
             self.loop.call_soon_threadsafe(self.stream.put_nowait, None)
 
 
-def _settle(fut: asyncio.Future[np.ndarray], result: np.ndarray | BaseException) -> None:
+def _settle(fut: asyncio.Future[np.ndarray], result: np.ndarray | BaseException | None) -> None:
     if fut.done():
         return
-    if isinstance(result, BaseException):
+    if result is None:
+        fut.cancel()
+    elif isinstance(result, BaseException):
         fut.set_exception(result)
     else:
         fut.set_result(result)
 
 
+class Group:
+    """The live rows of one snapshot: their jobs in the order their rows lie in `rows`, each job's slice of a
+    step's ids, the step at which each has all its characters and the nearest deadline, so that a step costs
+    little Python per job."""
+
+    def __init__(self, rows: sample.Rows):
+        self.rows, self.jobs, self.t = rows, [], 0  # t: steps taken
+        self.starts: dict[int, list[Job]] = {}  # step -> the jobs whose first character it gives
+        self.ends: dict[int, list[Job]] = {}  # step -> the jobs complete after it (left ones included)
+        self.writing: set[Job] = set()  # jobs past their prompt
+        self.layout()
+
+    def add(self, job: Job) -> None:
+        """The job's rows read its prompt within the batch, then generate."""
+        self.rows.join(job, job.prompt, job.rows)
+        self.jobs.append(job)
+        first = self.t + max(len(job.prompt), 1)
+        self.starts.setdefault(first, []).append(job)
+        self.ends.setdefault(first + job.length - 1, []).append(job)
+        self.layout()
+
+    def remove(self, gone: set[Job]) -> None:
+        self.rows.remove(gone)
+        self.jobs = [job for job in self.jobs if job not in gone]
+        self.writing -= gone
+        self.layout()
+
+    def layout(self) -> None:
+        self.cuts, start = [], 0
+        for job in self.jobs:
+            if job in self.writing:
+                self.cuts.append((job, slice(start, start + len(job.rows))))
+            start += len(job.rows)
+        self.streams = [(job, rs) for job, rs in self.cuts if job.stream is not None]
+        self.members = set(self.jobs)
+        self.deadline = min((job.deadline for job in self.jobs), default=math.inf)
+
+
 class Batcher:
-    """One generation thread. Jobs waiting together for the same model run as one batch."""
+    """One generation thread stepping every live row; at most `max_rows` rows at once, later jobs wait."""
 
     def __init__(self, max_rows: int, observer: Observer):
         self.max_rows, self.observer = max_rows, observer
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.cancels: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.waiting: deque[Job] = deque()  # taken from `jobs`, not yet admitted (no room)
+        self.groups: dict[int, Group] = {}  # id(snapshot) -> its rows
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="char-rnn-generate", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
-        self.observer.queued(self.jobs.qsize())
+        self.observer.queued(self.jobs.qsize() + len(self.waiting))
+
+    def cancel(self, job: Job) -> None:
+        """The request no longer waits (its client left): its rows leave at the next step, if still there."""
+        job.cancelled = True
+        self.cancels.put(job)
 
     def stop(self) -> None:
         self.stopping = True
         self.jobs.put(None)  # wakes the thread
         self.thread.join(timeout=10)
 
-    def run(self) -> None:
-        carry: Job | None = None
-        last_rows = 0
-        while not self.stopping:
-            first = carry or self.jobs.get()
-            if first is None:
-                continue
-            batch, rows, carry = [first], len(first.rows), None
-            # After a batch of several requests, more are likely on their way: wait for them while they
-            # keep arriving (each within GATHER_GAP), up to GATHER_MAX. A lone client never waits.
-            until = time.monotonic() + GATHER_MAX if last_rows > rows else 0.0
-            while rows < self.max_rows:
-                try:
-                    wait = min(GATHER_GAP, until - time.monotonic())
-                    job = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    break
-                if job.model is not first.model or rows + len(job.rows) > self.max_rows:
-                    carry = job  # starts the next batch
-                    break
-                batch.append(job)
-                rows += len(job.rows)
-            last_rows = rows
-            self.observer.queued(self.jobs.qsize() + (carry is not None))
-            self.run_batch(batch)
+    def live(self) -> int:
+        return sum(len(g.rows) for g in self.groups.values())
 
-    def run_batch(self, batch: list[Job]) -> None:
-        snap = batch[0].model
-        live: list[tuple[Job, slice]] = []
-        start = 0
-        for job in batch:
-            live.append((job, slice(start, start + len(job.rows))))
-            start += len(job.rows)
-        prompts = [q for job in batch for q in job.prompts]
-        rows = [r for job in batch for r in job.rows]
-        length = max(job.length for job in batch)
-        cols: list[np.ndarray] = []
+    def run(self) -> None:
+        rows = 0
+        while not self.stopping:
+            if not self.groups or self.waiting or not self.jobs.empty():
+                self.admit()
+            cancelled = set()
+            while not self.cancels.empty():
+                cancelled.add(self.cancels.get())
+            for key, group in list(self.groups.items()):
+                self.step(group, cancelled)
+                if not group.jobs:
+                    del self.groups[key]
+            if (live := self.live()) != rows:
+                rows = live
+                self.observer.live(rows)
+
+    def admit(self) -> None:
+        """Take new jobs (waiting for one when nothing runs); add those that fit to their snapshot's rows."""
+        new = [self.jobs.get()] if not self.groups and not self.waiting else []
+        while not self.jobs.empty():
+            new.append(self.jobs.get())
+        self.waiting.extend(job for job in new if job is not None)  # None: stop() waking the thread
+        room = self.max_rows - self.live()
+        while self.waiting:
+            job = self.waiting[0]
+            if len(job.rows) > room and room < self.max_rows:
+                break  # FIFO: it starts when enough rows have left (alone if it is wider than max_rows)
+            self.waiting.popleft()
+            if self.leaves(job, time.monotonic()):
+                continue
+            group = self.groups.get(id(job.model))
+            if group is None:
+                group = self.groups[id(job.model)] = Group(sample.Rows(job.model.params, job.model.config))
+            try:
+                group.add(job)
+            except Exception as e:  # a bad request must not stop the thread
+                log.exception("priming failed")
+                job.settle(e)
+                continue
+            room -= len(job.rows)
+        self.observer.queued(self.jobs.qsize() + len(self.waiting))
+
+    def leaves(self, job: Job, now: float) -> bool:
+        """Whether `job` must stop now (cancelled, or past its deadline: settled with a TimeoutError)."""
+        if job.cancelled:
+            self.observer.cancelled("disconnect", len(job.rows))
+            job.settle(None)
+            return True
+        if now > job.deadline:
+            self.observer.cancelled("deadline", len(job.rows))
+            job.settle(TimeoutError(f"generation took longer than {job.timeout:g} s"))
+            return True
+        return False
+
+    def step(self, group: Group, cancelled: set[Job]) -> None:
+        """One step of a snapshot's rows; jobs that finished, were cancelled or passed their deadline leave
+        before the next."""
         try:
-            steps = sample.generate_ids(snap.params, snap.config, prompts, length, rows)
-            for t, ids in enumerate(steps, 1):
-                cols.append(ids)
-                self.observer.step(len(prompts))
-                now, out, still = time.monotonic(), None, []
-                for job, rs in live:
-                    if job.cancelled:
-                        continue
-                    job.emit(ids[rs])
-                    if t == 1:
-                        self.observer.first_char(now - job.since)
-                    if t == job.length:
-                        out = np.stack(cols, axis=1) if out is None else out
-                        job.settle(out[rs])
-                    elif now > job.deadline:
-                        job.settle(TimeoutError(f"generation took longer than {job.timeout:g} s"))
-                    else:
-                        still.append((job, rs))
-                live = still
-                if not live:
-                    return
+            ids = group.rows.step()  # (B,)
         except Exception as e:  # keep the thread alive; the requests get the error
             log.exception("generation failed")
-            for job, _ in live:
+            for job in group.jobs:
                 job.settle(e)
+            group.jobs = []
+            return
+        group.t += 1
+        self.observer.step(len(ids))
+        now, gone = time.monotonic(), set()
+        if fresh := [job for job in group.starts.pop(group.t, ()) if job in group.members]:
+            group.writing.update(fresh)
+            group.layout()
+            for job in fresh:
+                self.observer.first_char(now - job.since)
+        for job, rs in group.cuts:
+            job.cols.append(ids[rs])
+        for job, rs in group.streams:
+            job.loop.call_soon_threadsafe(job.stream.put_nowait, ids[rs])
+        for job in group.ends.pop(group.t, ()):
+            if job in group.members:
+                job.settle(np.concatenate(job.cols).reshape(job.length, -1).T)  # (rows, length)
+                gone.add(job)
+        if now > group.deadline or cancelled & group.members:
+            gone |= {job for job in group.jobs if job not in gone and self.leaves(job, now)}
+        if gone:
+            group.remove(gone)

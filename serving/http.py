@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 log = logging.getLogger("char_rnn.http")
@@ -180,3 +181,9 @@ class QuietClientErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         status = getattr(getattr(exc, "error_code", None), "value", 500)
         return not (isinstance(exc, ValidationError) or (exc is not None and 400 <= status < 500))
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client of `request`, whose body has been read, has closed its connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.01)  # not expected once the body is read; never spin

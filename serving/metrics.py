@@ -4,14 +4,16 @@
   char_rnn_generated_chars_total{route}   characters generated for clients
   char_rnn_batch_rows                     histogram: rows computed per generation step (requests batched)
   char_rnn_queue_depth                    requests waiting for the generation thread
+  char_rnn_live_rows                      rows in the running batch (continuous batching)
+  char_rnn_rows_cancelled_total{reason}   rows that left unfinished: "disconnect" (client gone), "deadline"
   char_rnn_time_to_first_char_seconds     histogram: from a request's admission to its first character
   char_rnn_model_info{tag}                1 for the model a worker serves, 0 for the ones it served before
 
 prometheus_client is imported by `start()`, in the worker, once BentoML has pointed it at its multiprocess
 directory (imported earlier, it would keep values in process memory, invisible to /metrics). The generation
-thread's reports (`step`, `first_char`, `queued`) only touch plain Python values: a histogram observation in
-multiprocess mode costs ~5 us, a generation step ~30 us. A flusher thread moves them into the metrics every
-`FLUSH` seconds.
+thread's reports (`step`, `first_char`, `queued`, `live`, `cancelled`) only touch plain Python values: a
+histogram observation in multiprocess mode costs ~5 us, a generation step ~30 us. A flusher thread moves them
+into the metrics every `FLUSH` seconds.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Metrics:
         self.steps: Counter[int] = Counter()  # rows -> generation steps, since the last flush
         self.waits: list[float] = []  # seconds to first character, since the last flush
         self.depth: int | None = None
+        self.rows_live: int | None = None
+        self.gone: Counter[str] = Counter()  # reason -> rows cancelled, since the last flush
         self.tag: str | None = None
         self.started = False
         self.stopping = threading.Event()
@@ -61,6 +65,12 @@ class Metrics:
             "char_rnn_time_to_first_char_seconds",
             "Seconds from a request's admission to its first generated character",
             buckets=FIRST_CHAR,
+        )
+        self.live_rows = p.Gauge(
+            "char_rnn_live_rows", "Rows in the running batch", multiprocess_mode="livesum"
+        )
+        self.cancelled_rows = p.Counter(
+            "char_rnn_rows_cancelled", "Rows that left the batch unfinished", ["reason"]
         )
         self.info = p.Gauge(
             "char_rnn_model_info", "1 for the served model's tag", ["tag"], multiprocess_mode="livemax"
@@ -93,6 +103,13 @@ class Metrics:
     def queued(self, depth: int) -> None:
         self.depth = depth
 
+    def live(self, rows: int) -> None:
+        self.rows_live = rows
+
+    def cancelled(self, reason: str, rows: int) -> None:
+        with self.lock:
+            self.gone[reason] += rows
+
     def step(self, rows: int) -> None:
         with self.lock:
             self.steps[rows] += 1
@@ -108,12 +125,18 @@ class Metrics:
             steps, self.steps = self.steps, Counter()
             waits, self.waits = self.waits, []
             depth, self.depth = self.depth, None
+            live, self.rows_live = self.rows_live, None
+            gone, self.gone = self.gone, Counter()
         for rows, n in steps.items():
             observe_many(self.rows, rows, n)
         for s in waits:
             self.first.observe(s)
         if depth is not None:
             self.queue.set(depth)
+        if live is not None:
+            self.live_rows.set(live)
+        for reason, n in gone.items():
+            self.cancelled_rows.labels(reason).inc(n)
 
     def flusher(self) -> None:
         while not self.stopping.wait(FLUSH):

@@ -130,6 +130,20 @@ def test_step_matches_forward(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_cheap_step_equals_the_training_forward_bitwise(cell):
+    """Cell.step (no caches, for sampling) computes what one step of Cell.forward does, in float32 too."""
+    cfg = net.ModelConfig(vocab_size=9, cell=cell, hidden=8, layers=1, dtype="float32")
+    p, s0, r = lively(cfg, 3, 5)
+    p, s0 = {k: v.astype(np.float32) for k, v in p.items()}, s0.astype(np.float32)[0]  # (S, B, H)
+    c, q = net.CELLS[cell], net.layer(p, cfg, 0)
+    a = r.standard_normal((c.gates, 1, 5, 8)).astype(np.float32)  # (k, T=1, B, H)
+    _, _, ref = c.forward(a.copy(), q, s0)
+    out = np.empty_like(s0)
+    c.step(a[:, 0].copy(), q, s0, out)
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_grow_keeps_old_rows(cell):
     cfg = net.ModelConfig(vocab_size=5, cell=cell, hidden=4)
     p = net.init(cfg, np.random.default_rng(0))

@@ -68,17 +68,75 @@ def test_degenerate_filters_are_greedy(rows):
 
 
 def filter_probs(logits, rows):
-    probs = sample.Filter(rows, logits.shape[1])(logits)
+    probs = sample.Filter(rows, logits.shape[1])(np.exp(logits))
     return probs / probs.sum(axis=1, keepdims=True)
 
 
 def test_filter():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    np.testing.assert_allclose(filter_probs(logits, [Settings()]), [[0.5, 0.3, 0.15, 0.05]])
-    np.testing.assert_allclose(filter_probs(logits, [Settings(top_k=2)]), [[0.625, 0.375, 0, 0]])
-    np.testing.assert_allclose(filter_probs(logits, [Settings(top_p=0.7)]), [[0.625, 0.375, 0, 0]])
-    hot = filter_probs(logits, [Settings(temperature=2.0)])[0]
-    assert hot[0] < 0.5 and hot[3] > 0.05
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 3))
+    rows = [Settings(top_k=2), Settings(top_p=0.7), Settings(top_k=3, top_p=0.99)]
+    want = [[0.625, 0.375, 0, 0], [0.625, 0.375, 0, 0], np.array([0.5, 0.3, 0.15, 0]) / 0.95]
+    np.testing.assert_allclose(filter_probs(logits, rows), want)
+
+
+def alone(p, cfg, prompt, n, row):
+    return sample.sample(p, cfg, VOCAB, [prompt], n, row)[0]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_rows_join_mid_way_and_leave_without_changing_anyones_text(cell):
+    """Continuous batching: rows that join a running batch mid-way (primed at once, or reading their prompt
+    within the batch, one id per step), or whose neighbour leaves (cancelled), read what they read alone;
+    filtered and unfiltered rows side by side; past the uniforms' first chunk."""
+    p, cfg = model(cell)
+    n = sample.CHUNK * 2 + 10
+    a, b = Settings(0.7, seed=3), Settings(top_k=3, top_p=0.9, seed=4)
+    c, d, e = Settings(seed=5), Settings(1.3, top_p=0.8, seed=6), Settings(0.5, seed=7)
+    rows = sample.Rows(p, cfg)
+    rows.add("A", [VOCAB.encode("abc")], [a])
+    rows.add("B", [VOCAB.encode("h"), VOCAB.encode("")], [b, c])
+    got: dict[str, list[int]] = {"A": [], "B0": [], "B1": [], "D0": [], "D1": [], "E": []}
+    for t in range(n + 40):
+        if t == 30:
+            rows.join("D", VOCAB.encode("hgfe"), [d, c])  # reads its prompt in the batch's steps
+        if t == 40:
+            rows.join("E", VOCAB.encode(""), [e])
+        if t == 50:
+            rows.remove({"B"})  # cancelled: both its rows leave
+        ids = rows.step()
+        keys = [o + str(rows.owners[:i].count(o)) if o in "BD" else o for i, o in enumerate(rows.owners)]
+        assert len(ids) == len(rows) == len(keys)
+        for key, i in zip(keys, ids.tolist(), strict=True):
+            if t >= 33 or key[0] != "D":
+                got[key].append(i)
+            else:
+                assert i == -1  # still reading "hgfe": its first id comes from its 4th step
+        for key in ("D0", "E"):
+            if len(got[key]) == n:
+                rows.remove({key[0]})
+        if t == n - 1:
+            rows.remove({"A"})
+    assert len(rows) == 0
+    assert VOCAB.decode(got["A"]) == alone(p, cfg, "abc", n, a)
+    assert VOCAB.decode(got["D0"]) == alone(p, cfg, "hgfe", n, d)
+    assert VOCAB.decode(got["D1"]) == alone(p, cfg, "hgfe", n, c)
+    assert VOCAB.decode(got["E"]) == alone(p, cfg, "", n, e)
+    assert VOCAB.decode(got["B0"]) == alone(p, cfg, "h", 50, b)
+    assert VOCAB.decode(got["B1"]) == alone(p, cfg, "", 50, c)
+
+
+def test_generate_ids_draws_each_rows_uniforms_from_its_seed():
+    """A row's draws are np.random.default_rng(seed).random(length), in order, batched or not: the ids
+    follow from the probabilities and those uniforms by the inverse CDF."""
+    rows = [Settings(seed=11), Settings(seed=12)]
+    prompts = [VOCAB.encode("ab"), VOCAB.encode("c")]
+    ids = np.stack(list(sample.generate_ids(P, CFG, prompts, 100, rows)), axis=1)  # (2, 100)
+    for r, q, got in zip(rows, prompts, ids, strict=True):
+        u, h = np.random.default_rng(r.seed).random(100), sample.prime(P, CFG, [q])
+        for t in range(100):
+            cdf = np.cumsum(np.exp(net.logits(P, h)[0].astype(np.float64)))
+            assert got[t] == min(int((cdf < u[t] * cdf[-1]).sum()), len(VOCAB) - 1)
+            h = net.step(P, CFG, got[t : t + 1], h)
 
 
 def test_empirical_distribution_follows_the_model():

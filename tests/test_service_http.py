@@ -278,10 +278,11 @@ def test_metrics_count_what_the_service_did(server):
         ("char_rnn_requests_total", (("route", "/generate"), ("status", "400"))): 1,
         ("char_rnn_requests_total", (("route", "/generate"), ("status", "415"))): 1,
         ("char_rnn_requests_total", (("route", "/generate_stream"), ("status", "200"))): 1,
-        ("char_rnn_batch_rows_count", ()): 25 + 20,  # steps: 25 of 3 rows, then 20 of 1
-        ("char_rnn_batch_rows_sum", ()): 75 + 20,
+        # steps: 28 of 3 rows (3 more reading "THE ", whose 4th step gives the first character), 20 of 1
+        ("char_rnn_batch_rows_count", ()): 28 + 20,
+        ("char_rnn_batch_rows_sum", ()): 84 + 20,
         ("char_rnn_batch_rows_bucket", (("le", "2.0"),)): 20,
-        ("char_rnn_batch_rows_bucket", (("le", "4.0"),)): 45,
+        ("char_rnn_batch_rows_bucket", (("le", "4.0"),)): 48,
         ("char_rnn_time_to_first_char_seconds_count", ()): 2,
     }
     seen: dict = {}
@@ -297,6 +298,35 @@ def test_metrics_count_what_the_service_did(server):
     info = {dict(k[1])["tag"]: v for k, v in seen.items() if k[0] == "char_rnn_model_info"}
     assert info.pop(tag) == 1 and len(info) >= 2 and set(info.values()) == {0}  # the models it served before
     assert any(k[0].startswith("bentoml_service_request") for k in seen)  # beside BentoML's own
+
+
+def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
+    """Clients that close their connection while their /generate runs (8 x 16 rows of 2000 characters) take
+    their rows out of the batch: counted as cancelled for "disconnect", after far fewer than 2000 steps."""
+    client, _ = server
+    time.sleep(2 * FLUSH)
+    before = scrape(client)
+    body = json.dumps({"prompt": "THE ", "max_new_chars": 2000, "num_samples": 16}).encode()
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    )
+    socks = [socket.create_connection((client.base_url.host, client.base_url.port)) for _ in range(8)]
+    for s in socks:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+    time.sleep(0.02)
+    for s in socks:
+        s.close()
+    key = ("char_rnn_rows_cancelled_total", (("reason", "disconnect"),))
+    seen: dict = {}
+
+    def counted() -> bool:
+        seen.update(scrape(client))
+        return seen.get(key, 0) - before.get(key, 0) == 8 * 16
+
+    wait_for(counted, 20, "the disconnected clients' rows to be cancelled")
+    steps = ("char_rnn_batch_rows_count", ())
+    assert seen[steps] - before.get(steps, 0) < 1000
+    assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
 
 
 def test_a_rollback_switches_the_live_service_with_no_failed_request(server):

@@ -1,0 +1,102 @@
+"""The cost per generated character of `sample.generate_ids` against a minimal NumPy loop with the same
+products (one (B, H) x (H, kH) per layer per step, one (B, H) x (H, V) for the logits) and a plain inverse-CDF
+draw, alternated in one run on one BLAS thread. Used by serve_latency.py; runs alone too:
+
+    uv run python bench/sample_cost.py [--cell gru] [--hidden 256] [--layers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import common
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from model import net, sample
+from model.net import ModelConfig, Params
+
+CHARS, TEMPERATURE = 200, 0.8
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * x)
+
+
+def plain_layer(cell: str, a: np.ndarray, h: np.ndarray, c: np.ndarray, W: np.ndarray, bh: np.ndarray | None):
+    """One step of one layer written plainly: (h, c) from a = x U + b (B, kH) and the state h, c (B, H)."""
+    H, R = h.shape[1], h @ W  # (B, kH): the layer's one recurrent product
+    if cell == "rnn":
+        return np.tanh(a + R), c
+    if cell == "gru":
+        r, z = sigmoid(a[:, :H] + R[:, :H]), sigmoid(a[:, H : 2 * H] + R[:, H : 2 * H])
+        n = np.tanh(a[:, 2 * H :] + r * (R[:, 2 * H :] + bh))
+        return n + z * (h - n), c
+    gates = a + R
+    o, i, f = (sigmoid(gates[:, j * H : (j + 1) * H]) for j in range(3))
+    c = f * c + i * np.tanh(gates[:, 3 * H :])
+    return o * np.tanh(c), c
+
+
+def minimal(p: Params, cfg: ModelConfig, batch: int, rng: np.random.Generator) -> int:
+    """CHARS characters for `batch` rows from id 0; the characters generated."""
+    L, H = cfg.layers, cfg.hidden
+    h, c = np.zeros((L, batch, H), cfg.dtype), np.zeros((L, batch, H), cfg.dtype)
+    ids, u = np.zeros(batch, np.intp), rng.random((CHARS, batch))
+    for t in range(CHARS):
+        x = p["U0"][ids] + p["b0"]
+        for l in range(L):
+            a = x if l == 0 else x @ p[f"U{l}"] + p[f"b{l}"]
+            h[l], c[l] = plain_layer(cfg.cell, a, h[l], c[l], p[f"W{l}"], p.get(f"bh{l}"))
+            x = h[l]
+        e = np.exp((x @ p["V"] + p["c"]) / TEMPERATURE)  # a plain inverse-CDF draw
+        cdf = np.cumsum(e, axis=1)
+        ids = (cdf < u[t, :, None] * cdf[:, -1:]).sum(axis=1)
+    return CHARS * batch
+
+
+def generated(p: Params, cfg: ModelConfig, batch: int, seed: int) -> int:
+    rows = [sample.Settings(TEMPERATURE, seed=seed + i) for i in range(batch)]
+    for _ in sample.generate_ids(p, cfg, [np.zeros(1, np.int32)] * batch, CHARS, rows):
+        pass
+    return CHARS * batch
+
+
+def cost(cell: str, hidden: int, layers: int, rounds: int = 5, seconds: float = 0.6) -> list[dict]:
+    """Microseconds per character of each contender at batch 1 and 32 (median over rounds), and the ratio."""
+    cfg = ModelConfig(vocab_size=65, cell=cell, hidden=hidden, layers=layers)
+    p, rng, out = net.init(cfg, np.random.default_rng(0)), np.random.default_rng(1), []
+    with threadpool_limits(1, user_api="blas"):
+        for batch in (1, 32):
+            rates = common.alternate(
+                {
+                    "generate_ids": lambda b=batch: generated(p, cfg, b, int(rng.integers(1 << 30))),
+                    "minimal": lambda b=batch: minimal(p, cfg, b, rng),
+                },
+                rounds,
+                seconds,
+            )
+            us = {k: round(1e6 / common.median(v), 2) for k, v in rates.items()}  # per character
+            row = {"batch": batch, "generate_ids_us": us["generate_ids"], "minimal_us": us["minimal"]}
+            out.append(row | {"ratio": round(us["generate_ids"] / us["minimal"], 2)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--cell", choices=["rnn", "gru", "lstm"], default=ModelConfig.model_fields["cell"].default
+    )
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=1)
+    a = ap.parse_args()
+    rows = cost(a.cell, a.hidden, a.layers)
+    print("batch  generate_ids us/char  minimal us/char  ratio  (one BLAS thread)")
+    for r in rows:
+        print(f"{r['batch']:>5}  {r['generate_ids_us']:>20}  {r['minimal_us']:>15}  {r['ratio']:>5}")
+    print(json.dumps({"cell": a.cell, "hidden": a.hidden, "layers": a.layers, "cost": rows}))
+
+
+if __name__ == "__main__":
+    main()
