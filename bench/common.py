@@ -79,7 +79,7 @@ def server() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"PREFECT_SERVER_PORT": str(port), "PYTHON": sys.executable}
+    env = os.environ | {"PREFECT_SERVER_API_PORT": str(port), "PYTHON": sys.executable}
     script = ROOT / "scripts" / "prefect-server.sh"
     try:
         subprocess.run([script, "start"], env=env, check=True, capture_output=True)
