@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -104,3 +105,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutil.rmtree(WORK, ignore_errors=True)  # kept when a run fails, for the server logs

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -154,3 +155,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutil.rmtree(WORK, ignore_errors=True)  # kept when a run fails, for the server logs
