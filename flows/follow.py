@@ -43,7 +43,7 @@ BUSY_STATES = ["PENDING", "RUNNING"]
 # A run process sends its log lines in batches (every ~2 s, later on a busy machine): lines may arrive
 # after the run's final state, and a batch may hold lines older than the newest one shown.
 LATE = timedelta(seconds=30)  # how far back each poll looks again for lines not seen yet
-GRACE = {True: 60.0, False: 5.0}  # s to wait after the final state for the outcome line: completed, other
+GRACE_COMPLETED, GRACE = 60.0, 5.0  # s to wait after the final state for the outcome line: completed, other
 
 
 class Screen:
@@ -205,7 +205,7 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
             screen.show(f"{run.state.name}...", passing=True)
         if run.state.is_final():  # its last log lines may still be on their way
             ended = ended or time.monotonic()
-            waited = time.monotonic() - ended > GRACE[run.state.is_completed()]
+            waited = time.monotonic() - ended > (GRACE_COMPLETED if run.state.is_completed() else GRACE)
             if said.startswith(OUTCOME) or run.state.message == BUSY or waited:
                 if finished:
                     screen.keep()

@@ -195,8 +195,8 @@ def backward(p: Params, cfg: ModelConfig, c: Cache) -> Params:
 
 
 class Stepper:
-    """`step` for one model, its per-model work done once: layer 0's rows with their bias added, each layer's
-    parameters."""
+    """One character per row for one model, through each cell's cheap step; the per-model work (layer 0's rows
+    with their bias added, each layer's parameters) done once."""
 
     def __init__(self, p: Params, cfg: ModelConfig):
         self.p, self.cell = p, CELLS[cfg.cell]
@@ -204,6 +204,7 @@ class Stepper:
         self.layers = [layer(p, cfg, l) for l in range(cfg.layers)]
 
     def __call__(self, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Advance the state `s` (L, S, B, H) by `ids` (B,) into `out` (a new array when None; never `s`)."""
         out = np.empty_like(s) if out is None else out
         k = self.cell.gates
         a = blocks(np.take(self.embed, ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
@@ -212,14 +213,6 @@ class Stepper:
                 a = inputs(self.p, l, k, out[l - 1, 0])
             self.cell.step(a, q, s[l], out[l])
         return out
-
-
-def step(
-    p: Params, cfg: ModelConfig, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Advance the state `s` (L, S, B, H) by one character per row, `ids` (B,), into `out` (a new array when
-    None; never `s`), through each cell's cheap step; returns it. `Stepper` does it for many steps."""
-    return Stepper(p, cfg)(ids, s, out)
 
 
 def logits(p: Params, s: np.ndarray) -> np.ndarray:

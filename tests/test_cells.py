@@ -123,9 +123,9 @@ def test_step_matches_forward(cell):
     p, s0, r = lively(cfg, 2, 3)
     x = r.integers(0, 9, (3, 6))
     _, _, sT = net.forward(p, cfg, x, x, s0)
-    s = s0
+    s, step = s0, net.Stepper(p, cfg)
     for t in range(6):
-        s = net.step(p, cfg, x[:, t], s)
+        s = step(x[:, t], s)
     np.testing.assert_allclose(s, sT, atol=1e-12)
 
 

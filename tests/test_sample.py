@@ -43,20 +43,21 @@ def test_prime_matches_feeding_one_by_one(cell):
     p, cfg = model(cell)
     prompts = [VOCAB.encode("abcd"), VOCAB.encode("h"), VOCAB.encode(""), VOCAB.encode("hgfedcba")]
     s = sample.prime(p, cfg, prompts)  # (L, S, B, H)
+    step = net.Stepper(p, cfg)
     for i, q in enumerate(prompts):
         ref = net.zeros_state(cfg, 1)
         for c in q:
-            ref = net.step(p, cfg, np.array([c]), ref)
+            ref = step(np.array([c]), ref)
         np.testing.assert_allclose(s[:, :, i : i + 1], ref, atol=1e-6)
 
 
 def greedy(prompt: str, n: int) -> str:
-    h = sample.prime(P, CFG, [VOCAB.encode(prompt)])
+    h, step = sample.prime(P, CFG, [VOCAB.encode(prompt)]), net.Stepper(P, CFG)
     out = []
     for _ in range(n):
         i = int(np.argmax(net.logits(P, h)[0]))
         out.append(i)
-        h = net.step(P, CFG, np.array([i]), h)
+        h = step(np.array([i]), h)
     return VOCAB.decode(out)
 
 
@@ -131,12 +132,13 @@ def test_generate_ids_draws_each_rows_uniforms_from_its_seed():
     rows = [Settings(seed=11), Settings(seed=12)]
     prompts = [VOCAB.encode("ab"), VOCAB.encode("c")]
     ids = np.stack(list(sample.generate_ids(P, CFG, prompts, 100, rows)), axis=1)  # (2, 100)
+    step = net.Stepper(P, CFG)
     for r, q, got in zip(rows, prompts, ids, strict=True):
         u, h = np.random.default_rng(r.seed).random(100), sample.prime(P, CFG, [q])
         for t in range(100):
             cdf = np.cumsum(np.exp(net.logits(P, h)[0].astype(np.float64)))
             assert got[t] == min(int((cdf < u[t] * cdf[-1]).sum()), len(VOCAB) - 1)
-            h = net.step(P, CFG, got[t : t + 1], h)
+            h = step(got[t : t + 1], h)
 
 
 def test_empirical_distribution_follows_the_model():
