@@ -164,9 +164,16 @@ def test_sweep_deployment_trains_trials_on_dask_and_judges_the_winner(stack, sma
     print(f"char-rnn-sweep/on-demand, wall seconds through `prefect deployment run --watch`: {seconds:.1f}")
 
 
+RETRY = {429, 502, 503}  # what Prefect's own client retries: a busy server's "database is locked" is a 503
+
+
 def api(stack: Stack, method: str, path: str, **body: object) -> object:
-    """A call to the stack's Prefect REST API; the decoded answer."""
-    r = httpx.request(method, f"{stack.url}{path}", json=body or None, timeout=30, trust_env=False)
+    """A call to the stack's Prefect REST API, retried as Prefect's client does; the decoded answer."""
+    for wait in (0.5, 1, 2, 4, 8, 0):
+        r = httpx.request(method, f"{stack.url}{path}", json=body or None, timeout=30, trust_env=False)
+        if r.status_code not in RETRY or not wait:
+            break
+        time.sleep(wait)
     r.raise_for_status()
     return r.json() if r.content else None
 
