@@ -181,7 +181,17 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
         run = client.read_flow_run(run.id)
         since = {"after_": after - LATE} if after else {}
         logs = LogFilter(flow_run_id={"any_": [run.id]}, level={"ge_": 20}, timestamp=since)
-        for log in client.read_logs(log_filter=logs, sort=LogSort.TIMESTAMP_ASC):
+        lines = client.read_logs(log_filter=logs, sort=LogSort.TIMESTAMP_ASC)
+        # read after the lines: a line sent once the training ended finds its 100% here, not at the next poll
+        found = client.read_artifacts(artifact_filter=progress, sort=ArtifactSort.UPDATED_DESC, limit=1)
+        if found and found[0].id not in done:
+            screen.show(f"{bar(float(found[0].data) / 100)} {found[0].description or ''}")
+            if float(found[0].data) >= 100:
+                done.add(found[0].id)
+                finished = found[0].updated
+        elif not found and not run.state.is_final():
+            screen.show(f"{run.state.name}...", passing=True)
+        for log in lines:
             if log.id in seen:
                 continue
             seen.add(log.id)
@@ -195,14 +205,6 @@ def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
             elif first.startswith(SAID):
                 screen.line(first)
                 said = first
-        found = client.read_artifacts(artifact_filter=progress, sort=ArtifactSort.UPDATED_DESC, limit=1)
-        if found and found[0].id not in done:
-            screen.show(f"{bar(float(found[0].data) / 100)} {found[0].description or ''}")
-            if float(found[0].data) >= 100:
-                done.add(found[0].id)
-                finished = found[0].updated
-        elif not found and not run.state.is_final():
-            screen.show(f"{run.state.name}...", passing=True)
         if run.state.is_final():  # its last log lines may still be on their way
             ended = ended or time.monotonic()
             waited = time.monotonic() - ended > (GRACE_COMPLETED if run.state.is_completed() else GRACE)
