@@ -197,6 +197,9 @@ def share_logs() -> None:
 
 found = Registry(S.bentoml_dir, report=False).current()  # the workers' REGISTRY reports what it refuses
 PROMOTED = None if found is None else found.tag  # declared below, so that `bentoml build` bundles it
+# Spans leave the process only when a BentoML configuration names an exporter; without one, the tracing
+# middleware's no-op spans cost ~0.3 ms a request: it skips every route then.
+UNTRACED = {} if {"BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS"} & set(os.environ) else {"excluded_urls": ".*"}
 
 
 @bentoml.service(
@@ -204,6 +207,7 @@ PROMOTED = None if found is None else found.tag  # declared below, so that `bent
     traffic={"timeout": S.timeout + S.body_timeout + 10},  # admission is Gate's (after the body arrived)
     workers=S.workers,
     http={"host": str(S.host), "port": S.port},
+    tracing=UNTRACED,
 )
 class CharRNN:
     """Character-level RNN text generation, served from the newest promoted model."""

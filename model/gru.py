@@ -49,7 +49,7 @@ class GRU(Cell):
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
         h, (r, z, n) = s[0], a  # (B, H) each
-        R = np.matmul(h, blocks(q["W"], 3))  # (3, B, H)
+        R = blocks(np.matmul(h, q["W"]), 3)  # (B, 3H) seen as (3, B, H): one contiguous product
         g = a[:2]  # r, z
         g += R[:2]
         g *= 0.5

@@ -53,7 +53,7 @@ class LSTM(Cell):
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
         o, i, f, g = a  # (B, H) each
-        tmp = np.matmul(s[0], blocks(q["W"], 4))  # (4, B, H)
+        tmp = blocks(np.matmul(s[0], q["W"]), 4)  # (B, 4H) seen as (4, B, H): one contiguous product
         a += tmp
         a[:3] *= 0.5
         np.tanh(a, out=a)

@@ -12,7 +12,7 @@ from model import net
 from model.net import ModelConfig, Params
 from model.vocab import Unknown, Vocab
 
-CHUNK = 64  # uniforms drawn ahead per row: a generator's stream, whatever the chunks
+CHUNK = 64  # steps of noise drawn ahead per row: a generator's stream, whatever the chunks
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,12 @@ class Filter:
     def __init__(self, rows: Sequence[Settings], vocab_size: int):
         self.k = np.array([r.top_k or vocab_size for r in rows])[:, None]  # (B', 1)
         self.top_p = np.array([r.top_p for r in rows])[:, None]
+        self.inv_temp = np.array([1.0 / r.temperature for r in rows])[:, None]
 
-    def __call__(self, probs: np.ndarray) -> np.ndarray:
-        """The unnormalised probabilities `probs` (B', V), normalised, outside top-k and top-p zeroed."""
+    def keep(self, logits: np.ndarray) -> np.ndarray:
+        """Which ids (B', V) lie in each row's top-k and top-p of softmax(logits / temperature)."""
+        z = logits * self.inv_temp  # float64
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         order = np.argsort(-probs, axis=1, kind="stable")  # (B', V) most likely first
         sorted_p = np.take_along_axis(probs, order, axis=1)
@@ -69,8 +72,17 @@ class Filter:
         keep_sorted = (rank < self.k) & ((before < self.top_p) | (rank == 0))
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, axis=1)
-        probs[~keep] = 0.0
-        return probs
+        return keep
+
+
+def noise(rng: np.random.Generator, steps: int, settings: Settings, c: np.ndarray) -> np.ndarray:
+    """A row's next `steps` draws (steps, V): temperature x Gumbel noise + the output bias c, so that
+    argmax(h V + noise[t]) samples softmax((h V + c) / temperature) (the Gumbel-max trick)."""
+    g = rng.standard_exponential((steps, len(c)))  # float64: never 0, so the log is finite
+    np.log(g, out=g)
+    g *= -settings.temperature  # -log(E) with E ~ Exp(1) is Gumbel(0, 1)
+    g += c
+    return g.astype(c.dtype)
 
 
 class Rows:
@@ -89,7 +101,7 @@ class Rows:
         self.pending = np.empty(0, np.intp)  # (B,) the ids to read into the state next; -1: none
         self.holding = False  # whether pending may hold a -1 (rows appended since the last flush)
         self.reading: dict[Hashable, tuple[np.ndarray, int]] = {}  # owner -> its prompt, the next id to read
-        self.u = np.empty((0, CHUNK))  # (B, CHUNK) each row's next uniforms, in its generator's order
+        self.noise = np.empty((0, CHUNK, cfg.vocab_size), cfg.dtype)  # (B, CHUNK, V) each row's next draws
         self.resize(np.empty(0, np.intp))
 
     def __len__(self) -> int:
@@ -120,7 +132,8 @@ class Rows:
         self.state = np.concatenate([self.state, state], axis=2)
         self.pending = np.concatenate([self.pending, pending])
         self.holding = True
-        self.u = np.concatenate([self.u, *(g.random((1, CHUNK)) for g in rngs)])
+        fresh = [noise(g, CHUNK, r, self.p["c"])[None] for g, r in zip(rngs, rows, strict=True)]
+        self.noise = np.concatenate([self.noise, *fresh])
         self.resize(np.concatenate([self.used(), np.zeros(len(rows), np.intp)]))
 
     def remove(self, owners: Container[Hashable]) -> None:
@@ -133,28 +146,24 @@ class Rows:
         self.settings = [self.settings[i] for i in idx]
         self.rngs = [self.rngs[i] for i in idx]
         self.reading = {o: r for o, r in self.reading.items() if o not in owners}
-        self.state, self.u, used = self.state[:, :, idx], self.u[idx], self.used()[idx]
+        self.state, self.noise, used = self.state[:, :, idx], self.noise[idx], self.used()[idx]
         self.pending = self.pending[idx]
         self.resize(used)
 
     def used(self) -> np.ndarray:
-        """How many of its uniforms in u each row has used (B,)."""
-        return self.at[:, 0] - self.base
+        """How many of its steps of noise each row has used (B,)."""
+        return self.at - self.base
 
     def resize(self, used: np.ndarray) -> None:
-        """Buffers and per-row settings sized to the live rows, which have `used` uniforms each."""
+        """Buffers and per-row settings sized to the live rows, which have `used` steps of noise each."""
         B, V = len(self), self.cfg.vocab_size
         self.spare = np.empty_like(self.state)
-        self.logits = np.empty((B, V), self.cfg.dtype)
-        self.z, self.cdf, self.x = np.empty((B, V)), np.empty((B, V)), np.empty((B, 1))  # float64
-        self.below = np.empty((B, V - 1), bool)
-        self.base = np.arange(B) * CHUNK  # (B,) where each row's uniforms start in u's elements
-        self.at = (self.base + used)[:, None]  # (B, 1) each row's next uniform, an index into u's elements
-        self.inv_temp = np.array([1.0 / r.temperature for r in self.settings]).reshape(B, 1)
-        self.hot = bool((self.inv_temp != 1).any())
+        self.logits, self.drawn = np.empty((B, V), self.cfg.dtype), np.empty((B, V), self.cfg.dtype)
+        self.base = np.arange(B) * CHUNK  # (B,) where each row's noise starts in noise's (B * CHUNK) steps
+        self.at = self.base + used  # (B,) each row's next step of noise, an index into those steps
         self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
         self.filter = Filter([self.settings[i] for i in self.filtered], V)
-        self.left = CHUNK - int(used.max(initial=0))  # steps until a row needs fresh uniforms
+        self.left = CHUNK - int(used.max(initial=0))  # steps until a row needs fresh noise
         self.spans: dict[Hashable, slice] = {}  # owner -> its rows (added together, so contiguous)
         for i, o in enumerate(self.owners):
             self.spans[o] = slice(self.spans[o].start if o in self.spans else i, i + 1)
@@ -177,29 +186,20 @@ class Rows:
         """The next id of every live row (B,), rows in the order they were added; -1 for a row still reading
         its prompt."""
         self.flush()
-        np.matmul(self.state[-1, 0], self.p["V"], out=self.logits)  # (B, V)
-        self.logits += self.p["c"]
-        z = self.z  # float64: after temperature, softmax numerators
-        if self.hot:
-            np.multiply(self.logits, self.inv_temp, out=z)
-        else:
-            z[...] = self.logits
-        np.maximum.reduce(z, axis=1, keepdims=True, out=self.x)
-        z -= self.x
-        np.exp(z, out=z)
+        logits = np.matmul(self.state[-1, 0], self.p["V"], out=self.logits)  # (B, V) without c: in the noise
         if len(self.filtered):
-            z[self.filtered] = self.filter(z[self.filtered])
-        np.add.accumulate(z, axis=1, out=self.cdf)  # unnormalised inverse CDF draw: count cdf < u * total
-        np.multiply(np.take(self.u, self.at), self.cdf[:, -1:], out=self.x)
-        np.less(self.cdf[:, :-1], self.x, out=self.below)  # the last id when all V-1 before it are below
-        ids = np.add.reduce(self.below, axis=1, dtype=np.intp)
+            f = self.filtered
+            logits[f] = np.where(self.filter.keep(logits[f] + self.p["c"]), logits[f], -np.inf)
+        np.take(self.noise.reshape(-1, self.cfg.vocab_size), self.at, axis=0, out=self.drawn)
+        logits += self.drawn
+        ids = logits.argmax(axis=1)
         self.pending = ids
         if self.reading:
             self.pending = ids.copy()
             for owner, (prompt, k) in list(self.reading.items()):
                 rs = self.spans[owner]
                 self.pending[rs], ids[rs] = prompt[k], -1
-                self.at[rs] -= 1  # no uniform used
+                self.at[rs] -= 1  # no noise used
                 if k + 1 < len(prompt):
                     self.reading[owner] = (prompt, k + 1)
                 else:
@@ -208,7 +208,8 @@ class Rows:
         self.left -= 1
         if self.left == 0:
             for i in np.flatnonzero(self.used() == CHUNK):
-                self.u[i], self.at[i] = self.rngs[i].random(CHUNK), self.base[i]
+                self.noise[i] = noise(self.rngs[i], CHUNK, self.settings[i], self.p["c"])
+                self.at[i] = self.base[i]
             self.left = CHUNK - int(self.used().max(initial=0))
         return ids
 

@@ -122,6 +122,7 @@ class Batcher:
         self.waiting: deque[Job] = deque()  # taken from `jobs`, not yet admitted (no room)
         self.groups: dict[int, Group] = {}  # id(snapshot) -> its rows
         self.stopping = False
+        self.changed = False  # rows joined since the last step
         self.thread = threading.Thread(target=self.run, name="char-rnn-generate", daemon=True)
         self.thread.start()
 
@@ -143,20 +144,22 @@ class Batcher:
         return sum(len(g.rows) for g in self.groups.values())
 
     def run(self) -> None:
-        rows = 0
+        rows = 0  # live rows as last reported; counted again only after rows joined or left
         while not self.stopping:
             if not self.groups or self.waiting or not self.jobs.empty():
                 self.admit()
             cancelled = set()
             while not self.cancels.empty():
                 cancelled.add(self.cancels.get())
+            changed = self.changed
             for key, group in list(self.groups.items()):
-                self.step(group, cancelled)
+                changed |= self.step(group, cancelled)
                 if not group.jobs:
                     del self.groups[key]
-            if (live := self.live()) != rows:
+            if changed and (live := self.live()) != rows:
                 rows = live
                 self.observer.live(rows)
+            self.changed = False
 
     def admit(self) -> None:
         """Take new jobs (waiting for one when nothing runs); add those that fit to their snapshot's rows."""
@@ -182,6 +185,7 @@ class Batcher:
                 job.settle(e)
                 continue
             room -= len(job.rows)
+            self.changed = True
         self.observer.queued(self.jobs.qsize() + len(self.waiting))
 
     def leaves(self, job: Job, now: float) -> bool:
@@ -196,9 +200,9 @@ class Batcher:
             return True
         return False
 
-    def step(self, group: Group, cancelled: set[Job]) -> None:
+    def step(self, group: Group, cancelled: set[Job]) -> bool:
         """One step of a snapshot's rows; jobs that finished, were cancelled or passed their deadline leave
-        before the next."""
+        before the next. Whether any left."""
         try:
             ids = group.rows.step()  # (B,)
         except Exception as e:  # keep the thread alive; the requests get the error
@@ -206,11 +210,13 @@ class Batcher:
             for job in group.jobs:
                 job.settle(e)
             group.jobs = []
-            return
+            return True
         group.t += 1
         self.observer.step(len(ids))
         now, gone = time.monotonic(), set()
-        if fresh := [job for job in group.starts.pop(group.t, ()) if job in group.members]:
+        if (starts := group.starts.pop(group.t, None)) and (
+            fresh := [job for job in starts if job in group.members]
+        ):
             group.writing.update(fresh)
             group.layout()
             for job in fresh:
@@ -227,3 +233,4 @@ class Batcher:
             gone |= {job for job in group.jobs if job not in gone and self.leaves(job, now)}
         if gone:
             group.remove(gone)
+        return bool(gone)

@@ -69,7 +69,7 @@ def test_degenerate_filters_are_greedy(rows):
 
 
 def filter_probs(logits, rows):
-    probs = sample.Filter(rows, logits.shape[1])(np.exp(logits))
+    probs = np.exp(logits) * sample.Filter(rows, logits.shape[1]).keep(logits)
     return probs / probs.sum(axis=1, keepdims=True)
 
 
@@ -78,6 +78,8 @@ def test_filter():
     rows = [Settings(top_k=2), Settings(top_p=0.7), Settings(top_k=3, top_p=0.99)]
     want = [[0.625, 0.375, 0, 0], [0.625, 0.375, 0, 0], np.array([0.5, 0.3, 0.15, 0]) / 0.95]
     np.testing.assert_allclose(filter_probs(logits, rows), want)
+    hot = [Settings(0.5, top_p=0.6)]  # top-p of the tempered probabilities (0.68, 0.25, ...), not 0.5, 0.3
+    np.testing.assert_allclose(filter_probs(logits[:1], hot), [[1, 0, 0, 0]])
 
 
 def alone(p, cfg, prompt, n, row):
@@ -126,27 +128,35 @@ def test_rows_join_mid_way_and_leave_without_changing_anyones_text(cell):
     assert VOCAB.decode(got["B1"]) == alone(p, cfg, "", 50, c)
 
 
-def test_generate_ids_draws_each_rows_uniforms_from_its_seed():
-    """A row's draws are np.random.default_rng(seed).random(length), in order, batched or not: the ids
-    follow from the probabilities and those uniforms by the inverse CDF."""
-    rows = [Settings(seed=11), Settings(seed=12)]
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_generate_ids_draws_each_rows_noise_from_its_seed(temperature):
+    """A row's draws come from np.random.default_rng(seed) alone, in order, batched or not: id t is the
+    argmax of logits / temperature + Gumbel noise, whose row t is -log of that generator's t-th row of
+    Exp(1) draws (read in chunks of CHUNK steps)."""
+    rows = [Settings(temperature, seed=11), Settings(temperature, seed=12)]
     prompts = [VOCAB.encode("ab"), VOCAB.encode("c")]
-    ids = np.stack(list(sample.generate_ids(P, CFG, prompts, 100, rows)), axis=1)  # (2, 100)
+    n = sample.CHUNK + 36  # past the first chunk
+    ids = np.stack(list(sample.generate_ids(P, CFG, prompts, n, rows)), axis=1)  # (2, n)
     step = net.Stepper(P, CFG)
     for r, q, got in zip(rows, prompts, ids, strict=True):
-        u, h = np.random.default_rng(r.seed).random(100), sample.prime(P, CFG, [q])
-        for t in range(100):
-            cdf = np.cumsum(np.exp(net.logits(P, h)[0].astype(np.float64)))
-            assert got[t] == min(int((cdf < u[t] * cdf[-1]).sum()), len(VOCAB) - 1)
+        rng, h = np.random.default_rng(r.seed), sample.prime(P, CFG, [q])
+        g = np.concatenate([-np.log(rng.standard_exponential((sample.CHUNK, len(VOCAB)))) for _ in range(2)])
+        for t in range(n):
+            z = net.logits(P, h)[0].astype(np.float64) / temperature + g[t]
+            assert got[t] == int(np.argmax(z))
             h = step(got[t : t + 1], h)
 
 
-def test_empirical_distribution_follows_the_model():
-    """Many seeded single draws from an empty prompt follow softmax(c)."""
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.5, 0), (1.5, 3)])
+def test_empirical_distribution_follows_the_model(temperature, top_k):
+    """Many seeded single draws from an empty prompt follow softmax(c / temperature) over its top k."""
     n = 4000
-    rows = [Settings(seed=s) for s in range(n)]
+    rows = [Settings(temperature, top_k, seed=s) for s in range(n)]
     first = next(sample.generate_ids(P, CFG, [np.zeros(0, np.int32)] * n, 1, rows))
-    p = np.exp(P["c"] - P["c"].max())
+    z = P["c"].astype(np.float64) / temperature
+    if top_k:
+        z[np.argsort(-z)[top_k:]] = -np.inf
+    p = np.exp(z - z.max())
     p /= p.sum()
     freq = np.bincount(first, minlength=len(VOCAB)) / n
     assert np.abs(freq - p).max() < 0.03
