@@ -6,11 +6,12 @@ and keeps `concurrency` clients busy with 200-character generations. Prints p50/
 characters/s per point as a table; the last line is JSON. With batching on and one worker it also measures:
 a mixed workload (p50/p99 of 20-character requests while 32 clients ask for 2000 characters), abandoned
 requests (the worker's CPU for N requests of 2000 characters whose client leaves after 10 ms, against N
-completed), and in-process the cost per character of `sample.generate_ids` against a minimal NumPy loop
-(`sample_cost.py`). Targets (hidden 256, 2 cores): p50 <= 10 ms at concurrency 1; throughput at 32 >= 5x that
-at 1, batching on; short requests' p99 <= 50 ms under the long ones; abandoned < 10% of completed;
-generate_ids at batch 1 within 1.2x of the minimal loop. The cores are shared: levels alternate over rounds,
-and the server's CPU time per request (robust to contention) and the load average are recorded.
+completed, and the generation steps each ran), and in-process the cost per character of `sample.generate_ids`
+against a minimal NumPy loop (`sample_cost.py`). Targets (hidden 256, 2 cores): p50 <= 10 ms at concurrency
+1; throughput at 32 >= 5x that at 1, batching on; short requests' p99 <= 50 ms under the long ones; abandoned
+< 10% of completed; generate_ids at batch 1 within 1.2x of the minimal loop. The cores are shared: levels
+alternate over rounds, and the server's CPU time per request (robust to contention) and the load average are
+recorded.
 
     uv run python bench/serve_latency.py [--seconds 6] [--rounds 3] [--cell lstm] [--hidden 256] [--layers 1]
 """
@@ -41,6 +42,7 @@ from model import corpus
 from model.net import ModelConfig
 from model.train import TrainConfig, train
 from model.vocab import Vocab
+from serving.metrics import FLUSH
 from settings import ROOT, isolated_env
 
 # a home of its own, before BentoML is imported (by registry): it reads BENTOML_HOME then
@@ -262,19 +264,28 @@ async def quiet(pids: list[int]) -> None:
         before = now
 
 
+async def steps(url: str) -> float:
+    """Generation steps the server has run (its char_rnn_batch_rows histogram's count), once its metrics
+    flusher has reported them."""
+    await asyncio.sleep(FLUSH + 0.2)
+    text = httpx.get(f"{url}/metrics", trust_env=False).text
+    counts = [line.split()[-1] for line in text.splitlines() if line.startswith("char_rnn_batch_rows_count")]
+    return sum(map(float, counts))
+
+
 async def abandoned(url: str, pids: list[int], n: int) -> dict:
-    """The server's CPU seconds for n requests of LONG characters, one at a time (the server idle before and
-    after each): n completed, then n whose client closes the connection 10 ms after sending. The idle
-    server's own CPU rate, measured first, is subtracted."""
+    """The server's CPU seconds and generation steps for n requests of LONG characters, one at a time (the
+    server idle before and after each): n completed, then n whose client closes the connection 10 ms after
+    sending. The idle server's own CPU rate, measured first, is subtracted."""
     host, port = url.removeprefix("http://").split(":")
     body = {"prompt": "ROMEO:", "max_new_chars": LONG}
     await quiet(pids)
     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
     await asyncio.sleep(2.0)
     idle = (cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)  # CPU seconds per second
-    cpu = {}
+    cpu, ran = {}, {}
     for kind in ("completed", "abandoned"):
-        cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+        steps0, cpu0, t0 = await steps(url), cpu_seconds(pids), time.perf_counter()
         for _ in range(n):
             conn = Connection(host, int(port))
             if kind == "completed":
@@ -285,8 +296,9 @@ async def abandoned(url: str, pids: list[int], n: int) -> dict:
             conn.close()
             await quiet(pids)
         cpu[kind] = round(cpu_seconds(pids) - cpu0 - idle * (time.perf_counter() - t0), 3)
+        ran[kind] = round((await steps(url) - steps0) / n, 1)
     ratio = round(cpu["abandoned"] / cpu["completed"], 3)
-    return {"n": n, "cpu_s": cpu, "idle_cpu_per_s": round(idle, 4), "ratio": ratio}
+    return {"n": n, "cpu_s": cpu, "steps_per_request": ran, "idle_cpu_per_s": round(idle, 4), "ratio": ratio}
 
 
 def main() -> None:
@@ -337,7 +349,8 @@ def main() -> None:
     print(
         f"abandoned after 10 ms: {ab['n']} requests of {LONG} chars cost {ab['cpu_s']['abandoned']} s of "
         f"server CPU, {ab['n']} completed {ab['cpu_s']['completed']} s: ratio {ab['ratio']} (one at a time; "
-        f"the idle server's {ab['idle_cpu_per_s']} CPU s/s subtracted)"
+        f"the idle server's {ab['idle_cpu_per_s']} CPU s/s subtracted); generation steps per request: "
+        f"{ab['steps_per_request']['abandoned']} abandoned, {ab['steps_per_request']['completed']} completed"
     )
     for r in cost:
         print(
