@@ -122,7 +122,6 @@ class Batcher:
         self.waiting: deque[Job] = deque()  # taken from `jobs`, not yet admitted (no room)
         self.groups: dict[int, Group] = {}  # id(snapshot) -> its rows
         self.stopping = False
-        self.changed = False  # rows joined since the last step
         self.thread = threading.Thread(target=self.run, name="char-rnn-generate", daemon=True)
         self.thread.start()
 
@@ -146,12 +145,12 @@ class Batcher:
     def run(self) -> None:
         rows = 0  # live rows as last reported; counted again only after rows joined or left
         while not self.stopping:
+            changed = False  # whether rows joined or left this round
             if not self.groups or self.waiting or not self.jobs.empty():
-                self.admit()
+                changed = self.admit()
             cancelled = set()
             while not self.cancels.empty():
                 cancelled.add(self.cancels.get())
-            changed = self.changed
             for key, group in list(self.groups.items()):
                 changed |= self.step(group, cancelled)
                 if not group.jobs:
@@ -159,10 +158,11 @@ class Batcher:
             if changed and (live := self.live()) != rows:
                 rows = live
                 self.observer.live(rows)
-            self.changed = False
 
-    def admit(self) -> None:
-        """Take new jobs (waiting for one when nothing runs); add those that fit to their snapshot's rows."""
+    def admit(self) -> bool:
+        """Take new jobs (waiting for one when nothing runs); add those that fit to their snapshot's rows.
+        Whether any rows joined."""
+        joined = False
         new = [self.jobs.get()] if not self.groups and not self.waiting else []
         while not self.jobs.empty():
             new.append(self.jobs.get())
@@ -185,8 +185,9 @@ class Batcher:
                 job.settle(e)
                 continue
             room -= len(job.rows)
-            self.changed = True
+            joined = True
         self.observer.queued(self.jobs.qsize() + len(self.waiting))
+        return joined
 
     def leaves(self, job: Job, now: float) -> bool:
         """Whether `job` must stop now (cancelled, or past its deadline: settled with a TimeoutError)."""

@@ -226,8 +226,8 @@ def test_a_retrain_due_during_a_retrain_is_cancelled_not_queued(stack, small_tex
     texts = stack.corpus("busy", small_text[:12000])
     # long enough (~10 s here) that the first is still running when the runner, polling every second, takes
     # the second: 600 steps (~2 s) lost that race once
-    params = {"data_dir": str(texts)} | {k: int(v) for k, v in TINY.items()} | {"steps": 6000}
-    params["checkpoint_every"] = 2000
+    params = {"data_dir": str(texts)} | {k: int(v) for k, v in TINY.items()}
+    params |= {"steps": 6000, "checkpoint_every": 2000}
     first = flow_run(
         stack, "char-rnn-pipeline/scheduled-retrain", params, lambda r: r["state_type"] == "RUNNING"
     )
