@@ -70,8 +70,7 @@ def timings(
     while len(times) < 5 or time.perf_counter() < end:
         t0 = time.perf_counter()
         x, y, pos = streams.get(pos)
-        _, cache, s = net.forward(p, mcfg, x, y, s, drop)
-        g = net.backward(p, mcfg, cache)
+        _, g, s = net.grads(p, mcfg, x, y, s, drop)
         optim.clip_(g, tcfg.clip)
         opt.step(p, g, tcfg.lr * 0.1)
         times.append(time.perf_counter() - t0)

@@ -57,8 +57,7 @@ def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str) -> Ca
 
     def step() -> int:
         x, y, state["pos"] = streams.get(state["pos"])
-        _, cache, state["s"] = net.forward(p, cfg, x, y, state["s"])
-        grads = net.backward(p, cfg, cache)
+        _, grads, state["s"] = net.grads(p, cfg, x, y, state["s"])
         optim.clip_(grads, 1.0)
         opt.step(p, grads, 1e-3)
         return B * T

@@ -10,8 +10,11 @@ Sigmoids are computed as σ(x) = (1 + tanh(x / 2)) / 2: one tanh call can then c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from typing import Any, ClassVar
 
@@ -99,14 +102,71 @@ def orthogonal(H: int, gain: float, rng: np.random.Generator) -> np.ndarray:
 
 
 @cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
+def _blas() -> tuple:
+    """NumPy's BLAS libraries, as threadpoolctl finds them (its `limit` and `select` cost milliseconds a
+    call, its controllers' get/set calls microseconds)."""
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def blas_threads() -> int:
+    """The BLAS threads this process allows now."""
+    return min((c.get_num_threads() for c in _blas()), default=1)
+
+
+@contextmanager
+def blas_limit(n: int) -> Iterator[None]:
+    """At most `n` BLAS threads (process-wide) inside the block."""
+    old = [c.get_num_threads() for c in _blas()]
+    for c, o in zip(_blas(), old, strict=True):
+        c.set_num_threads(min(n, o))
+    try:
+        yield
+    finally:
+        for c, o in zip(_blas(), old, strict=True):
+            c.set_num_threads(o)
+
+
+@cache
+def keep_freed_memory() -> None:
+    """Have glibc's malloc reuse freed memory for arrays up to 256 MB instead of mapping fresh pages for each:
+    a training step allocates arrays of megabytes, and faulting their pages in anew each step made a GRU
+    2 x 256 step (B 32, T 64) 15% slower. Once per process; nothing where malloc is not glibc's."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 29)  # M_TRIM_THRESHOLD: freed memory kept for reuse, up to this much
+    except (OSError, AttributeError):
+        pass
+
+
+@cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """The two threads for `side_by_side`, of this process (`pid`: a forked child makes its own)."""
+    return ThreadPoolExecutor(2, thread_name_prefix="rows")
+
+
+def halves(B: int, H: int) -> list[slice]:
+    """The rows of a batch as the groups that run side by side, each on one thread: the two halves when the
+    process allows 2 BLAS threads yet the per-step (B, H) x (H, H) products are too small for BLAS to share
+    (see `one_thread`: then only the large products would use the second core); else all rows at once."""
+    if B < 16 or 2 * B * H * H >= SMALL_FLOPS or blas_threads() < 2:
+        return [slice(None)]
+    return [slice(0, B // 2), slice(B // 2, B)]
+
+
+def side_by_side(fn: Callable[[Any], Any], groups: list) -> list[Any]:
+    """fn(group) for each group: on this thread for one, else on two threads with BLAS on one thread each (the
+    process-wide limit is set here, once, not by the calls that run together)."""
+    if len(groups) == 1:
+        return [fn(groups[0])]
+    with blas_limit(1):
+        return list(_pool(os.getpid()).map(fn, groups))
 
 
 def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
     """BLAS on one thread for the T sequential (B, H) x (H, H) products (one per gate block) when they are
     small: a thread hand-off per small product costs more than it saves, and much more when other jobs share
-    the cores. Not for a single step (sampling): setting the limit costs more than the step."""
-    if T == 1 or 2 * B * H * H >= SMALL_FLOPS:
+    the cores. Not for a single step (sampling)."""
+    if T == 1 or 2 * B * H * H >= SMALL_FLOPS or blas_threads() == 1:
         return nullcontext()
-    return _blas().limit(limits=1, user_api="blas")
+    return blas_limit(1)

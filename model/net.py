@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.cell import Cell, Params, blocks
+from model.cell import Cell, Params, blocks, halves, keep_freed_memory, side_by_side
 from model.gru import GRU
 from model.lstm import LSTM
 from model.rnn import RNN
@@ -118,28 +118,26 @@ def forward(
     targets: np.ndarray,
     s0: np.ndarray,
     rng: np.random.Generator | None = None,
+    masks: list[np.ndarray] | None = None,
 ) -> tuple[float, Cache, np.ndarray]:
     """Mean loss (nats/char) of `targets` given `ids` (both (B, T)) from the state `s0` (L, S, B, H): the
-    loss, the cache for backward, the last state. Dropout is applied only when `rng` is given (training)."""
+    loss, the cache for backward, the last state. Dropout is applied only in training: with the `masks`
+    given, or else drawn from `rng` when it is given."""
     B, T = ids.shape
-    cell, H, N, dt = CELLS[cfg.cell], cfg.hidden, T * B, cfg.dtype
+    cell, H, N = CELLS[cfg.cell], cfg.hidden, T * B
     k = cell.gates
+    if masks is None and rng is not None:
+        masks = dropout_masks(cfg, T, B, rng)
     ids_t = np.ascontiguousarray(ids.T)  # (T, B)
     tgt = np.ascontiguousarray(targets.T).reshape(-1)  # (N,)
-    outs, masks, caches = [], [], []
+    outs, caches = [], []
     sT = np.empty_like(s0)
     x = ids_t
     for l in range(cfg.layers):
         a = inputs(p, l, k, x if l == 0 else x.reshape(N, H)).reshape(k, T, B, H)
         h, c, sT[l] = cell.forward(a, layer(p, cfg, l), s0[l])  # (T, B, H)
-        x, mask = h, None
-        if rng is not None and cfg.dropout > 0:
-            keep = 1.0 - cfg.dropout
-            mask = np.less(rng.random((T, B, H), dtype=dt), keep).astype(dt)
-            mask *= 1.0 / keep
-            x = h * mask
+        x = h * masks[l] if masks else h
         outs.append(x)
-        masks.append(mask)
         caches.append(c)
     z = x.reshape(N, H) @ p["V"]  # (N, V) logits
     z += p["c"]
@@ -149,7 +147,50 @@ def forward(
     s = z.sum(axis=1, keepdims=True)  # (N, 1)
     loss = float((np.log(s[:, 0]) - zt).astype(np.float64).mean())
     z *= 1.0 / (s * N)
-    return loss, Cache(ids_t, tgt, outs, masks, caches, z), sT
+    return loss, Cache(ids_t, tgt, outs, masks or [None] * cfg.layers, caches, z), sT
+
+
+def dropout_masks(cfg: ModelConfig, T: int, B: int, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Each layer's inverted-dropout mask (T, B, H): kept units 1 / keep, dropped 0; None without dropout."""
+    if cfg.dropout == 0:
+        return None
+    keep, masks = 1.0 - cfg.dropout, []
+    for _ in range(cfg.layers):
+        m = np.less(rng.random((T, B, cfg.hidden), dtype=cfg.dtype), keep).astype(cfg.dtype)
+        m *= 1.0 / keep
+        masks.append(m)
+    return masks
+
+
+def grads(
+    p: Params,
+    cfg: ModelConfig,
+    ids: np.ndarray,
+    targets: np.ndarray,
+    s0: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, Params, np.ndarray]:
+    """One training step's mean loss, gradients and last state (`forward`, then `backward`). When the
+    process allows 2 BLAS threads but the products are too small for BLAS to share well (`cell.halves`),
+    the two halves of the batch run side by side, each on one thread, and their losses and gradients are
+    averaged, weighted by rows: the same values up to rounding, with the same dropout masks."""
+    keep_freed_memory()
+    B, T = ids.shape
+    masks = dropout_masks(cfg, T, B, rng) if rng is not None else None
+
+    def run(r: slice) -> tuple[float, Params, np.ndarray]:
+        sub = [m[:, r] for m in masks] if masks else None
+        loss, cache, sT = forward(p, cfg, ids[r], targets[r], s0[:, :, r], masks=sub)
+        return loss, backward(p, cfg, cache), sT
+
+    groups = halves(B, cfg.hidden)
+    outs = side_by_side(run, groups)
+    if len(outs) == 1:
+        return outs[0]
+    w = [len(range(B)[r]) / B for r in groups]
+    loss = sum(wi * o[0] for wi, o in zip(w, outs, strict=True))
+    g = {k: sum(wi * o[1][k] for wi, o in zip(w, outs, strict=True)) for k in outs[0][1]}
+    return loss, g, np.concatenate([o[2] for o in outs], axis=2)
 
 
 def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from model import checkpoint, net, optim
+from model.cell import halves, side_by_side
 from model.checkpoint import Checkpoint, Meta
 from model.net import ModelConfig, Params
 from model.vocab import Vocab
@@ -97,14 +98,18 @@ def evaluate(p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq:
         raise ValueError("validation needs at least 2 characters")
     b = min(batch, len(ids) - 1)
     n = (len(ids) - 1) // b
-    base = np.arange(b)[:, None] * n
-    h = net.zeros_state(cfg, b)
-    total = 0.0
-    for s in range(0, n, seq):
-        idx = base + np.arange(s, min(s + seq, n))[None, :]
-        loss, _, h = net.forward(p, cfg, ids[idx], ids[idx + 1], h)
-        total += loss * idx.size
-    return total / (b * n)
+    base = np.arange(b)[:, None] * n  # (b, 1): the streams' starts
+
+    def streams(r: slice) -> float:
+        h = net.zeros_state(cfg, len(base[r]))
+        total = 0.0
+        for s in range(0, n, seq):
+            idx = base[r] + np.arange(s, min(s + seq, n))[None, :]
+            loss, _, h = net.forward(p, cfg, ids[idx], ids[idx + 1], h)
+            total += loss * idx.size
+        return total
+
+    return sum(side_by_side(streams, halves(b, cfg.hidden))) / (b * n)
 
 
 def bits(nats: float) -> float:
@@ -164,13 +169,12 @@ def train(
     t0, step0 = time.perf_counter(), step
     while step < end:
         x, y, nxt = streams.get(pos)
-        loss, cache, h = net.forward(params, model_cfg, x, y, h, drop_rng)
+        loss, grads, h = net.grads(params, model_cfg, x, y, h, drop_rng)
         if not math.isfinite(loss) or loss > limit:
             raise TrainingDiverged(
                 f"loss {loss:.3g} at step {step + 1} (limit {limit:.3g}); no checkpoint was written "
                 f"for it. Lower the learning rate (--lr {cfg.lr / 3:.2g}) or the clip (--clip)"
             )
-        grads = net.backward(params, model_cfg, cache)
         norm = optim.clip_(grads, cfg.clip)
         if not math.isfinite(norm):
             raise TrainingDiverged(f"gradient norm {norm} at step {step + 1}; lower the learning rate")

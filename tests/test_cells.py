@@ -189,3 +189,32 @@ def test_embed_grad_paths_agree():
         ref[i] += np.concatenate([d[0, n], d[1, n]])
     np.testing.assert_allclose(net.embed_grad(ids, d, 6), ref, atol=1e-12)  # one-hot product
     np.testing.assert_allclose(net.embed_grad(ids, d, 60)[:6], ref, atol=1e-12)  # scatter-add (V > N)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_halves_side_by_side_equal_one_pass(cell):
+    """With 2 BLAS threads allowed and small products, a training step runs the two halves of the batch on
+    two threads (`net.grads`): loss, last state and gradients equal one pass over all rows (1 BLAS thread,
+    the same dropout masks), the rows weighted by halves of unequal size too."""
+    from threadpoolctl import threadpool_limits
+
+    from model.cell import halves
+
+    V, H, T = 7, 5, 4
+    cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=2, dropout=0.3, dtype="float64")
+    for B in (16, 17):
+        p, s0, r = lively(cfg, B, B)
+        x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+        with threadpool_limits(1, user_api="blas"):
+            assert len(halves(B, H)) == 1
+            l1, g1, s1 = net.grads(p, cfg, x, y, s0, rng(5))
+            l0, c0, _ = net.forward(p, cfg, x, y, s0, rng(5))
+            g0 = net.backward(p, cfg, c0)  # one pass is forward then backward, exactly
+            assert l0 == l1 and all((g0[k] == g1[k]).all() for k in p)
+        with threadpool_limits(2, user_api="blas"):
+            assert len(halves(B, H)) == 2
+            l2, g2, s2 = net.grads(p, cfg, x, y, s0, rng(5))
+        assert l2 == pytest.approx(l1, rel=1e-12)
+        np.testing.assert_allclose(s2, s1, rtol=1e-12, atol=1e-14)
+        for name in p:
+            np.testing.assert_allclose(g2[name], g1[name], rtol=1e-9, atol=1e-13, err_msg=name)
