@@ -3,9 +3,10 @@ shakespeare, against PyTorch's same cell.
 
 Contenders, alternated round by round in one process (medians reported), at each (B, T, H):
   numpy <cell>  model.net with the cell (rnn, gru, lstm), one layer, no dropout (as torch's), float32, plus
-                model.optim Adam and global-norm clipping, as `char-rnn train` runs it; at 1 and at 2 BLAS
-                threads, the better reported (at 2, the T sequential per-step products still run on one
-                thread when small: model.cell.one_thread; JSON: numpy.step_threads)
+                model.optim Adam and global-norm clipping, as `char-rnn train` runs it (`net.grads`); at 1
+                and at 2 BLAS threads, the better reported (at 2, when the per-step products are small, the
+                two halves of the batch run side by side, one thread each: model.cell.halves; JSON:
+                numpy.halves)
   torch <cell>  PyTorch CPU nn.Embedding + nn.RNN(tanh) / nn.GRU / nn.LSTM + nn.Linear, Adam,
                 clip_grad_norm_ (float32); run at 1 and at 2 threads (torch.set_num_threads), the better
                 reported
@@ -206,8 +207,8 @@ def measure(ids: np.ndarray, V: int, size: tuple[int, int, int], kinds: list[str
     row: dict = {"B": B, "T": T, "H": H, "seed_loop": best("seed")}
     for k in kinds:
         r: dict = {"numpy": best(f"numpy {k}")}
-        small = 2 * B * H * H < cell.SMALL_FLOPS
-        r["numpy"]["step_threads"] = 1 if small else r["numpy"]["threads"]
+        with cell.blas_limit(r["numpy"]["threads"]):  # at 2: did the halves of the batch run side by side?
+            r["numpy"]["halves"] = len(cell.halves(B, H)) == 2
         if torch is not None:
             r["torch"] = best(f"torch {k}")
             r["vs_torch"] = round(r["numpy"]["rate"] / r["torch"]["rate"], 2)
