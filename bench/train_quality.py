@@ -58,8 +58,9 @@ def configs(vocab_size: int, overrides: list[str]) -> tuple[ModelConfig, TrainCo
 def timings(
     tr: np.ndarray, va: np.ndarray, mcfg: ModelConfig, tcfg: TrainConfig, seconds: float, tmp: Path
 ) -> tuple[float, float, float, int]:
-    """Wall seconds per training step (the mean, not the median: a run pays for its slow steps too), per
-    in-run validation and per checkpoint, timed for about `seconds` on a throwaway model; the steps taken."""
+    """Wall seconds per training step (the mean of the second half of the steps: a run pays for its slow steps
+    too, but not for a fresh process's first ones), per in-run validation and per checkpoint, timed for about
+    `seconds` on a throwaway model; the steps taken."""
     rng = np.random.default_rng(tcfg.seed + 1)
     p = net.init(mcfg, rng)
     opt = optim.make(tcfg.optimizer, p, tcfg.weight_decay)
@@ -67,7 +68,7 @@ def timings(
     s, pos, times = net.zeros_state(mcfg, tcfg.batch), 0, []
     drop = rng if mcfg.dropout > 0 else None
     end = time.perf_counter() + seconds
-    while len(times) < 5 or time.perf_counter() < end:
+    while len(times) < 10 or time.perf_counter() < end:
         t0 = time.perf_counter()
         x, y, pos = streams.get(pos)
         _, g, s = net.grads(p, mcfg, x, y, s, drop)
@@ -80,7 +81,7 @@ def timings(
     meta = checkpoint.Meta(format=checkpoint.FORMAT, vocab=[], model=mcfg)
     checkpoint.save(tmp / "warm-up", p, meta, opt.state_dict() | {"state": s})
     t3 = time.perf_counter()
-    return float(np.mean(times[2:])), t2 - t1, t3 - t2, len(times)
+    return float(np.mean(times[len(times) // 2 :])), t2 - t1, t3 - t2, len(times)
 
 
 def main() -> None:
