@@ -145,11 +145,16 @@ def _pool(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="rows")
 
 
+def small(B: int, H: int) -> bool:
+    """Whether the per-step (B, H) x (H, H) products are too small for BLAS to share between threads."""
+    return 2 * B * H * H < SMALL_FLOPS
+
+
 def halves(B: int, H: int) -> list[slice]:
     """The rows of a batch as the groups that run side by side, each on one thread: the two halves when the
-    process allows 2 BLAS threads yet the per-step (B, H) x (H, H) products are too small for BLAS to share
-    (see `one_thread`: then only the large products would use the second core); else all rows at once."""
-    if B < 16 or 2 * B * H * H >= SMALL_FLOPS or blas_threads() < 2:
+    process allows 2 BLAS threads yet the per-step products are `small` (see `one_thread`: then only the
+    large products would use the second core); else all rows at once."""
+    if B < 16 or not small(B, H) or blas_threads() < 2:
         return [slice(None)]
     return [slice(0, B // 2), slice(B // 2, B)]
 
@@ -167,6 +172,6 @@ def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
     """BLAS on one thread for the T sequential (B, H) x (H, H) products (one per gate block) when they are
     small: a thread hand-off per small product costs more than it saves, and much more when other jobs share
     the cores. Not for a single step (sampling)."""
-    if T == 1 or 2 * B * H * H >= SMALL_FLOPS or blas_threads() == 1:
+    if T == 1 or not small(B, H) or blas_threads() == 1:
         return nullcontext()
     return blas_limit(1)
