@@ -218,3 +218,25 @@ def test_batch_halves_side_by_side_equal_one_pass(cell):
         np.testing.assert_allclose(s2, s1, rtol=1e-12, atol=1e-14)
         for name in p:
             np.testing.assert_allclose(g2[name], g1[name], rtol=1e-9, atol=1e-13, err_msg=name)
+
+
+def test_evaluate_by_halves_equals_one_pass():
+    """`train.evaluate` splits its streams the same way: the validation loss is the one-pass loss, and equals
+    the plain definition (each stream from a zero state, every character's loss averaged)."""
+    from threadpoolctl import threadpool_limits
+
+    from model import train
+    from model.cell import halves
+
+    cfg = net.ModelConfig(vocab_size=7, cell="gru", hidden=5, layers=2, dropout=0.3, dtype="float64")
+    p, _, r = lively(cfg, 3, 1)
+    ids = r.integers(0, 7, 64 * 9 + 1)  # 64 streams of 9 characters, in chunks of 4
+    with threadpool_limits(1, user_api="blas"):
+        one = train.evaluate(p, cfg, ids, batch=64, seq=4)
+        streams = ids[:-1].reshape(64, 9), ids[1:].reshape(64, 9)
+        plain = net.forward(p, cfg, *streams, net.zeros_state(cfg, 64))[0]
+    with threadpool_limits(2, user_api="blas"):
+        assert len(halves(64, 5)) == 2
+        both = train.evaluate(p, cfg, ids, batch=64, seq=4)
+    assert one == pytest.approx(plain, rel=1e-12)
+    assert both == pytest.approx(one, rel=1e-12)
