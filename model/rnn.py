@@ -41,7 +41,7 @@ class RNN(Cell):
         dtanh = np.multiply(h, h)  # (T, B, H)
         np.subtract(1.0, dtanh, out=dtanh)
         tmp = np.empty_like(d[0])  # (B, H)
-        WT = q["W"].T
+        WT = np.ascontiguousarray(q["W"].T)  # copied: see cell.back_through_time
         d[-1] *= dtanh[-1]
         with one_thread(T, B, H):
             for t in range(T - 1, 0, -1):
