@@ -108,18 +108,25 @@ class Adam(Optimizer):
         super().__init__(params, weight_decay)
         self.b1, self.b2 = betas
         self.eps = eps
+        self.tmp = {k: np.empty_like(v) for k, v in params.items()}  # scratch: no temporaries per step
 
     def update(self, k: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
-        m, v = self.state[f"m.{k}"], self.state[f"v.{k}"]
+        """m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g²,  p -= lr m̂ / (sqrt(v̂) + eps), in place; m̂ and v̂
+        are m / (1 - b1^t) and v / (1 - b2^t) (bias correction)."""
+        m, v, tmp = self.state[f"m.{k}"], self.state[f"v.{k}"], self.tmp[k]
         m *= self.b1
-        m += (1.0 - self.b1) * g
+        np.multiply(g, 1.0 - self.b1, out=tmp)
+        m += tmp
         v *= self.b2
-        v += (1.0 - self.b2) * (g * g)
-        c1 = 1.0 - self.b1**self.t
-        c2 = 1.0 - self.b2**self.t
-        denom = np.sqrt(v / c2)
-        denom += self.eps
-        p -= (lr / c1) * m / denom
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - self.b2
+        v += tmp
+        np.divide(v, 1.0 - self.b2**self.t, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        tmp += self.eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= lr / (1.0 - self.b1**self.t)
+        p -= tmp
 
 
 def make(name: OptimName, params: Params, weight_decay: float = 0.0) -> Optimizer:

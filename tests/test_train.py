@@ -121,6 +121,29 @@ def test_clipping_bounds_the_global_norm():
     assert optim.clip_(g, 0.0) == pytest.approx(1.0, rel=1e-5)  # 0 = off
 
 
+def test_adam_matches_the_textbook_update():
+    """Kingma & Ba's Adam with bias correction, plus decoupled weight decay on matrices (not biases), written
+    out plainly in float64, against the optimizer's in-place float32 version over a few steps."""
+    rng = np.random.default_rng(0)
+    p = {"W": rng.standard_normal((4, 6)), "b": rng.standard_normal(6)}
+    opt = optim.Adam({k: v.astype(np.float32) for k, v in p.items()}, weight_decay=0.1)
+    mine = {k: v.astype(np.float32) for k, v in p.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    for t, lr in enumerate([1e-2, 5e-3, 2e-3], start=1):
+        g = {k: rng.standard_normal(x.shape) for k, x in p.items()}
+        opt.step(mine, {k: x.astype(np.float32) for k, x in g.items()}, lr)
+        for k in p:
+            if k == "W":
+                p[k] = p[k] * (1 - lr * 0.1)
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v2[k] = b2 * v2[k] + (1 - b2) * g[k] ** 2
+            p[k] = p[k] - lr * (m[k] / (1 - b1**t)) / (np.sqrt(v2[k] / (1 - b2**t)) + eps)
+        for k in p:
+            np.testing.assert_allclose(mine[k], p[k], rtol=1e-5, atol=1e-6)
+
+
 def test_schedule_warms_up_then_decays():
     lrs = [optim.lr_at(s, 1.0, 100, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
