@@ -31,11 +31,10 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     vocab_size: int = Field(ge=1, le=1_000_000)
-    # defaults: the best full-validation loss found for a 5-minute budget (bench/train_quality.py; B=32,
-    # T=64, lr 3e-3; 1 BLAS thread on a shared 2-core box, 2026-11-28), each config run for the steps a quiet
-    # box would give it in 5 minutes (CPU time per step here, calibrated on rnn 2x384's 4175 quiet steps):
-    # gru 2x256, 3000 steps: 1.4685; lstm 2x256, 2450 steps: 1.5105; gru 2x256 with dropout 0.25: 1.4824 on
-    # the 40k sample at step 2500 (0.1: 1.4447); rnn 2x384: 1.527 (README). To rerun as a quiet 5-minute run.
+    # defaults: the cell and size with the best full-validation loss for a 5-minute budget
+    # (bench/train_quality.py --cell C --minutes 5; B=32, T=64): gru 2x256 1.4685, lstm 2x256 1.5105,
+    # rnn 2x384 1.527 (lr 3e-3, 2026-11-28); with TrainConfig's defaults since (lr 5e-3 -> 5e-5, weight
+    # decay 0.1) the gru reaches 1.4357 (README, "Benchmarks"). Dropout 0.1 beat 0.05, 0.15 and 0.25.
     cell: Literal["rnn", "gru", "lstm"] = "gru"
     hidden: int = Field(256, ge=1, le=8192)
     layers: int = Field(2, ge=1, le=8)

@@ -25,11 +25,12 @@ class TrainConfig(BaseModel):
     steps: int = Field(3000, ge=1, le=10_000_000, description="total optimizer steps")
     batch: int = Field(32, ge=1, le=4096, description="parallel sequences (B)")
     seq: int = Field(64, ge=1, le=4096, description="truncated BPTT length (T)")
-    lr: float = Field(3e-3, gt=0, le=10)
-    min_lr: float | None = Field(None, ge=0, le=10, description="learning rate at the end; None = lr / 10")
+    # lr, min_lr and weight_decay: the best of bench/train_quality.py's 5-minute runs (README, "Benchmarks")
+    lr: float = Field(5e-3, gt=0, le=10)
+    min_lr: float | None = Field(None, ge=0, le=10, description="learning rate at the end; None = lr / 100")
     warmup: int = Field(100, ge=0, description="warmup steps (at most a tenth of the run)")
     optimizer: optim.OptimName = "adam"
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0, le=1, description="decoupled (AdamW), on matrices, not biases")
     clip: float = Field(1.0, ge=0, description="global gradient-norm limit; 0 turns it off")
     seed: int = Field(0, ge=0)
     eval_every: int | None = Field(None, ge=1, description="steps between validations; None = at checkpoints")
@@ -41,7 +42,7 @@ class TrainConfig(BaseModel):
 
     @property
     def final_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
+        return self.lr / 100 if self.min_lr is None else self.min_lr
 
 
 class RunExists(ValueError):

@@ -140,7 +140,7 @@ def test_a_format1_checkpoint_loads_samples_and_resumes(tmp_path):
     tr, va = corpus.split(vocab.encode(t))
     cfg = train.TrainConfig(
         steps=30, batch=4, seq=16, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=10, checkpoint_every=10,
-        log_every=5, keep=1, seed=3,
+        log_every=5, keep=1, seed=3, weight_decay=0.0,
     )  # fmt: skip
     done = train.train(tr, va, vocab, ck.config, cfg, run, resume=True)
     assert done.meta.step == 30 and done.meta.format == checkpoint.FORMAT == 2
