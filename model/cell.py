@@ -25,6 +25,11 @@ Params = dict[str, np.ndarray]
 
 EMBED_STD = 0.6  # std of the layer-0 input rows (every gate block)
 SMALL_FLOPS = 1 << 24  # per-step (B, H) x (H, H) products below this run on one BLAS thread
+# Up to this hidden size a batch's two halves side by side beat one pass on 2 BLAS threads (each thread
+# streams all of W every step, which costs more as W grows). Training steps, halves / one pass: B 64, T 128,
+# H 512: RNN 1.33x, GRU 1.34x, LSTM 1.17x; B 32, T 64, H 768: RNN 1.09x, LSTM 1.05x; H 1024: RNN (B 64)
+# 1.02x, GRU (B 32, W 12 MB) 0.89x
+HALVES_MAX_H = 768
 
 
 class Cell:
@@ -153,9 +158,9 @@ def small(B: int, H: int) -> bool:
 
 def halves(B: int, H: int) -> list[slice]:
     """The rows of a batch as the groups that run side by side, each on one thread: the two halves when the
-    process allows 2 BLAS threads yet the per-step products are `small` (see `one_thread`: then only the
-    large products would use the second core); else all rows at once."""
-    if B < 16 or not small(B, H) or blas_threads() < 2:
+    process allows 2 BLAS threads, B >= 16 and H <= HALVES_MAX_H (then the pointwise maths and the Python
+    loop use the second core too, not only the products); else all rows at once."""
+    if B < 16 or H > HALVES_MAX_H or blas_threads() < 2:
         return [slice(None)]
     return [slice(0, B // 2), slice(B // 2, B)]
 

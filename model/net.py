@@ -170,9 +170,9 @@ def grads(
     rng: np.random.Generator | None = None,
 ) -> tuple[float, Params, np.ndarray]:
     """One training step's mean loss, gradients and last state (`forward`, then `backward`). When the
-    process allows 2 BLAS threads but the products are too small for BLAS to share well (`cell.halves`),
-    the two halves of the batch run side by side, each on one thread, and their losses and gradients are
-    averaged, weighted by rows: the same values up to rounding, with the same dropout masks."""
+    process allows 2 BLAS threads and the batch's shape suits it (`cell.halves`), the two halves of the
+    batch run side by side, each on one thread, and their losses and gradients are averaged, weighted by
+    rows: the same values up to rounding, with the same dropout masks."""
     keep_freed_memory()
     B, T = ids.shape
     masks = dropout_masks(cfg, T, B, rng) if rng is not None else None

@@ -193,7 +193,7 @@ def test_embed_grad_paths_agree():
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_batch_halves_side_by_side_equal_one_pass(cell):
-    """With 2 BLAS threads allowed and small products, a training step runs the two halves of the batch on
+    """With 2 BLAS threads allowed (B >= 16, H <= 768), a training step runs the two halves of the batch on
     two threads (`net.grads`): loss, last state and gradients equal one pass over all rows (1 BLAS thread,
     the same dropout masks), the rows weighted by halves of unequal size too."""
     from threadpoolctl import threadpool_limits
@@ -212,7 +212,7 @@ def test_batch_halves_side_by_side_equal_one_pass(cell):
             g0 = net.backward(p, cfg, c0)  # one pass is forward then backward, exactly
             assert l0 == l1 and all((g0[k] == g1[k]).all() for k in p)
         with threadpool_limits(2, user_api="blas"):
-            assert len(halves(B, H)) == 2
+            assert len(halves(B, H)) == 2 and len(halves(B, 1024)) == len(halves(8, H)) == 1
             l2, g2, s2 = net.grads(p, cfg, x, y, s0, rng(5))
         assert l2 == pytest.approx(l1, rel=1e-12)
         np.testing.assert_allclose(s2, s1, rtol=1e-12, atol=1e-14)
