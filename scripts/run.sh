@@ -85,7 +85,13 @@ pids+=($!)
     exit 1
 )
 
-cat <<MSG
+# From the message on, one foreground job waits while both keep running, so that a Ctrl-C typed as soon as the
+# message shows reaches a live process group (after a `cat` of its own, the terminal's foreground group could be
+# the finished cat's for a moment, and a Ctrl-C then went nowhere: seen in the tests on a loaded machine). A
+# Ctrl-C ends the job with status 130, and `set -e` this script.
+(
+    trap 'exit 130' INT
+    cat <<MSG
 
 Everything is up. Ctrl-C stops it all.
   Playground      $SERVICE/
@@ -96,8 +102,8 @@ Everything is up. Ctrl-C stops it all.
 Try:
   curl -s $SERVICE/generate -H 'content-type: application/json' -d '{"prompt": "ROMEO:", "seed": 1}'
 MSG
-# Wait while all keep running; Ctrl-C ends a `sleep` (the foreground job), and with it this script.
-while kill -0 "${pids[@]}" 2>/dev/null; do sleep 1; done
+    while kill -0 "${pids[@]}" 2>/dev/null; do sleep 1; done
+)
 for i in "${!pids[@]}"; do
     kill -0 "${pids[$i]}" 2>/dev/null && continue
     log=$([[ $i == 0 ]] && echo serve.log || echo service.log)
