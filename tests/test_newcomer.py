@@ -98,8 +98,11 @@ class Terminal:
         self.env = env
         self.master, slave = pty.openpty()
         termios.tcsetwinsize(slave, (40, 120))
+        # A session whose controlling terminal is the pty, with SIGINT at its default as a terminal's shell
+        # leaves it: a test run started in the background (`make test &` from a script) would pass it on
+        # ignored, and a script cannot trap a signal ignored on entry.
         self.proc = subprocess.Popen(
-            ["setsid", "--ctty", "make", "run"],  # a session whose controlling terminal is the pty
+            ["setsid", "--ctty", "env", "--default-signal=INT", "make", "run"],
             cwd=ROOT,
             env=env,
             stdin=slave,
