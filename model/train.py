@@ -209,7 +209,7 @@ def train(
                 format=checkpoint.FORMAT,
                 vocab=list(vocab.chars),
                 model=model_cfg,
-                train=cfg.model_dump(),
+                train=cfg.model_dump() | {"min_lr": cfg.final_lr},  # resolved: where the schedule ends
                 step=step,
                 rng=rng.bit_generator.state,
                 data_pos=pos,
@@ -242,8 +242,11 @@ def restore(
         raise ValueError(f"{ck.path}: model config differs from this run's; resume with the same one")
     if fingerprint and ck.meta.fingerprint and fingerprint != ck.meta.fingerprint:
         raise ValueError(f"{ck.path}: trained on another corpus (fingerprint differs)")
-    same = {k: v for k, v in ck.meta.train.items() if k not in ("steps", "eval_every", "log_every")}
-    differs = {k for k, v in same.items() if getattr(cfg, k) != v}
+    saved = dict(ck.meta.train)
+    if saved.get("min_lr") is None:  # saved unresolved by older code, whose None meant lr / 10
+        saved["min_lr"] = saved["lr"] / 10
+    same = {k: v for k, v in saved.items() if k not in ("steps", "eval_every", "log_every")}
+    differs = {k for k, v in same.items() if (cfg.final_lr if k == "min_lr" else getattr(cfg, k)) != v}
     if differs:
         raise ValueError(f"{ck.path}: training settings {sorted(differs)} differ from the checkpoint's")
     if not ck.optim:

@@ -1,5 +1,6 @@
 """The training loop: it learns, it is deterministic, it resumes bitwise, it refuses to diverge quietly."""
 
+import json
 import os
 import random
 import signal
@@ -100,6 +101,26 @@ def test_resume_refuses_another_run(tmp_path, small_text):
         train.train(tr, va, vocab, mcfg.model_copy(update={"hidden": 16}), CFG, tmp_path, resume=True)
     with pytest.raises(ValueError, match="batch"):
         train.train(tr, va, vocab, mcfg, CFG.model_copy(update={"batch": 4}), tmp_path, resume=True)
+
+
+def test_resume_keeps_where_the_schedule_ends(tmp_path, small_text):
+    """A checkpoint records min_lr resolved (None means lr / 100 today, lr / 10 in older code): a run resumes
+    under its own schedule, and a checkpoint written by the older code with min_lr None is refused rather than
+    resumed onto another schedule, until its end is named."""
+    tr, va, vocab, mcfg = data(small_text)
+    cfg = CFG.model_copy(update={"steps": 20, "min_lr": None})
+    ck = train.train(tr, va, vocab, mcfg, cfg, tmp_path)
+    meta = json.loads((ck.path / "meta.json").read_text())
+    assert meta["train"]["min_lr"] == cfg.lr / 100
+    assert train.train(tr, va, vocab, mcfg, cfg.model_copy(update={"steps": 30}), tmp_path, resume=True)
+    ck = checkpoint.load(tmp_path)
+    meta = json.loads((ck.path / "meta.json").read_text())
+    meta["train"]["min_lr"] = None  # as the older code wrote it
+    (ck.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="min_lr"):
+        train.train(tr, va, vocab, mcfg, cfg.model_copy(update={"steps": 40}), tmp_path, resume=True)
+    named = cfg.model_copy(update={"steps": 40, "min_lr": cfg.lr / 10})
+    assert train.train(tr, va, vocab, mcfg, named, tmp_path, resume=True).meta.step == 40
 
 
 def test_divergence_stops_without_a_bad_checkpoint(tmp_path, small_text):
