@@ -27,8 +27,8 @@ EMBED_STD = 0.6  # std of the layer-0 input rows (every gate block)
 SMALL_FLOPS = 1 << 24  # per-step (B, H) x (H, H) products below this run on one BLAS thread
 # Up to this hidden size a batch's two halves side by side beat one pass on 2 BLAS threads (each thread
 # streams all of W every step, which costs more as W grows). Training steps, halves / one pass: B 64, T 128,
-# H 512: RNN 1.33x, GRU 1.34x, LSTM 1.17x; B 32, T 64, H 768: RNN 1.09x, LSTM 1.05x; H 1024: RNN (B 64)
-# 1.02x, GRU (B 32, W 12 MB) 0.89x
+# H 512: RNN 1.33x, GRU 1.34x and 1.19x, LSTM 1.17x and 0.95x (two runs); B 32, T 64, H 768: RNN 1.09x,
+# LSTM 1.05x; H 1024: RNN (B 64) 1.02x, GRU (B 32, W 12 MB) 0.89x
 HALVES_MAX_H = 768
 
 

@@ -34,7 +34,8 @@ class ModelConfig(BaseModel):
     # defaults: the cell and size with the best full-validation loss for a 5-minute budget
     # (bench/train_quality.py --cell C --minutes 5; B=32, T=64): gru 2x256 1.4685, lstm 2x256 1.5105,
     # rnn 2x384 1.527 (lr 3e-3, 2026-11-28); with TrainConfig's defaults since (lr 5e-3 -> 5e-5, weight
-    # decay 0.1) the gru reaches 1.4357 (README, "Benchmarks"). Dropout 0.1 beat 0.05, 0.15 and 0.25.
+    # decay 0.1) the gru reaches 1.4357 (README, "Benchmarks"). Dropout 0.1 beat 0.05, 0.15 and 0.25 (one run
+    # each, without weight decay).
     cell: Literal["rnn", "gru", "lstm"] = "gru"
     hidden: int = Field(256, ge=1, le=8192)
     layers: int = Field(2, ge=1, le=8)
