@@ -30,6 +30,10 @@ SMALL_FLOPS = 1 << 24  # per-step (B, H) x (H, H) products below this run on one
 # H 512: RNN 1.33x, GRU 1.34x and 1.19x, LSTM 1.17x and 0.95x (two runs); B 32, T 64, H 768: RNN 1.09x,
 # LSTM 1.05x; H 1024: RNN (B 64) 1.02x, GRU (B 32, W 12 MB) 0.89x
 HALVES_MAX_H = 768
+# OpenBLAS (numpy's wheel; its Haswell/Zen kernels) multiplies a product of M·N·K <= 10^6 through a kernel
+# that does not pack the matrices first (`Recur`). One thread: (16, 256) x (256, 256) as one call 29 us, as
+# 2 calls of 8 rows 19-21 us; (32, 512) x (512, 512) 194 us, as 8 x 4 calls of (4, 512) x (512, 128) 154 us
+SMALL_MNK = 10**6
 
 
 class Cell:
@@ -86,12 +90,48 @@ def back_through_time(dh: np.ndarray, dz: np.ndarray, W: np.ndarray) -> Iterator
     tmpk = np.empty((len(dz), B, H), dh.dtype)
     tmp = np.empty((B, H), dh.dtype)
     with one_thread(T, B, H):
+        recur = Recur(WT, B)
         for t in range(T - 1, -1, -1):
             if t < T - 1:
-                np.matmul(dz[:, t + 1], WT, out=tmpk)
+                recur(dz[:, t + 1], tmpk)
                 np.sum(tmpk, axis=0, out=tmp)
                 dh[t] += tmp
             yield t, dh[t]
+
+
+def split(B: int, K: int, N: int) -> tuple[int, int]:
+    """Rows and columns per BLAS call for the per-step (B, K) x (K, N) products on one thread: calls small
+    enough for OpenBLAS's small-matrix kernel (m·n·K <= SMALL_MNK), of m rows (the largest divisor of B from 4
+    to 8) and n columns (the largest divisor of N that fits, at least 32); (B, N), one call, when the whole
+    product fits or no such split exists."""
+    m = next((m for m in range(8, 3, -1) if B % m == 0), B)
+    n = next((n for n in range(min(N, SMALL_MNK // (m * K)), 31, -1) if N % n == 0), N)
+    if B * N * K <= SMALL_MNK or m == B or m * n * K > SMALL_MNK:
+        return B, N
+    return m, n
+
+
+class Recur:
+    """The per-step recurrent products out = x W of one pass over the steps: W (..., K, N) fixed over the
+    pass, x (..., B, K), out (..., B, N), broadcast over the leading axes; one matmul call per step. When BLAS
+    runs on one thread, that call multiplies blocks of m rows by n columns (`split`), small enough for
+    OpenBLAS's faster kernel."""
+
+    def __init__(self, W: np.ndarray, B: int):
+        K, N = W.shape[-2:]
+        m, n = split(B, K, N) if blas_threads() == 1 else (B, N)
+        self.plain, self.W = (m, n) == (B, N), W
+        if not self.plain:  # (..., N/n, 1, K, n): the column blocks, each against every row block
+            self.W = W.reshape(*W.shape[:-2], K, N // n, n).swapaxes(-3, -2)[..., None, :, :]
+        self.xs, self.outs = (1, B // m, m, K), (B // m, m, N // n, n)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.plain:
+            np.matmul(x, self.W, out=out)
+            return
+        xv = x.reshape(x.shape[:-2] + self.xs)  # (..., 1, B/m, m, K)
+        ov = out.reshape(out.shape[:-2] + self.outs, copy=False)  # a view: the product must land in `out`
+        np.matmul(xv, self.W, out=ov.swapaxes(-2, -3).swapaxes(-3, -4))  # (..., N/n, B/m, m, n)
 
 
 def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:

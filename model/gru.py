@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, back_through_time, blocks, one_thread, recur_grad
+from model.cell import Cell, Params, Recur, back_through_time, blocks, one_thread, recur_grad
 
 
 class GRU(Cell):
@@ -30,8 +30,9 @@ class GRU(Cell):
         R = np.empty_like(a)  # (3, T, B, H): h_{t-1} W, its n block + d
         tmp = np.empty((B, H), a.dtype)
         with one_thread(T, B, H):
+            recur = Recur(W, B)
             for t in range(T):
-                np.matmul(h[t], W, out=R[:, t])
+                recur(h[t], R[:, t])
                 s = a[:2, t]  # r, z
                 s += R[:2, t]
                 s *= 0.5

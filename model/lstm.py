@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, back_through_time, blocks, one_thread, recur_grad
+from model.cell import Cell, Params, Recur, back_through_time, blocks, one_thread, recur_grad
 
 
 class LSTM(Cell):
@@ -35,9 +35,10 @@ class LSTM(Cell):
         tmp = np.empty((4, B, H), a.dtype)
         ig = np.empty((B, H), a.dtype)
         with one_thread(T, B, H):
+            recur = Recur(W, B)
             for t in range(T):
                 z = a[:, t]  # (4, B, H)
-                np.matmul(h[t], W, out=tmp)
+                recur(h[t], tmp)
                 z += tmp
                 s = a[:3, t]  # o, i, f
                 s *= 0.5

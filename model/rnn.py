@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, one_thread
+from model.cell import Cell, Params, Recur, one_thread
 
 
 class RNN(Cell):
@@ -22,8 +22,9 @@ class RNN(Cell):
         h0 = prev = s0[0].copy()  # (B, H)
         tmp = np.empty_like(h0)
         with one_thread(T, B, H):
+            recur = Recur(W, B)
             for t in range(T):
-                np.matmul(prev, W, out=tmp)
+                recur(prev, tmp)
                 h[t] += tmp
                 np.tanh(h[t], out=h[t])
                 prev = h[t]
@@ -44,8 +45,9 @@ class RNN(Cell):
         WT = np.ascontiguousarray(q["W"].T)  # copied: see cell.back_through_time
         d[-1] *= dtanh[-1]
         with one_thread(T, B, H):
+            recur = Recur(WT, B)
             for t in range(T - 1, 0, -1):
-                np.matmul(d[t], WT, out=tmp)
+                recur(d[t], tmp)
                 d[t - 1] += tmp
                 d[t - 1] *= dtanh[t - 1]
         dW = h[:-1].reshape(-1, H).T @ d[1:].reshape(-1, H)

@@ -240,3 +240,69 @@ def test_evaluate_by_halves_equals_one_pass():
         both = train.evaluate(p, cfg, ids, batch=64, seq=4)
     assert one == pytest.approx(plain, rel=1e-12)
     assert both == pytest.approx(one, rel=1e-12)
+
+
+def test_split_keeps_each_call_under_the_small_kernel_limit():
+    """Rows from 4 to 8 dividing B and columns dividing N, m·n·K within the limit; one call when the product
+    fits whole or cannot be split so."""
+    from model.cell import SMALL_MNK, split
+
+    assert split(16, 256, 256) == (8, 256)  # rows only
+    assert split(32, 512, 512) == (8, 128)  # rows and columns
+    assert split(12, 384, 384) == (6, 384)
+    assert split(32, 128, 128) == (32, 128)  # fits whole
+    assert split(17, 256, 256) == (17, 256)  # no divisor of 17 from 4 to 8
+    assert split(8, 512, 512) == (8, 512)  # rows already 8: columns alone are no faster
+    assert split(16, 8192, 8192) == (16, 8192)  # columns would be fewer than 32
+    for B, K, N in [(16, 256, 768), (64, 768, 768), (30, 300, 300), (24, 1000, 1000)]:
+        m, n = split(B, K, N)
+        assert B % m == 0 and N % n == 0 and m * n * K <= SMALL_MNK, (B, K, N, m, n)
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_recur_in_blocks_equals_one_product(lead):
+    """Recur's blocked call writes x W into `out` (a strided slice of a larger buffer, as the cells give it):
+    the vanilla cell's (B, H) x (H, H), the gated cells' h against k blocks and their backward's k x k."""
+    from threadpoolctl import threadpool_limits
+
+    from model.cell import Recur
+
+    r = np.random.default_rng(0)
+    B, H = 16, 512
+    W = r.standard_normal((*lead, H, H))
+    buf = np.zeros((*lead, 3, B, H))
+    for x in (r.standard_normal((B, H)), r.standard_normal((*lead, B, H))):
+        with threadpool_limits(1, user_api="blas"):
+            recur = Recur(W, B)
+            assert not recur.plain
+            recur(x, buf[..., 1, :, :])
+        np.testing.assert_allclose(buf[..., 1, :, :], np.matmul(x, W), rtol=1e-12, atol=1e-10)
+        assert not buf[..., [0, 2], :, :].any()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradients_equal_with_the_products_in_blocks(cell, monkeypatch):
+    """A training step with the per-step products split into blocks (the limit lowered so that H 64 splits
+    into 8 rows x 32 columns) gives the loss, state and gradients of plain products."""
+    from threadpoolctl import threadpool_limits
+
+    from model import cell as cells
+
+    V, H, B, T = 7, 64, 16, 5
+    cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=2, dropout=0.3, dtype="float64")
+    p, s0, r = lively(cfg, 4, B)
+    x, y = r.integers(0, V, (B, T)), r.integers(0, V, (B, T))
+
+    def step():
+        loss, c, sT = net.forward(p, cfg, x, y, s0, rng(5))
+        return loss, sT, net.backward(p, cfg, c)
+
+    with threadpool_limits(1, user_api="blas"):
+        l0, s_0, g0 = step()
+        monkeypatch.setattr(cells, "SMALL_MNK", 8 * 32 * H)
+        assert cells.split(B, H, H) == (8, 32)
+        l1, s_1, g1 = step()
+    assert l1 == pytest.approx(l0, rel=1e-12)
+    np.testing.assert_allclose(s_1, s_0, rtol=1e-12, atol=1e-14)
+    for name in p:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-13, err_msg=name)
