@@ -30,10 +30,14 @@ SMALL_FLOPS = 1 << 24  # per-step (B, H) x (H, H) products below this run on one
 # H 512: RNN 1.33x, GRU 1.34x and 1.19x, LSTM 1.17x and 0.95x (two runs); B 32, T 64, H 768: RNN 1.09x,
 # LSTM 1.05x; H 1024: RNN (B 64) 1.02x, GRU (B 32, W 12 MB) 0.89x
 HALVES_MAX_H = 768
-# OpenBLAS (numpy's wheel; its Haswell/Zen kernels) multiplies a product of M·N·K <= 10^6 through a kernel
-# that does not pack the matrices first (`Recur`). One thread: (16, 256) x (256, 256) as one call 29 us, as
-# 2 calls of 8 rows 19-21 us; (32, 512) x (512, 512) 194 us, as 8 x 4 calls of (4, 512) x (512, 128) 154 us
+# OpenBLAS multiplies a product of M·N·K <= 10^6 through a kernel that does not pack the matrices first, on
+# the cores that have one (its SkylakeX kernels, which Cooperlake and SapphireRapids reuse; OpenBLAS PR 3335).
+# This machine's (AVX-512: OpenBLAS picks SkylakeX), one thread: (16, 256) x (256, 256) as one call 29 us, as
+# 2 calls of 8 rows 19-21 us; (32, 512) x (512, 512) 194 us, as 8 x 4 calls of (4, 512) x (512, 128) 154 us.
+# Where it has none (Haswell's kernels, which Zen uses too: OPENBLAS_CORETYPE=Haswell here), small calls
+# pack W every call: 2 calls of 8 rows 40 us. `Recur` splits only where the kernel is.
 SMALL_MNK = 10**6
+SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 
 
 class Cell:
@@ -114,12 +118,12 @@ def split(B: int, K: int, N: int) -> tuple[int, int]:
 class Recur:
     """The per-step recurrent products out = x W of one pass over the steps: W (..., K, N) fixed over the
     pass, x (..., B, K), out (..., B, N), broadcast over the leading axes; one matmul call per step. When BLAS
-    runs on one thread, that call multiplies blocks of m rows by n columns (`split`), small enough for
-    OpenBLAS's faster kernel."""
+    runs on one thread and has the small-matrix kernel, that call multiplies blocks of m rows by n columns
+    (`split`), small enough for that kernel."""
 
     def __init__(self, W: np.ndarray, B: int):
         K, N = W.shape[-2:]
-        m, n = split(B, K, N) if blas_threads() == 1 else (B, N)
+        m, n = split(B, K, N) if blas_threads() == 1 and small_kernel() else (B, N)
         self.plain, self.W = (m, n) == (B, N), W
         if not self.plain:  # (..., N/n, 1, K, n): the column blocks, each against every row block
             self.W = W.reshape(*W.shape[:-2], K, N // n, n).swapaxes(-3, -2)[..., None, :, :]
@@ -152,6 +156,15 @@ def _blas() -> tuple:
     """NumPy's BLAS libraries, as threadpoolctl finds them (its `limit` and `select` cost milliseconds a
     call, its controllers' get/set calls microseconds)."""
     return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@cache
+def small_kernel() -> bool:
+    """Whether NumPy's BLAS is an OpenBLAS whose core has the small-matrix kernel (SMALL_KERNEL_CORES)."""
+    return any(
+        c.internal_api == "openblas" and str(getattr(c, "architecture", "")).lower() in SMALL_KERNEL_CORES
+        for c in _blas()
+    )
 
 
 def blas_threads() -> int:

@@ -1,6 +1,8 @@
 """Every cell against independent references: its equations written plainly, and central finite differences
 in float64 for every parameter's gradient."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -260,12 +262,15 @@ def test_split_keeps_each_call_under_the_small_kernel_limit():
 
 
 @pytest.mark.parametrize("lead", [(), (3,)])
-def test_recur_in_blocks_equals_one_product(lead):
+def test_recur_in_blocks_equals_one_product(lead, monkeypatch):
     """Recur's blocked call writes x W into `out` (a strided slice of a larger buffer, as the cells give it):
     the vanilla cell's (B, H) x (H, H), the gated cells' h against k blocks and their backward's k x k."""
     from threadpoolctl import threadpool_limits
 
+    from model import cell as cells
     from model.cell import Recur
+
+    monkeypatch.setattr(cells, "small_kernel", lambda: True)  # blocks whatever this machine's BLAS
 
     r = np.random.default_rng(0)
     B, H = 16, 512
@@ -298,11 +303,29 @@ def test_gradients_equal_with_the_products_in_blocks(cell, monkeypatch):
         return loss, sT, net.backward(p, cfg, c)
 
     with threadpool_limits(1, user_api="blas"):
+        monkeypatch.setattr(cells, "small_kernel", lambda: False)
         l0, s_0, g0 = step()
         monkeypatch.setattr(cells, "SMALL_MNK", 8 * 32 * H)
+        monkeypatch.setattr(cells, "small_kernel", lambda: True)
         assert cells.split(B, H, H) == (8, 32)
         l1, s_1, g1 = step()
     assert l1 == pytest.approx(l0, rel=1e-12)
     np.testing.assert_allclose(s_1, s_0, rtol=1e-12, atol=1e-14)
     for name in p:
         np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+def test_no_blocks_where_openblas_has_no_small_kernel():
+    """OpenBLAS's Haswell kernels (Zen's too) have no small-matrix kernel: there the products stay whole (in
+    blocks they ran 1.4-2x slower here), on one thread too."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from threadpoolctl import threadpool_limits; from model import cell\n"
+        "with threadpool_limits(1, user_api='blas'):\n"
+        "    print(cell.small_kernel(), cell.Recur(np.zeros((256, 256), np.float32), 16).plain)"
+    )
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
