@@ -163,6 +163,14 @@ def started_under(home: Path) -> dict[int, str]:
     return found
 
 
+def ppid(pid: int) -> int:
+    """The parent of process `pid` (0 once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def test_make_run_trains_on_one_line_then_reuses_and_ctrl_c_says_goodbye(tmp_path, small_text):
     corpus, home, user = tmp_path / "corpus", tmp_path / "home", tmp_path / "user-home"
     corpus.mkdir()
@@ -206,5 +214,30 @@ def test_make_run_trains_on_one_line_then_reuses_and_ctrl_c_says_goodbye(tmp_pat
     shown = second.text
     assert code == 0 and "Bye." in shown and "Error" not in shown, shown[-3000:]
     assert "Reusing the promoted model: corpus unchanged since char-rnn:" in shown and "Training" not in shown
+    assert started_under(home) == {}, "a process make run started is still running"
+
+    # Without a terminal (a supervisor, `timeout`, nohup), a TERM to the script stops everything too: a wait
+    # in one foreground job for good held it off while everything was up
+    log = tmp_path / "no-tty.log"
+    with log.open("wb") as out:
+        make = subprocess.Popen(
+            ["make", "run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        end = time.monotonic() + 600
+        while "Everything is up" not in log.read_text(errors="replace"):
+            assert make.poll() is None and time.monotonic() < end, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        script = next(p for p, cmd in started_under(home).items() if ppid(p) == make.pid and "run.sh" in cmd)
+        os.kill(script, signal.SIGTERM)
+        make.wait(60)
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+            for pid in started_under(home):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert "Bye." in log.read_text(errors="replace")
     assert started_under(home) == {}, "a process make run started is still running"
     assert sorted(user.rglob("*")) == [], "something was written under ~"
