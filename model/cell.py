@@ -33,7 +33,7 @@ HALVES_MAX_H = 768
 # OpenBLAS multiplies a product of M·N·K <= 10^6 through a kernel that does not pack the matrices first, on
 # the cores that have one (its SkylakeX kernels, which Cooperlake and SapphireRapids reuse; OpenBLAS PR 3335).
 # This machine's (AVX-512: OpenBLAS picks SkylakeX), one thread: (16, 256) x (256, 256) as one call 29 us, as
-# 2 calls of 8 rows 19-21 us; (32, 512) x (512, 512) 194 us, as 8 x 4 calls of (4, 512) x (512, 128) 154 us.
+# 2 calls of 8 rows 19-21 us; (32, 512) x (512, 512) 194 us, as 4 x 4 calls of (8, 512) x (512, 128) 152 us.
 # Where it has none (Haswell's kernels, which Zen uses too: OPENBLAS_CORETYPE=Haswell here), small calls
 # pack W every call: 2 calls of 8 rows 40 us. `Recur` splits only where the kernel is.
 SMALL_MNK = 10**6
