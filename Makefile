@@ -34,6 +34,7 @@ test: install
 		$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium; }
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen lint-imports
 	$(UV) run --frozen pytest
 
 lint: install

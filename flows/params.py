@@ -1,29 +1,20 @@
-"""Flow parameters are untrusted input: types and bounds come from ModelConfig/TrainConfig (defined once
-there), and paths must resolve inside the allowed roots before any work starts."""
+"""Flow parameters are untrusted input: anyone who can create a flow run sets them. Types and bounds come
+from ModelConfig/TrainConfig (defined once there: `model.config.like`); paths must resolve inside the allowed
+roots, and a Dask scheduler must be one the settings name, before any work or any connection is made."""
 
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import AfterValidator, AllowInfNan, BaseModel
+from pydantic import AfterValidator, Field
 
 import settings
 
 if TYPE_CHECKING:
     from prefect import Flow
-
-
-def like(model: type[BaseModel], name: str) -> Any:
-    """The type and bounds of `model`'s field `name`, for a flow parameter of the same meaning."""
-    f = model.model_fields[name]
-    extra = [*f.metadata, *([AllowInfNan(False)] if f.annotation is float else [])]
-    return Annotated[(f.annotation, *extra)] if extra else f.annotation
-
-
-def default(model: type[BaseModel], name: str) -> Any:
-    return model.model_fields[name].default
 
 
 def confined(path: Path) -> Path:
@@ -44,8 +35,39 @@ def existing(path: Path) -> Path:
     return path
 
 
+def listed(address: str) -> str:
+    """`address` if it names a scheduler of CHAR_RNN_DASK_SCHEDULERS. Dask's protocol unpickles what its peer
+    sends, so a scheduler address is code execution for whoever answers there: like a path, it is configured
+    where flows run, never chosen by whoever creates a run."""
+    allowed = settings.current().dask_schedulers
+    if settings.scheduler_key(address) not in {settings.scheduler_key(a) for a in allowed}:
+        named = ", ".join(allowed) or "none"
+        raise ValueError(
+            f"dask_address {address} is not a scheduler named in CHAR_RNN_DASK_SCHEDULERS ({named}) where "
+            "flows run; add it there (only a scheduler you trust, reached over TLS or a trusted network), or "
+            "leave dask_address out for a local cluster"
+        )
+    return address
+
+
+def reachable(address: str) -> None:
+    """Raise a one-line error unless something listens at the (listed) Dask scheduler's `address`."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(
+            f"no Dask scheduler answers at dask_address={address} ({e.strerror or e.__class__.__name__}); "
+            "start one with `dask scheduler` (and workers with `dask worker <address> --nthreads 1`), or "
+            "leave dask_address out for a local cluster"
+        ) from None
+
+
 DataDir = Annotated[Path, AfterValidator(confined), AfterValidator(existing)]
 Folder = Annotated[Path, AfterValidator(confined)]
+DaskAddress = Annotated[
+    str, Field(pattern=r"^((tcp|tls)://)?\S+:\d{1,5}$", max_length=300), AfterValidator(listed)
+]
 
 
 def checked(flow: Flow, params: dict[str, Any]) -> dict[str, Any]:

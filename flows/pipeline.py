@@ -1,32 +1,16 @@
-"""The `char-rnn-pipeline` flow: ingest, encode, check, train, evaluate, compare, promote, report."""
+"""The `char-rnn-pipeline` flow: ingest, encode, check, train, evaluate, compare, promote, publish."""
 
-import hashlib
-import json
-
-from prefect import flow, get_run_logger
+from prefect import flow
 
 import settings
-from flows.params import DataDir, Folder, default, like
-from flows.report import Decision
-from flows.tasks import (
-    compare,
-    current_model,
-    encode,
-    evaluate,
-    ingest,
-    preflight,
-    promote,
-    publish,
-    train_model,
-)
-from model.net import ModelConfig as M
-from model.train import TrainConfig as T
-
-
-def run_name(fingerprint: str, model: M, config: T, parent: str | None) -> str:
-    """The run directory's name: the same work gets the same name, so a re-run finds its checkpoints."""
-    blob = json.dumps([model.model_dump(), config.model_dump(), parent], sort_keys=True).encode()
-    return f"run-{fingerprint[:12]}-{hashlib.sha256(blob).hexdigest()[:8]}"
+from flows import tasks
+from flows.params import DataDir, Folder
+from flows.tasks import compare, current_model, encode, evaluate, ingest, preflight, promote, publish, train
+from model.config import ModelConfig as M
+from model.config import TrainConfig as T
+from model.config import default, like
+from stages import promotion, training
+from stages.records import Decision
 
 
 @flow(name="char-rnn-pipeline", persist_result=False)
@@ -66,28 +50,23 @@ def pipeline(
         only_if_changed: end at once if the promoted model was trained on this very corpus (or a model
             trained on it was rolled back to the promoted one)
     """
-    logger = get_run_logger()
     s = settings.current()
-    data_dir, root = data_dir or s.data, artifacts_root or s.runs_dir
-    corpus = ingest(data_dir)
+    root = artifacts_root or s.runs_dir
+    corpus = ingest(data_dir or s.data)
     current = current_model(s.bentoml_dir)
-    if only_if_changed and current and (reason := current.knows(corpus.fingerprint)):
-        logger.info("Reusing the promoted model: %s", reason)
-        return Decision(promoted=False, tag=current.tag, reason=reason)
+    if only_if_changed and (same := promotion.unchanged(current, corpus.fingerprint)):
+        return tasks.decided(same, trained=False)
     config = T(steps=steps, batch=batch, seq=seq, lr=lr, checkpoint_every=checkpoint_every, seed=seed)
     vocab_size = len(current.vocab) if current else 1
     shape = M(vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers, dropout=dropout)
-    why_not = current.shape_differs(shape) if current else None
-    if why_not:
-        logger.info("Training from scratch: %s", why_not)
-    warm = None if why_not else current
-    data = encode(data_dir, corpus.fingerprint, root, warm.vocab if warm else None)
+    warm, why_not = promotion.warm_start(current, shape)
+    data = encode(corpus, root, warm)
     preflight(data, [config], current)
     model = shape.model_copy(update={"vocab_size": len(data.vocab)})
-    run_dir = root / run_name(corpus.fingerprint, model, config, warm.tag if warm else None)
-    trained = train_model(data, run_dir, model, config, warm)
+    run_dir = root / training.run_name(corpus.fingerprint, model, config, warm.tag if warm else None)
+    trained = train(data, run_dir, model, config, warm, why_not)
     candidate = evaluate(trained.checkpoint, data)
     against = compare(trained.checkpoint, current, data) if current else None
     decision = promote(trained, candidate, against, data, run_dir, s.bentoml_dir)
-    publish(data_dir, corpus, data, trained, candidate, decision)
-    return decision
+    publish(corpus, data, trained, candidate, decision)
+    return tasks.decided(decision)

@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 import settings
-from cli import Parser
+from terminal import Parser
 
 
 def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:

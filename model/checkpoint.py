@@ -25,8 +25,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from model import net
+from model.config import ModelConfig, TrainConfig
 from model.files import fsync_dir, named, sha256, write_atomic, write_file
-from model.net import ModelConfig, Params
+from model.net import Params
 from model.vocab import Vocab
 
 FORMAT = 2
@@ -45,7 +46,7 @@ class Meta(BaseModel):
     format: int
     vocab: list[str]
     model: ModelConfig
-    train: dict[str, Any] = {}
+    train: TrainConfig
     step: int = 0
     rng: dict[str, Any] | None = None
     data_pos: int = 0
@@ -57,10 +58,17 @@ class Meta(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def format1_is_rnn(cls, data: Any) -> Any:
-        """Format 1 had no `cell`: its models are vanilla RNNs (whatever ModelConfig's default is now)."""
-        if isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("model"), dict):
+    def migrate(cls, data: Any) -> Any:
+        """Older metadata, read as today's, in this one place: format 1 had no `cell` (its models are vanilla
+        RNNs, whatever ModelConfig's default is now), and code before min_lr was recorded resolved wrote
+        `min_lr: null`, which then meant lr / 10."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("format") == 1 and isinstance(data.get("model"), dict):
             data = data | {"model": {"cell": "rnn"} | data["model"]}
+        train = data.get("train")
+        if isinstance(train, dict) and "min_lr" in train and train["min_lr"] is None and "lr" in train:
+            data = data | {"train": train | {"min_lr": train["lr"] / 10}}
         return data
 
 

@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import secrets
+import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,6 +96,36 @@ def locked(path: Path, waiting: str | None = None) -> Iterator[None]:
                 log.info(waiting)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class FolderBusy(RuntimeError):
+    """Another live process owns the folder (it holds the folder's lock)."""
+
+
+@contextmanager
+def owned(folder: Path, doing: str) -> Iterator[None]:
+    """Own `folder` for the whole block, or refuse at once: an exclusive `flock` on `folder/.lock`, which
+    names the owner (PID, host, command). The kernel drops the lock when its process dies, however it dies,
+    so a run killed with SIGKILL never blocks the next one; a live owner gets a FolderBusy naming it."""
+    path = make_dirs(folder) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise named(e, path, "locking") from e
+            f.seek(0)
+            raise FolderBusy(
+                f"{folder} is in use: {f.read().strip() or 'another process'} is {doing} there; "
+                "wait for it to end, or stop it first"
+            ) from None
+        try:
+            f.truncate(0)
+            f.write(f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

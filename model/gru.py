@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, Recur, back_through_time, blocks, one_thread, recur_grad
+from model.cell import Cell, Params, back_through_time, blocks, recur_grad
+from model.runtime import Recur, one_thread
 
 
 class GRU(Cell):

@@ -14,33 +14,18 @@ for rnn and gru, 2 (h, c) for lstm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from model.cell import Cell, Params, blocks, halves, keep_freed_memory, side_by_side
+from model.cell import Cell, Params, blocks
+from model.config import ModelConfig
 from model.gru import GRU
 from model.lstm import LSTM
 from model.rnn import RNN
+from model.runtime import halves, keep_freed_memory, side_by_side
 
 CELLS: dict[str, Cell] = {c.name: c for c in (RNN(), GRU(), LSTM())}
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    vocab_size: int = Field(ge=1, le=1_000_000)
-    # defaults: the cell and size with the best full-validation loss for a 5-minute budget
-    # (bench/train_quality.py --cell C --minutes 5; B=32, T=64): gru 2x256 1.4685, lstm 2x256 1.5105,
-    # rnn 2x384 1.527 (lr 3e-3, 2026-11-28); with TrainConfig's defaults since (lr 5e-3 -> 5e-5, weight
-    # decay 0.1) the gru reaches 1.4357 (README, "Benchmarks"). Dropout 0.1 beat 0.05, 0.15 and 0.25 (one run
-    # each, without weight decay).
-    cell: Literal["rnn", "gru", "lstm"] = "gru"
-    hidden: int = Field(256, ge=1, le=8192)
-    layers: int = Field(2, ge=1, le=8)
-    dropout: float = Field(0.1, ge=0.0, le=0.9)
-    dtype: Literal["float32", "float64"] = "float32"
 
 
 def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -171,7 +156,7 @@ def grads(
     rng: np.random.Generator | None = None,
 ) -> tuple[float, Params, np.ndarray]:
     """One training step's mean loss, gradients and last state (`forward`, then `backward`). When the
-    process allows 2 BLAS threads and the batch's shape suits it (`cell.halves`), the two halves of the
+    process allows 2 BLAS threads and the batch's shape suits it (`runtime.halves`), the two halves of the
     batch run side by side, each on one thread, and their losses and gradients are averaged, weighted by
     rows: the same values up to rounding, with the same dropout masks."""
     keep_freed_memory()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 
 from model.cell import Params
-
-OptimName = Literal["adam", "adagrad", "sgd"]
+from model.config import OptimName
 
 
 def clip_(grads: Params, max_norm: float) -> float:

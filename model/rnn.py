@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, Recur, one_thread
+from model.cell import Cell, Params
+from model.runtime import Recur, one_thread
 
 
 class RNN(Cell):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from model import net
-from model.net import ModelConfig, Params
+from model.config import ModelConfig
+from model.net import Params
 from model.vocab import Unknown, Vocab
 
 CHUNK = 64  # steps of noise drawn ahead per row: a generator's stream, whatever the chunks

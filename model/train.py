@@ -5,44 +5,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from model import checkpoint, net, optim
-from model.cell import halves, side_by_side
 from model.checkpoint import Checkpoint, Meta
-from model.net import ModelConfig, Params
+from model.config import ModelConfig, TrainConfig
+from model.net import Params
+from model.runtime import halves, side_by_side
 from model.vocab import Vocab
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    steps: int = Field(3000, ge=1, le=10_000_000, description="total optimizer steps")
-    batch: int = Field(32, ge=1, le=4096, description="parallel sequences (B)")
-    seq: int = Field(64, ge=1, le=4096, description="truncated BPTT length (T)")
-    # lr, min_lr and weight_decay: the best of bench/train_quality.py's 5-minute runs (README, "Benchmarks")
-    lr: float = Field(5e-3, gt=0, le=10)
-    min_lr: float | None = Field(None, ge=0, le=10, description="learning rate at the end; None = lr / 100")
-    warmup: int = Field(100, ge=0, description="warmup steps (at most a tenth of the run)")
-    optimizer: optim.OptimName = "adam"
-    weight_decay: float = Field(0.1, ge=0, le=1, description="decoupled (AdamW), on matrices, not biases")
-    clip: float = Field(1.0, ge=0, description="global gradient-norm limit; 0 turns it off")
-    seed: int = Field(0, ge=0)
-    eval_every: int | None = Field(None, ge=1, description="steps between validations; None = at checkpoints")
-    eval_chars: int = Field(40_000, ge=0, description="validation characters per evaluation; 0 = all")
-    checkpoint_every: int = Field(500, ge=1)
-    keep: int = Field(3, ge=1, description="recent checkpoints kept (besides the best)")
-    log_every: int = Field(10, ge=1)
-    max_loss_factor: float = Field(3.0, gt=1, description="stop when loss > this x ln(vocab)")
-
-    @property
-    def final_lr(self) -> float:
-        return self.lr / 100 if self.min_lr is None else self.min_lr
 
 
 class RunExists(ValueError):
@@ -117,6 +91,30 @@ def bits(nats: float) -> float:
     return nats / math.log(2)
 
 
+@dataclass
+class Run:
+    """What a training run carries from step to step; a checkpoint saves all of it, so a resumed run continues
+    bitwise as if it had never stopped."""
+
+    params: Params
+    opt: optim.Optimizer
+    h: np.ndarray  # (L, S, B, H): the streams' hidden state, carried across chunks
+    rng: np.random.Generator  # dropout masks; its state is saved with every checkpoint
+    step: int = 0
+    pos: int = 0  # where the streams read next
+    metrics: dict = field(default_factory=lambda: {"train": [], "val": []})
+    parent: str | None = None
+
+
+def start(model_cfg: ModelConfig, cfg: TrainConfig, init_params: Params | None, parent: str | None) -> Run:
+    """A fresh run: parameters from `init_params` (a warm start) or initialised with the seed."""
+    rng = np.random.default_rng(cfg.seed)
+    params = init_params if init_params is not None else net.init(model_cfg, rng)
+    params = {k: np.array(v, dtype=model_cfg.dtype) for k, v in params.items()}
+    opt = optim.make(cfg.optimizer, params, cfg.weight_decay)
+    return Run(params, opt, net.zeros_state(model_cfg, cfg.batch), rng, parent=parent)
+
+
 def train(
     train_ids: np.ndarray,
     val_ids: np.ndarray,
@@ -126,7 +124,6 @@ def train(
     out: Path,
     *,
     resume: bool = False,
-    overwrite: bool = False,
     init_params: Params | None = None,
     parent: str | None = None,
     fingerprint: str | None = None,
@@ -136,103 +133,109 @@ def train(
     """Train for `cfg.steps` total steps, checkpointing into `out`; returns the final checkpoint.
 
     With `resume`, continues bitwise-exactly from the newest good checkpoint in `out`; otherwise `out` must
-    hold no checkpoints, unless `overwrite` (which deletes them). `init_params` warm-starts (e.g. from a
-    promoted model grown to `vocab`). `stop` ends this call at that step (validated and checkpointed) while
-    the schedule still spans `cfg.steps`: resuming it later is the same as never having stopped."""
+    hold no checkpoints (the caller owns the folder and clears it to start over). `init_params` warm-starts
+    (e.g. from a promoted model grown to `vocab`). `stop` ends this call at that step (validated and
+    checkpointed) while the
+    schedule still spans `cfg.steps`: resuming it later is the same as never having stopped."""
     if model_cfg.vocab_size != len(vocab):
         raise ValueError(f"model vocab_size {model_cfg.vocab_size} != vocabulary size {len(vocab)}")
     out = Path(out)
     if not resume and checkpoint.step_dirs(out):
-        if not overwrite:
-            raise RunExists(
-                f"{out} already holds the checkpoints of a run (newest {checkpoint.step_dirs(out)[0].name}); "
-                "continue it with --resume, replace it with --overwrite, or choose another --out"
-            )
-        checkpoint.clear(out)
+        raise RunExists(
+            f"{out} already holds the checkpoints of a run (newest {checkpoint.step_dirs(out)[0].name}); "
+            "continue it with --resume, replace it with --overwrite, or choose another --out"
+        )
     streams = Streams(train_ids, cfg.batch, cfg.seq)
-    rng = np.random.default_rng(cfg.seed)
-    params = init_params if init_params is not None else net.init(model_cfg, rng)
-    params = {k: np.array(v, dtype=model_cfg.dtype) for k, v in params.items()}
-    opt = optim.make(cfg.optimizer, params, cfg.weight_decay)
-    h = net.zeros_state(model_cfg, cfg.batch)  # (L, S, B, H), carried across chunks
-    step, pos = 0, 0
-    metrics: dict = {"train": [], "val": []}
+    run = start(model_cfg, cfg, init_params, parent)
     if resume and checkpoint.step_dirs(out):
-        ck = checkpoint.load(out)
-        step, pos, params, metrics, parent = restore(ck, model_cfg, cfg, vocab, fingerprint, opt, h)
-        rng.bit_generator.state = ck.meta.rng
+        restore(checkpoint.load(out), run, model_cfg, cfg, vocab, fingerprint)
     end = min(stop or cfg.steps, cfg.steps)
-    if step >= end:
-        return checkpoint.load(out)
-
     limit = cfg.max_loss_factor * math.log(max(len(vocab), 2))
-    drop_rng = rng if model_cfg.dropout > 0 else None
-    t0, step0 = time.perf_counter(), step
-    while step < end:
-        x, y, nxt = streams.get(pos)
-        loss, grads, h = net.grads(params, model_cfg, x, y, h, drop_rng)
-        if not math.isfinite(loss) or loss > limit:
-            raise TrainingDiverged(
-                f"loss {loss:.3g} at step {step + 1} (limit {limit:.3g}); no checkpoint was written "
-                f"for it. Lower the learning rate (--lr {cfg.lr / 3:.2g}) or the clip (--clip)"
-            )
-        norm = optim.clip_(grads, cfg.clip)
-        if not math.isfinite(norm):
-            raise TrainingDiverged(f"gradient norm {norm} at step {step + 1}; lower the learning rate")
-        lr = optim.lr_at(step, cfg.lr, cfg.steps, min(cfg.warmup, cfg.steps // 10), cfg.final_lr)
-        opt.step(params, grads, lr)
-        step += 1
-        if nxt == 0:
-            h[...] = 0.0  # streams wrapped: start from a clean state
-        pos = nxt
+    t0, step0 = time.perf_counter(), run.step
+    while run.step < end:
+        loss, norm, lr = step(run, streams, model_cfg, cfg, limit)
         val = None
-        if step % (cfg.eval_every or cfg.checkpoint_every) == 0 or step == end:
-            v_ids = val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids
-            val = evaluate(params, model_cfg, v_ids)
-            metrics["val"].append([step, round(val, 6)])
-        if step % cfg.log_every == 0 or val is not None or step == end:
-            metrics["train"].append([step, round(loss, 6)])
+        if run.step % (cfg.eval_every or cfg.checkpoint_every) == 0 or run.step == end:
+            val = evaluate(run.params, model_cfg, val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids)
+            run.metrics["val"].append([run.step, round(val, 6)])
+        if run.step % cfg.log_every == 0 or val is not None or run.step == end:
+            run.metrics["train"].append([run.step, round(loss, 6)])
             if on_progress:
-                rate = (step - step0) * cfg.batch * cfg.seq / max(time.perf_counter() - t0, 1e-9)
-                eta = (end - step) * cfg.batch * cfg.seq / max(rate, 1e-9)
-                on_progress(Progress(step, end, loss, lr, norm, rate, eta, val))
-        if step % cfg.checkpoint_every == 0 or step == end:
-            if not all(np.isfinite(v).all() for v in params.values()):
-                raise TrainingDiverged(f"non-finite weights at step {step}; no checkpoint was written")
-            vals = [v for _, v in metrics["val"]]
-            metrics |= {
-                "train_loss": loss,
-                "val_loss": vals[-1] if vals else None,
-                "best_val_loss": min(vals) if vals else None,
-            }
-            meta = Meta(
-                format=checkpoint.FORMAT,
-                vocab=list(vocab.chars),
-                model=model_cfg,
-                train=cfg.model_dump() | {"min_lr": cfg.final_lr},  # resolved: where the schedule ends
-                step=step,
-                rng=rng.bit_generator.state,
-                data_pos=pos,
-                metrics=metrics,
-                fingerprint=fingerprint,
-                parent=parent,
-                created=datetime.now(UTC).isoformat(timespec="seconds"),
-            )
-            checkpoint.save(out, params, meta, opt.state_dict() | {"state": h}, keep=cfg.keep)
+                rate = (run.step - step0) * cfg.batch * cfg.seq / max(time.perf_counter() - t0, 1e-9)
+                eta = (end - run.step) * cfg.batch * cfg.seq / max(rate, 1e-9)
+                on_progress(Progress(run.step, end, loss, lr, norm, rate, eta, val))
+        if run.step % cfg.checkpoint_every == 0 or run.step == end:
+            save(out, run, loss, vocab, model_cfg, cfg, fingerprint)
     return checkpoint.load(out)
+
+
+def step(run: Run, streams: Streams, model_cfg: ModelConfig, cfg: TrainConfig, limit: float) -> tuple:
+    """One optimizer step on the next batch: its loss, the gradient norm before clipping, the learning
+    rate."""
+    x, y, nxt = streams.get(run.pos)
+    drop_rng = run.rng if model_cfg.dropout > 0 else None
+    loss, grads, run.h = net.grads(run.params, model_cfg, x, y, run.h, drop_rng)
+    if not math.isfinite(loss) or loss > limit:
+        raise TrainingDiverged(
+            f"loss {loss:.3g} at step {run.step + 1} (limit {limit:.3g}); no checkpoint was written "
+            f"for it. Lower the learning rate (--lr {cfg.lr / 3:.2g}) or the clip (--clip)"
+        )
+    norm = optim.clip_(grads, cfg.clip)
+    if not math.isfinite(norm):
+        raise TrainingDiverged(f"gradient norm {norm} at step {run.step + 1}; lower the learning rate")
+    lr = optim.lr_at(run.step, cfg.lr, cfg.steps, min(cfg.warmup, cfg.steps // 10), cfg.final_lr)
+    run.opt.step(run.params, grads, lr)
+    run.step += 1
+    if nxt == 0:
+        run.h[...] = 0.0  # streams wrapped: start from a clean state
+    run.pos = nxt
+    return loss, norm, lr
+
+
+def save(
+    out: Path,
+    run: Run,
+    loss: float,
+    vocab: Vocab,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    fingerprint: str | None,
+) -> None:
+    """Checkpoint the run at its current step (refused when a weight is not finite)."""
+    if not all(np.isfinite(v).all() for v in run.params.values()):
+        raise TrainingDiverged(f"non-finite weights at step {run.step}; no checkpoint was written")
+    vals = [v for _, v in run.metrics["val"]]
+    run.metrics |= {
+        "train_loss": loss,
+        "val_loss": vals[-1] if vals else None,
+        "best_val_loss": min(vals) if vals else None,
+    }
+    meta = Meta(
+        format=checkpoint.FORMAT,
+        vocab=list(vocab.chars),
+        model=model_cfg,
+        train=cfg.resolved(),  # where the schedule ends, spelled out
+        step=run.step,
+        rng=run.rng.bit_generator.state,
+        data_pos=run.pos,
+        metrics=run.metrics,
+        fingerprint=fingerprint,
+        parent=run.parent,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    checkpoint.save(out, run.params, meta, run.opt.state_dict() | {"state": run.h}, keep=cfg.keep)
 
 
 def restore(
     ck: Checkpoint,
+    run: Run,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     vocab: Vocab,
     fingerprint: str | None,
-    opt: optim.Optimizer,
-    h: np.ndarray,
-) -> tuple[int, int, Params, dict, str | None]:
-    """Check that `ck` belongs to this run, load its optimizer state and the carried state `h`; step, pos,
-    params..."""
+) -> None:
+    """Continue `run` from `ck`, after checking that `ck` belongs to this run: same vocabulary, model, corpus
+    and training settings (all but the length and the logging/validation cadence)."""
     if ck.vocab != vocab:
         raise ValueError(
             f"{ck.path}: the vocabulary differs from this corpus's ({len(ck.vocab)} vs {len(vocab)} "
@@ -242,18 +245,17 @@ def restore(
         raise ValueError(f"{ck.path}: model config differs from this run's; resume with the same one")
     if fingerprint and ck.meta.fingerprint and fingerprint != ck.meta.fingerprint:
         raise ValueError(f"{ck.path}: trained on another corpus (fingerprint differs)")
-    saved = dict(ck.meta.train)
-    if saved.get("min_lr") is None:  # saved unresolved by older code, whose None meant lr / 10
-        saved["min_lr"] = saved["lr"] / 10
-    same = {k: v for k, v in saved.items() if k not in ("steps", "eval_every", "log_every")}
-    differs = {k for k, v in same.items() if (cfg.final_lr if k == "min_lr" else getattr(cfg, k)) != v}
-    if differs:
-        raise ValueError(f"{ck.path}: training settings {sorted(differs)} differ from the checkpoint's")
+    free = {"steps", "eval_every", "log_every"}
+    saved, mine = ck.meta.train.model_dump(exclude=free), cfg.resolved().model_dump(exclude=free)
+    if differs := sorted(k for k in saved if saved[k] != mine[k]):
+        raise ValueError(f"{ck.path}: training settings {differs} differ from the checkpoint's")
     if not ck.optim:
         raise ValueError(f"{ck.path}: no optimizer state saved; cannot resume from it")
-    if ck.optim.get("state", np.empty(0)).shape != h.shape:
-        raise ValueError(f"{ck.path}: no carried state of shape {h.shape} saved; cannot resume from it")
-    opt.load_state_dict(ck.optim)
-    h[...] = ck.optim["state"]
-    params = {k: v.copy() for k, v in ck.params.items()}
-    return ck.meta.step, ck.meta.data_pos, params, ck.meta.metrics, ck.meta.parent
+    if ck.optim.get("state", np.empty(0)).shape != run.h.shape:
+        raise ValueError(f"{ck.path}: no carried state of shape {run.h.shape} saved; cannot resume from it")
+    run.opt.load_state_dict(ck.optim)
+    run.h[...] = ck.optim["state"]
+    run.params = {k: v.copy() for k, v in ck.params.items()}
+    run.rng.bit_generator.state = ck.meta.rng
+    run.step, run.pos, run.metrics = ck.meta.step, ck.meta.data_pos, ck.meta.metrics
+    run.parent = ck.meta.parent

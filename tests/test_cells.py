@@ -200,7 +200,7 @@ def test_batch_halves_side_by_side_equal_one_pass(cell):
     the same dropout masks), the rows weighted by halves of unequal size too."""
     from threadpoolctl import threadpool_limits
 
-    from model.cell import halves
+    from model.runtime import halves
 
     V, H, T = 7, 5, 4
     cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=2, dropout=0.3, dtype="float64")
@@ -228,7 +228,7 @@ def test_evaluate_by_halves_equals_one_pass():
     from threadpoolctl import threadpool_limits
 
     from model import train
-    from model.cell import halves
+    from model.runtime import halves
 
     cfg = net.ModelConfig(vocab_size=7, cell="gru", hidden=5, layers=2, dropout=0.3, dtype="float64")
     p, _, r = lively(cfg, 3, 1)
@@ -247,7 +247,7 @@ def test_evaluate_by_halves_equals_one_pass():
 def test_split_keeps_each_call_under_the_small_kernel_limit():
     """Rows from 4 to 8 dividing B and columns dividing N, m·n·K within the limit; one call when the product
     fits whole or cannot be split so."""
-    from model.cell import SMALL_MNK, split
+    from model.runtime import SMALL_MNK, split
 
     assert split(16, 256, 256) == (8, 256)  # rows only
     assert split(32, 512, 512) == (8, 128)  # rows and columns
@@ -267,10 +267,10 @@ def test_recur_in_blocks_equals_one_product(lead, monkeypatch):
     the vanilla cell's (B, H) x (H, H), the gated cells' h against k blocks and their backward's k x k."""
     from threadpoolctl import threadpool_limits
 
-    from model import cell as cells
-    from model.cell import Recur
+    from model import runtime
+    from model.runtime import Recur
 
-    monkeypatch.setattr(cells, "small_kernel", lambda: True)  # blocks whatever this machine's BLAS
+    monkeypatch.setattr(runtime, "small_kernel", lambda: True)  # blocks whatever this machine's BLAS
 
     r = np.random.default_rng(0)
     B, H = 16, 512
@@ -291,7 +291,7 @@ def test_gradients_equal_with_the_products_in_blocks(cell, monkeypatch):
     into 8 rows x 32 columns) gives the loss, state and gradients of plain products."""
     from threadpoolctl import threadpool_limits
 
-    from model import cell as cells
+    from model import runtime
 
     V, H, B, T = 7, 64, 16, 5
     cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=2, dropout=0.3, dtype="float64")
@@ -303,11 +303,11 @@ def test_gradients_equal_with_the_products_in_blocks(cell, monkeypatch):
         return loss, sT, net.backward(p, cfg, c)
 
     with threadpool_limits(1, user_api="blas"):
-        monkeypatch.setattr(cells, "small_kernel", lambda: False)
+        monkeypatch.setattr(runtime, "small_kernel", lambda: False)
         l0, s_0, g0 = step()
-        monkeypatch.setattr(cells, "SMALL_MNK", 8 * 32 * H)
-        monkeypatch.setattr(cells, "small_kernel", lambda: True)
-        assert cells.split(B, H, H) == (8, 32)
+        monkeypatch.setattr(runtime, "SMALL_MNK", 8 * 32 * H)
+        monkeypatch.setattr(runtime, "small_kernel", lambda: True)
+        assert runtime.split(B, H, H) == (8, 32)
         l1, s_1, g1 = step()
     assert l1 == pytest.approx(l0, rel=1e-12)
     np.testing.assert_allclose(s_1, s_0, rtol=1e-12, atol=1e-14)
@@ -316,15 +316,15 @@ def test_gradients_equal_with_the_products_in_blocks(cell, monkeypatch):
 
 
 def test_no_blocks_where_openblas_has_no_small_kernel():
-    """OpenBLAS's Haswell kernels (Zen's too) have no small-matrix kernel: there the products stay whole (in
-    blocks they ran 1.4-2x slower here), on one thread too."""
+    """OpenBLAS's Haswell kernels (Zen's too) have no small-matrix kernel: there the products stay whole, on
+    one thread too."""
     import subprocess
     import sys
 
     code = (
-        "import numpy as np; from threadpoolctl import threadpool_limits; from model import cell\n"
+        "import numpy as np; from threadpoolctl import threadpool_limits; from model import runtime\n"
         "with threadpool_limits(1, user_api='blas'):\n"
-        "    print(cell.small_kernel(), cell.Recur(np.zeros((256, 256), np.float32), 16).plain)"
+        "    print(runtime.small_kernel(), runtime.Recur(np.zeros((256, 256), np.float32), 16).plain)"
     )
     env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -12,6 +12,7 @@ from conftest import SHAKESPEARE, damage
 
 from model import checkpoint, corpus, net, sample, train
 from model.checkpoint import CheckpointError, Meta
+from model.config import TrainConfig
 from model.vocab import Vocab
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -24,6 +25,7 @@ def make(step: int, val: float | None = None, V: int = 5, H: int = 4):
         format=checkpoint.FORMAT,
         vocab=list("abcde"[:V]),
         model=cfg,
+        train=TrainConfig(),
         step=step,
         metrics={"val_loss": val},
     )

@@ -34,7 +34,7 @@ def test_resume_keeps_the_run_settings(tmp_path, small_corpus, capsys):
     assert main(["train", "--data", str(small_corpus), "--out", str(out), *FAST[2:], "--steps", "10"]) == 0
     assert main(["train", "--data", str(small_corpus), "--out", str(out), "--resume", "--steps", "20"]) == 0
     ck = checkpoint.load(out)
-    assert ck.meta.step == 20 and ck.config.hidden == 32 and ck.meta.train["batch"] == 8
+    assert ck.meta.step == 20 and ck.config.hidden == 32 and ck.meta.train.batch == 8
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,12 @@ from prefect.exceptions import ParameterTypeError
 
 from flows.params import checked
 from flows.pipeline import pipeline
-from flows.report import Score
-from flows.tasks import Encoded, Trained, encode, ingest, promote
 from model import checkpoint, corpus
 from model.corpus import CorpusError
 from registry import Registry
+from stages import promotion
+from stages.data import encode, ingest
+from stages.records import Encoded, Score, Trained
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"steps": 40, "hidden": 16, "batch": 4, "seq": 16, "checkpoint_every": 20}
@@ -57,24 +58,22 @@ def promoted(home: Path) -> list[str]:
     return [e.tag for e in Registry(home / "bentoml").history()]
 
 
-def test_ingest_fingerprints_and_names_skipped_files(texts, caplog):
-    info = ingest.fn(texts)
+def test_ingest_fingerprints_and_names_skipped_files(texts):
+    info = ingest(texts)
     assert info.files == ["a.txt"]
     assert info.skipped == {"empty.txt": "empty", "latin1.txt": "not valid UTF-8 (byte 3)"}
     assert info.fingerprint == corpus.read(texts).fingerprint
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("latin1.txt" in m for m in warned) and any("empty.txt" in m for m in warned)
 
 
 def test_ingest_of_nothing_usable_is_a_clear_error(texts):
     (texts / "a.txt").unlink()
     with pytest.raises(CorpusError, match="no usable text.*empty.txt: empty"):
-        ingest.fn(texts)
+        ingest(texts)
 
 
 def test_encode_writes_split_arrays_and_a_manifest(texts, tmp_path):
-    info = ingest.fn(texts)
-    data = encode.fn(texts, info.fingerprint, tmp_path / "runs")
+    info = ingest(texts)
+    data = encode(info, tmp_path / "runs")
     assert data == Encoded.model_validate_json(data.manifest.read_bytes())
     train, val = data.load("train"), data.load("val")
     assert train.dtype == np.int32 and (data.train_chars, data.val_chars) == (len(train), len(val))
@@ -82,13 +81,13 @@ def test_encode_writes_split_arrays_and_a_manifest(texts, tmp_path):
     assert "".join(data.vocab[i] for i in val) == text[len(train) :]  # the last 10%
     assert len(val) == round(0.1 * len(text))
 
-    grown = encode.fn(texts, info.fingerprint, tmp_path / "runs", base_vocab=["é", "a"])
+    grown = encode(info, tmp_path / "runs", ["é", "a"])
     assert grown.vocab[:2] == ["é", "a"] and grown.new_chars == grown.vocab[2:]
     assert grown.dir != data.dir
 
 
 def test_damaged_encoded_arrays_are_refused(texts, tmp_path):
-    data = encode.fn(texts, ingest.fn(texts).fingerprint, tmp_path)
+    data = encode(ingest(texts), tmp_path)
     damage(data.dir / "val.npy", "flip")
     assert len(data.load("train")) == data.train_chars
     with pytest.raises(ValueError, match=r"val.npy: checksum mismatch"):
@@ -96,22 +95,22 @@ def test_damaged_encoded_arrays_are_refused(texts, tmp_path):
 
 
 def test_encode_refuses_a_corpus_that_changed_since_ingest(texts, tmp_path):
-    info = ingest.fn(texts)
+    info = ingest(texts)
     (texts / "b.txt").write_text("more")
     with pytest.raises(RuntimeError, match="changed while the pipeline ran"):
-        encode.fn(texts, info.fingerprint, tmp_path)
+        encode(info, tmp_path)
 
 
 def test_encode_reuses_what_it_wrote_and_rewrites_what_was_damaged(texts, tmp_path, caplog):
-    info = ingest.fn(texts)
-    first = encode.fn(texts, info.fingerprint, tmp_path)
+    info = ingest(texts)
+    first = encode(info, tmp_path)
     stamp = (first.dir / "train.npy").stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
-        again = encode.fn(texts, info.fingerprint, tmp_path)
+        again = encode(info, tmp_path)
     assert again == first and (first.dir / "train.npy").stat().st_mtime_ns == stamp
     assert "Reusing the encoded corpus" in caplog.text
     damage(first.dir / "train.npy", "flip")
-    assert encode.fn(texts, info.fingerprint, tmp_path).load("train").size == first.train_chars
+    assert encode(info, tmp_path).load("train").size == first.train_chars
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"hidden": 100_000}, {"data_dir": "/no/such/folder"}])
@@ -192,7 +191,7 @@ def test_promote_compares_with_a_model_promoted_meanwhile(prefect_api, texts, ho
     score = Score.model_validate(metrics["candidate"])
 
     # This candidate believes there is no promoted model; under the lock it must find the current one.
-    decision = promote.fn(same, score, None, data, first.run_dir, home / "bentoml")
+    decision = promotion.promote(same, score, None, data, first.run_dir, home / "bentoml")
 
     assert not decision.promoted and decision.against.current.model == first.tag
     assert decision.lost_to == first.tag and promoted(home) == [first.tag]
@@ -263,7 +262,7 @@ def test_relative_paths_start_at_the_checkout_and_roots_cannot_be_added_through_
 
 def test_files_linking_out_of_the_corpus_folder_are_skipped(texts):
     (texts / "passwd.txt").symlink_to("/etc/passwd")
-    assert "outside the folder" in ingest.fn(texts).skipped["passwd.txt"]
+    assert "outside the folder" in ingest(texts).skipped["passwd.txt"]
 
 
 def test_every_file_gives_its_share_of_validation_text(prefect_api, texts, home):

@@ -20,15 +20,17 @@ from prefect.exceptions import ParameterTypeError
 from pydantic import TypeAdapter
 from threadpoolctl import threadpool_limits
 
-from flows import space as sp
-from flows.report import Rung
-from flows.sweep import in_time, sweep
-from flows.tasks import Encoded, Trial, encode, ingest, train_trial
+from flows.sweep import sweep
 from model import checkpoint, train
-from model.net import ModelConfig
+from model.config import ModelConfig
 from model.vocab import Vocab
 from registry import Registry
 from settings import isolated_env
+from stages import sweeping as sp
+from stages.data import encode, ingest
+from stages.records import Encoded, Rung, Trial
+from stages.sweeping import in_time
+from stages.training import train_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"hidden": [16], "batch": [4], "seq": [16]}
@@ -123,8 +125,7 @@ def test_the_time_budget_stops_a_trial_whose_next_rung_would_not_fit():
 
 @pytest.fixture
 def encoded(texts, tmp_path) -> Encoded:
-    info = ingest.fn(texts)
-    return encode.fn(texts, info.fingerprint, tmp_path / "data")
+    return encode(ingest(texts), tmp_path / "data")
 
 
 def trial(encoded: Encoded, folder: Path, **drawn) -> Trial:
@@ -134,15 +135,15 @@ def trial(encoded: Encoded, folder: Path, **drawn) -> Trial:
 
 def test_a_diverging_trial_is_a_failed_rung_not_an_error(encoded, tmp_path):
     wild = trial(encoded, tmp_path / "wild", hidden=16, batch=4, seq=16, optimizer="sgd", lr=9.0, clip=0.0)
-    r = train_trial.fn(encoded, wild, 0, 30)
+    r = train_trial(encoded, wild, 0, 30)
     assert r.failed and "loss" in r.failed and r.val is None and r.worker == "local"
 
 
 def test_a_finished_rung_is_read_back_and_a_trial_resumes_to_the_next(encoded, tmp_path):
     t = trial(encoded, tmp_path / "t", hidden=16, batch=4, seq=16)
-    first = train_trial.fn(encoded, t, 0, 30)
-    assert train_trial.fn(encoded, t, 0, 30) == first  # not trained again (same wall seconds)
-    second = train_trial.fn(encoded, t, 1, 60)
+    first = train_trial(encoded, t, 0, 30)
+    assert train_trial(encoded, t, 0, 30) == first  # not trained again (same wall seconds)
+    second = train_trial(encoded, t, 1, 60)
     assert (first.step, second.step, second.resumed_from) == (30, 60, 30) and second.val < first.val
     assert t.rungs() == [first, second]
     assert same_weights(
@@ -201,13 +202,15 @@ def test_sweep_on_a_local_cluster_halves_records_and_promotes(prefect_api, texts
     assert not again.decision.promoted and "does not beat" in again.decision.reason
 
 
-def test_bad_parameters_fail_before_any_work(prefect_api, texts, home):
+def test_bad_parameters_fail_before_any_work(prefect_api, texts, home, monkeypatch):
     with pytest.raises(ParameterTypeError, match="hiden"):
         sweep(data_dir=texts, space={"hiden": [8]})
     with pytest.raises(ValueError, match="use steps >= 4"):
         sweep(data_dir=texts, space=TINY | {"lr": [1e-3, 2e-3, 3e-3, 4e-3]}, trials=4, steps=3)
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("CHAR_RNN_DASK_SCHEDULERS", dead)  # listed where flows run, but nothing listens
     with pytest.raises(ValueError, match=r"^no Dask scheduler answers at dask_address=tcp://127.0.0.1:\d+ "):
-        sweep(data_dir=texts, space=TINY, trials=1, dask_address=f"tcp://127.0.0.1:{free_port()}")
+        sweep(data_dir=texts, space=TINY, trials=1, dask_address=dead)
     assert not (home / "sweeps").exists()
 
 
@@ -276,8 +279,11 @@ def kill_a_worker_mid_trial(home: Path, workers: list[subprocess.Popen], seconds
     raise AssertionError("no trial was caught between its first checkpoint and the end of its first rung")
 
 
-def test_sweep_on_dask_worker_processes_survives_a_killed_worker(prefect_api, texts, home, dask_cluster):
+def test_sweep_on_dask_worker_processes_survives_a_killed_worker(
+    prefect_api, texts, home, dask_cluster, monkeypatch
+):
     address, workers, user, log = dask_cluster
+    monkeypatch.setenv("CHAR_RNN_DASK_SCHEDULERS", address)  # the scheduler named where flows run
     grid = {"hidden": [64], "batch": [8], "seq": [32], "lr": [0.003, 0.006]}
     killed: dict = {}
     killer = threading.Thread(target=lambda: killed.update(kill_a_worker_mid_trial(home, workers)))

@@ -126,7 +126,7 @@ def test_resume_keeps_where_the_schedule_ends(tmp_path, small_text):
 def test_divergence_stops_without_a_bad_checkpoint(tmp_path, small_text):
     tr, va, vocab, mcfg = data(small_text)
     wild = CFG.model_copy(
-        update={"optimizer": "sgd", "lr": 50.0, "clip": 0.0, "warmup": 0, "checkpoint_every": 1}
+        update={"optimizer": "sgd", "lr": 10.0, "clip": 0.0, "warmup": 0, "checkpoint_every": 1}
     )
     with pytest.raises(train.TrainingDiverged, match="lower the learning rate|Lower the learning rate"):
         train.train(tr, va, vocab, mcfg, wild, tmp_path)

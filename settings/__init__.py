@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ROOT = Path(__file__).resolve().parent  # the checkout: relative paths in flow parameters start here
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: relative paths in flow parameters start here
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -41,6 +41,16 @@ class SettingsError(ValueError):
 def _path_list(v: object) -> object:
     """CHAR_RNN_ALLOWED_ROOTS is a list of folders separated by ':' (os.pathsep), as PATH is."""
     return [p for p in v.split(os.pathsep) if p.strip()] if isinstance(v, str) else v
+
+
+def _word_list(v: object) -> object:
+    """CHAR_RNN_DASK_SCHEDULERS is a list of addresses separated by commas or spaces."""
+    return v.replace(",", " ").split() if isinstance(v, str) else v
+
+
+def scheduler_key(address: str) -> str:
+    """A Dask address compared by its scheme, host and port (Dask reads a bare host:port as tcp://)."""
+    return address.strip().lower() if "://" in address else f"tcp://{address.strip().lower()}"
 
 
 class Settings(BaseSettings):
@@ -63,6 +73,14 @@ class Settings(BaseSettings):
     )
     prefect_home: Path | None = Field(None, validation_alias=AliasChoices("PREFECT_HOME"))
     bentoml_home: Path | None = Field(None, validation_alias=AliasChoices("BENTOML_HOME"))
+    # the sweep's Dask schedulers: the only ones a flow run may name (dask_address); TLS files for tls:// ones
+    dask_schedulers: Annotated[list[str], NoDecode, BeforeValidator(_word_list)] = Field(
+        [],
+        description="Dask schedulers flow runs may use, e.g. tls://10.0.0.5:8786 (comma- or space-separated)",
+    )
+    dask_tls_ca: Path | None = Field(None, description="CA certificate that signed the scheduler's (PEM)")
+    dask_tls_cert: Path | None = Field(None, description="this client's certificate (PEM)")
+    dask_tls_key: Path | None = Field(None, description="this client's private key (PEM)")
     # the scheduled retrain (python -m flows.serve)
     retrain_interval: float | None = Field(None, gt=0, le=366 * 86400, description="seconds")
     retrain_cron: str | None = None
@@ -70,6 +88,7 @@ class Settings(BaseSettings):
     host: IPvAnyAddress = Field(IPv4Address("127.0.0.1"), description="address to listen on")
     port: int = Field(3000, ge=1, le=65535)
     api_key: SecretStr | None = Field(None, description="when set, generation routes need 'Bearer <key>'")
+    metrics_key: SecretStr | None = Field(None, description="when set, /metrics needs 'Bearer <key>'")
     reload_interval: float = Field(2.0, gt=0, le=3600, description="seconds between registry checks")
     max_prompt: int = Field(2000, ge=1, le=100_000, description="characters")
     timeout: float = Field(30.0, gt=0, le=3600, description="seconds per request")
@@ -79,7 +98,17 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="service processes")
     blas_threads: int = Field(1, ge=1, le=256, description="BLAS threads per service process")
 
-    @field_validator("home", "runs", "data", "prefect_home", "bentoml_home", "allowed_roots")
+    @field_validator(
+        "home",
+        "runs",
+        "data",
+        "prefect_home",
+        "bentoml_home",
+        "allowed_roots",
+        "dask_tls_ca",
+        "dask_tls_cert",
+        "dask_tls_key",
+    )
     @classmethod
     def _absolute(cls, v: Path | list[Path] | None) -> Path | list[Path] | None:
         """Relative paths in variables are taken from the current directory, once, here."""
@@ -87,7 +116,7 @@ class Settings(BaseSettings):
             return [p.expanduser().absolute() for p in v]
         return None if v is None else v.expanduser().absolute()
 
-    @field_validator("api_key")
+    @field_validator("api_key", "metrics_key")
     @classmethod
     def _non_empty(cls, v: SecretStr | None) -> SecretStr | None:
         return v if v is None or v.get_secret_value() else None  # CHAR_RNN_API_KEY= means no key
@@ -148,6 +177,8 @@ def configure(**overrides: object) -> dict[str, str]:
     env = {k: os.environ.get(k, v) for k, v in s.environment().items()}
     if "allowed_roots" in overrides:
         env["CHAR_RNN_ALLOWED_ROOTS"] = os.pathsep.join(map(str, s.allowed_roots))
+    if "dask_schedulers" in overrides:
+        env["CHAR_RNN_DASK_SCHEDULERS"] = " ".join(s.dask_schedulers)
     for module, var in (("prefect", "PREFECT_HOME"), ("bentoml", "BENTOML_HOME")):
         if module in sys.modules and var not in os.environ:
             raise SettingsError(

@@ -1,0 +1,155 @@
+"""How the maths runs on this process's cores: BLAS threads, the batch's halves side by side, the per-step
+products in blocks OpenBLAS multiplies fastest, and malloc's reuse of freed memory.
+
+Nothing here changes a number a model computes (beyond rounding, for the halves); it only decides where and in
+which pieces the products run. The cells (`rnn.py`, `gru.py`, `lstm.py`) keep only the maths and call `Recur`
+and `one_thread`; `net.grads` calls `halves` and `side_by_side`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cache
+from typing import Any
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+# A thread hand-off per step costs more than it saves on products smaller than this (flops of one per-step
+# (B, H) x (H, H) product): they run on one BLAS thread.
+SMALL_FLOPS = 1 << 24
+# Up to this hidden size the batch's two halves side by side, one BLAS thread each, beat one pass on two
+# threads: each thread streams all of W every step, which costs more than it saves as W grows
+# (bench/train_speed.py measures both ways).
+HALVES_MAX_H = 768
+# OpenBLAS multiplies a product of M·N·K <= 10^6 through a kernel that does not pack the matrices first, on
+# the cores that have one (its SkylakeX kernels, which Cooperlake and SapphireRapids reuse; OpenBLAS PR 3335):
+# there several such small calls beat one large call that packs W every step. Where the kernel is missing
+# (Haswell's kernels, which AVX2 machines such as Zen get) small calls pack W each time and lose, so `Recur`
+# splits only where the kernel is.
+SMALL_MNK = 10**6
+SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+
+
+@cache
+def _blas() -> tuple:
+    """NumPy's BLAS libraries, as threadpoolctl finds them (its `limit` and `select` are slow per call, its
+    controllers' get/set calls cheap: the per-step code uses only the latter)."""
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@cache
+def small_kernel() -> bool:
+    """Whether NumPy's BLAS is an OpenBLAS whose core has the small-matrix kernel (SMALL_KERNEL_CORES)."""
+    return any(
+        c.internal_api == "openblas" and str(getattr(c, "architecture", "")).lower() in SMALL_KERNEL_CORES
+        for c in _blas()
+    )
+
+
+def blas_threads() -> int:
+    """The BLAS threads this process allows now."""
+    return min((c.get_num_threads() for c in _blas()), default=1)
+
+
+@contextmanager
+def blas_limit(n: int) -> Iterator[None]:
+    """At most `n` BLAS threads (process-wide) inside the block."""
+    old = [c.get_num_threads() for c in _blas()]
+    for c, o in zip(_blas(), old, strict=True):
+        c.set_num_threads(min(n, o))
+    try:
+        yield
+    finally:
+        for c, o in zip(_blas(), old, strict=True):
+            c.set_num_threads(o)
+
+
+@cache
+def keep_freed_memory() -> None:
+    """Have glibc's malloc reuse freed memory for arrays up to 256 MB instead of mapping fresh pages for each:
+    a training step allocates arrays of megabytes, and faulting their pages in anew every step slows it down.
+    Once per process; nothing where malloc is not glibc's."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 29)  # M_TRIM_THRESHOLD: freed memory kept for reuse, up to this much
+    except (OSError, AttributeError):
+        pass
+
+
+@cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """The two threads for `side_by_side`, of this process (`pid`: a forked child makes its own)."""
+    return ThreadPoolExecutor(2, thread_name_prefix="rows")
+
+
+def small(B: int, H: int) -> bool:
+    """Whether the per-step (B, H) x (H, H) products are too small for BLAS to share between threads."""
+    return 2 * B * H * H < SMALL_FLOPS
+
+
+def halves(B: int, H: int) -> list[slice]:
+    """The rows of a batch as the groups that run side by side, each on one thread: the two halves when the
+    process allows 2 BLAS threads, B >= 16 and H <= HALVES_MAX_H (then the pointwise maths and the Python loop
+    use the second core too, not only the products); else all rows at once."""
+    if B < 16 or H > HALVES_MAX_H or blas_threads() < 2:
+        return [slice(None)]
+    return [slice(0, B // 2), slice(B // 2, B)]
+
+
+def side_by_side(fn: Callable[[Any], Any], groups: list) -> list[Any]:
+    """fn(group) for each group: on this thread for one, else on two threads with BLAS on one thread each (the
+    process-wide limit is set here, once, not by the calls that run together)."""
+    if len(groups) == 1:
+        return [fn(groups[0])]
+    with blas_limit(1):
+        return list(_pool(os.getpid()).map(fn, groups))
+
+
+def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
+    """BLAS on one thread for the T sequential (B, H) x (H, H) products (one per gate block) when they are
+    small: a thread hand-off per small product costs more than it saves, and much more when other jobs share
+    the cores. Not for a single step (sampling)."""
+    if T == 1 or not small(B, H) or blas_threads() == 1:
+        return nullcontext()
+    return blas_limit(1)
+
+
+def split(B: int, K: int, N: int) -> tuple[int, int]:
+    """Rows and columns per BLAS call for the per-step (B, K) x (K, N) products on one thread: calls small
+    enough for OpenBLAS's small-matrix kernel (m·n·K <= SMALL_MNK), of m rows (the largest divisor of B from 4
+    to 8) and n columns (the largest divisor of N that fits, at least 32); (B, N), one call, when the whole
+    product fits or no such split exists."""
+    m = next((m for m in range(8, 3, -1) if B % m == 0), B)
+    n = next((n for n in range(min(N, SMALL_MNK // (m * K)), 31, -1) if N % n == 0), N)
+    if B * N * K <= SMALL_MNK or m == B or m * n * K > SMALL_MNK:
+        return B, N
+    return m, n
+
+
+class Recur:
+    """The per-step recurrent products out = x W of one pass over the steps: W (..., K, N) fixed over the
+    pass, x (..., B, K), out (..., B, N), broadcast over the leading axes; one matmul call per step. When BLAS
+    runs on one thread and has the small-matrix kernel, that call multiplies blocks of m rows by n columns
+    (`split`), small enough for that kernel."""
+
+    def __init__(self, W: np.ndarray, B: int):
+        K, N = W.shape[-2:]
+        m, n = split(B, K, N) if blas_threads() == 1 and small_kernel() else (B, N)
+        self.plain, self.W = (m, n) == (B, N), W
+        if not self.plain:  # (..., N/n, 1, K, n): the column blocks, each against every row block
+            self.W = W.reshape(*W.shape[:-2], K, N // n, n).swapaxes(-3, -2)[..., None, :, :]
+        self.xs, self.outs = (1, B // m, m, K), (B // m, m, N // n, n)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.plain:
+            np.matmul(x, self.W, out=out)
+            return
+        xv = x.reshape(x.shape[:-2] + self.xs)  # (..., 1, B/m, m, K)
+        ov = out.reshape(out.shape[:-2] + self.outs, copy=False)  # a view: the product must land in `out`
+        np.matmul(xv, self.W, out=ov.swapaxes(-2, -3).swapaxes(-3, -4))  # (..., N/n, B/m, m, n)
