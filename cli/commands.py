@@ -8,16 +8,16 @@ overwritten unless asked.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
 import settings
 from cli.parsing import MODEL_FLAGS, TRAIN_FLAGS
-from model import checkpoint, corpus, sample, train
+from model import checkpoint, sample, train
 from model.config import ModelConfig, TrainConfig
-from stages import data, training
+from model.vocab import UnknownCharsError
+from stages import data, scoring, training
 from terminal import TrainingBar
 
 
@@ -42,7 +42,7 @@ def configs(a: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, TrainC
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    info = data.ingest(a.data)
+    info = data.ingest(a.data, settings.current().runs_dir / "ingest")
     for name, why in info.skipped.items():
         print(f"char-rnn: warning: skipped {name}: {why}", file=sys.stderr)
     encoded = data.encode(info, settings.current().runs_dir)
@@ -72,13 +72,18 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
+    """The checkpoint's loss on the validation part of --data (each file's last 10%), encoded as the pipeline
+    encodes it and scored as the pipeline scores it (up to CHAR_RNN_EVAL_CHARS whole, above it a sample)."""
     ck = checkpoint.load(checkpoint_path(a.checkpoint), with_optim=False)
-    _, text = corpus.read(a.data).split()
-    va = ck.vocab.encode(text, a.unknown)
-    nats = train.evaluate(ck.params, ck.config, va)
+    s = settings.current()
+    encoded = data.encode(data.ingest(a.data, s.runs_dir / "ingest"), s.runs_dir)
+    if a.unknown == "error" and (unknown := sorted(set(encoded.vocab) - set(ck.vocab.chars))):
+        raise UnknownCharsError(unknown)
+    score = scoring.score(ck.path, encoded, str(ck.path), samples=False, limit=s.eval_chars)
+    sampled = f" of {score.of:,}, evenly spread" if score.sampled else ""
     print(
-        f"{ck.path}: validation ({len(va):,} chars) {nats:.4f} nats/char, {train.bits(nats):.4f} bits/char, "
-        f"perplexity {math.exp(nats):.3f}"
+        f"{ck.path}: validation ({score.chars:,} chars{sampled}) {score.nats:.4f} nats/char, "
+        f"{score.bits:.4f} bits/char, perplexity {score.perplexity:.3f}"
     )
 
 

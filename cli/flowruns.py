@@ -18,7 +18,7 @@ from pathlib import Path
 
 import settings
 from cli.parsing import PIPELINE_FLAGS, SWEEP_FLAGS
-from model import corpus
+from stages import data
 
 
 class Lines(logging.Handler):
@@ -66,7 +66,8 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
 
     params = {"data_dir": a.data} | {k: getattr(a, k) for k in PIPELINE_FLAGS if getattr(a, k) is not None}
     params = checked(pipeline, params)  # before Prefect's temporary server starts
-    corpus.read(params["data_dir"] or settings.current().data)  # unusable text: say so now, in one line
+    s = settings.current()
+    data.ingest(params["data_dir"] or s.data, s.runs_dir / "ingest")  # unusable text: say so now, in one line
     with shown(("prefect.flow_runs", "prefect.task_runs")):
         d = pipeline(**params)
     print(

@@ -129,7 +129,8 @@ def reachable(url: str) -> None:
         ) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> Parser:
+    """`python -m flows.serve`'s command line."""
     parser = Parser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     when = parser.add_mutually_exclusive_group()
     when.add_argument(
@@ -146,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--limit", type=positive, default=3, help="flow runs executed at once (default 3: one per deployment)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = (ap := parser()).parse_args(argv)
     try:
         os.environ.update(settings.configure())
         s = settings.current()
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         checked(pipeline, params)
         reachable(url)
     except ValueError as e:  # SettingsError included
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
     serve(*deployments(params, **when), limit=args.limit)
     return 0
 

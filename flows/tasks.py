@@ -21,6 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.exceptions import MissingContextError
 
+import settings
 from flows.events import announce
 from model.config import ModelConfig, TrainConfig
 from model.train import Progress, bits
@@ -49,14 +50,11 @@ def flow_run_id() -> str | None:
 @task(**READ)
 def ingest(data_dir: Path) -> CorpusInfo:
     """Read the corpus's .txt files as NFC UTF-8 (unusable ones skipped, with the reason); fingerprint it."""
-    c = data.ingest(data_dir)
+    c = data.ingest(data_dir, settings.current().runs_dir / "ingest")
     for name, why in c.skipped.items():
         announce("skipped", f"Skipped {Path(data_dir) / name}: {why}", level=logging.WARNING)
-    announce(
-        "ingested",
-        f"Corpus {data_dir}: {len(c.files)} file(s), {c.chars} chars, fingerprint {c.fingerprint}",
-        c,
-    )
+    line = f"Corpus {data_dir}: {len(c.files)} file(s), {c.chars:,} chars, fingerprint {c.fingerprint}"
+    announce("ingested", line, c.model_copy(update={"sources": []}))  # the event without the per-file list
     return c
 
 
@@ -130,7 +128,7 @@ def train(
 @task(**QUIET)
 def evaluate(checkpoint: Path, encoded: Encoded) -> Score:
     """The candidate's validation loss (nats, bits, perplexity) and its samples from the fixed prompts."""
-    s = scoring.evaluate(checkpoint, encoded)
+    s = scoring.evaluate(checkpoint, encoded, settings.current().eval_chars)
     announce(
         "evaluated",
         f"Candidate: {s.nats:.4f} nats/char, {s.bits:.4f} bits/char, perplexity {s.perplexity:.2f}",
@@ -142,7 +140,7 @@ def evaluate(checkpoint: Path, encoded: Encoded) -> Score:
 @task(**QUIET)
 def compare(checkpoint: Path, current: CurrentModel, encoded: Encoded) -> Comparison:
     """Score the promoted model and the candidate on the same text (what the promoted model can read)."""
-    c = scoring.compare(checkpoint, current, encoded)
+    c = scoring.compare(checkpoint, current, encoded, settings.current().eval_chars)
     line = (
         f"Current {current.tag}: {c.current.nats:.4f} nats/char, candidate {c.candidate.nats:.4f} ({c.note})"
     )
@@ -161,7 +159,8 @@ def promote(
 ) -> Decision:
     """Register the candidate if it beats the model that is current when the registry's lock is held."""
     about = {"flow_run_id": flow_run_id()}
-    return promotion.promote(trained, candidate, against, encoded, run_dir, store, about)
+    limit = settings.current().eval_chars
+    return promotion.promote(trained, candidate, against, encoded, run_dir, store, about, limit)
 
 
 def decided(d: Decision, trained: bool = True) -> Decision:

@@ -51,14 +51,21 @@ class Streams:
     """B contiguous streams over the training ids; each batch is the next T characters of every stream."""
 
     def __init__(self, ids: np.ndarray, batch: int, seq: int):
-        self.length = (len(ids) - 1) // batch  # characters per stream
-        if self.length < seq + 1:
-            raise ValueError(
-                f"the training text has {len(ids)} characters, too few for batch {batch} x seq {seq} "
-                f"(needs at least {batch * (seq + 1) + 1}); lower --batch or --seq, or add text"
-            )
+        self.length = self.check(len(ids), batch, seq)  # characters per stream
         self.ids, self.seq = ids, seq
         self.index = np.arange(batch)[:, None] * self.length + np.arange(seq)[None, :]  # (B, T)
+
+    @staticmethod
+    def check(n: int, batch: int, seq: int) -> int:
+        """Characters per stream of `n` ids in `batch` streams; a ValueError when they are too few for
+        `seq`."""
+        length = (n - 1) // batch
+        if length < seq + 1:
+            raise ValueError(
+                f"the training text has {n} characters, too few for batch {batch} x seq {seq} "
+                f"(needs at least {batch * (seq + 1) + 1}); lower --batch or --seq, or add text"
+            )
+        return length
 
     def get(self, pos: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Inputs and targets (B, T) at `pos`, and the next position (0 when the streams wrap)."""
@@ -68,23 +75,31 @@ class Streams:
 
 
 def evaluate(p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq: int = 128) -> float:
-    """Mean cross-entropy of `ids` in nats/char (each stream starts from a zero state)."""
+    """Mean cross-entropy of `ids` in nats/char: `batch` streams over consecutive stretches of them, each from
+    a zero state."""
     if len(ids) < 2:
         raise ValueError("validation needs at least 2 characters")
     b = min(batch, len(ids) - 1)
     n = (len(ids) - 1) // b
-    base = np.arange(b)[:, None] * n  # (b, 1): the streams' starts
+    return loss_sum(p, cfg, ids, np.arange(b) * n, n, seq) / (b * n)
+
+
+def loss_sum(
+    p: Params, cfg: ModelConfig, ids: np.ndarray, starts: np.ndarray, n: int, seq: int = 128
+) -> float:
+    """The summed cross-entropy (nats) of predicting the `n` ids after each start, one stream per start, each
+    from a zero state, `seq` steps at a time (the batch's halves side by side where that helps)."""
 
     def streams(r: slice) -> float:
-        h = net.zeros_state(cfg, len(base[r]))
+        h = net.zeros_state(cfg, len(starts[r]))
         total = 0.0
         for s in range(0, n, seq):
-            idx = base[r] + np.arange(s, min(s + seq, n))[None, :]
+            idx = starts[r, None] + np.arange(s, min(s + seq, n))[None, :]  # (b, t)
             loss, _, h = net.forward(p, cfg, ids[idx], ids[idx + 1], h)
             total += loss * idx.size
         return total
 
-    return sum(side_by_side(streams, halves(b, cfg.hidden))) / (b * n)
+    return sum(side_by_side(streams, halves(len(starts), cfg.hidden)))
 
 
 def bits(nats: float) -> float:

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     dask_tls_ca: Path | None = Field(None, description="CA certificate that signed the scheduler's (PEM)")
     dask_tls_cert: Path | None = Field(None, description="this client's certificate (PEM)")
     dask_tls_key: Path | None = Field(None, description="this client's private key (PEM)")
+    # scoring a candidate and the current model (the pipeline, the sweep, char-rnn evaluate)
+    eval_chars: int = Field(
+        2_000_000, ge=1000, le=10**10, description="validation characters scored whole; above, an even sample"
+    )
     # the scheduled retrain (python -m flows.serve)
     retrain_interval: float | None = Field(None, gt=0, le=366 * 86400, description="seconds")
     retrain_cron: str | None = None

@@ -43,6 +43,7 @@ def promote(
     run_dir: Path,
     store: Path,
     about: dict | None = None,
+    limit: int = scoring.LIMIT,
 ) -> Decision:
     """Register the candidate if it beats the model that is current once the registry's lock is held (another
     run may have promoted meanwhile: then the candidate is compared again, with that one)."""
@@ -51,7 +52,7 @@ def promote(
     def judge(cur: Current) -> Verdict:
         if against is None or cur.tag != against.current.model:
             log.info("%s became current during this run; comparing the candidate with it", cur.tag)
-            compared[0] = scoring.compare(trained.checkpoint, CurrentModel.of(cur), data)
+            compared[0] = scoring.compare(trained.checkpoint, CurrentModel.of(cur), data, limit)
         return Verdict(compared[0].wins, compared[0].reason)
 
     labels = {
@@ -60,6 +61,8 @@ def promote(
         "parent": trained.warm_start or "",
         "run_id": run_dir.name,
         "corpus_chars": str(data.train_chars + data.val_chars),
+        "val_chars": str(candidate.chars),  # the validation characters val_loss was measured on
+        "val_sampled": str(candidate.sampled).lower(),
     }
     about = {"bits": candidate.bits, "perplexity": candidate.perplexity} | (about or {})
     p = Registry(store).promote(trained.checkpoint, labels, about, judge)

@@ -7,8 +7,6 @@ manifest.json, trials.json) and carried through Prefect without pickling.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -18,17 +16,58 @@ from pydantic import BaseModel, TypeAdapter, ValidationError, computed_field
 
 from model.checkpoint import CheckpointError
 from model.config import ModelConfig, TrainConfig
+from model.files import sha256
 from registry import Current, Registry
 
 
+class Source(BaseModel):
+    """One file of a corpus as ingest last read it. Its identity on disk (size, times, inode) tells whether it
+    must be read again: a file whose identity is unchanged keeps its digest, length and alphabet."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    digest: str = ""  # sha256 of its normalised text
+    chars: int = 0  # as the corpus uses it: a final newline added when it lacks one
+    alphabet: str = ""  # its distinct characters, sorted
+    skipped: str | None = None  # why it is not used
+
+    @classmethod
+    def stat(cls, path: Path) -> Source:
+        st = path.stat()
+        return cls(
+            name=path.name, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino
+        )
+
+    def same_file(self, other: Source) -> bool:
+        return (self.name, self.size, self.mtime_ns, self.ctime_ns, self.inode) == (
+            other.name,
+            other.size,
+            other.mtime_ns,
+            other.ctime_ns,
+            other.inode,
+        )
+
+
 class CorpusInfo(BaseModel):
-    """What ingest found: the fingerprint and the files used and skipped (not the text itself)."""
+    """What ingest found: the fingerprint, the files used (with what encoding needs) and skipped, the
+    alphabet; never the text itself."""
 
     dir: Path
     fingerprint: str
     files: list[str]
     skipped: dict[str, str]
     chars: int
+    alphabet: str = ""
+    sources: list[Source] = []
+
+    def path(self, name: str) -> Path:
+        return self.dir / name if self.dir.is_dir() else self.dir
+
+
+VERIFIED: set[tuple] = set()  # encoded arrays whose checksum this process has checked
 
 
 class Encoded(BaseModel):
@@ -46,13 +85,21 @@ class Encoded(BaseModel):
     def manifest(self) -> Path:
         return self.dir / "manifest.json"
 
-    def load(self, name: str) -> np.ndarray:
-        """The `name` array ("train" or "val"), checked against the manifest's sha256."""
+    def verify(self, name: str) -> Path:
+        """The `name` array's file ("train" or "val"), its sha256 checked against the manifest's, by streaming
+        (once per process while the file's identity stays the same)."""
         f = self.dir / f"{name}.npy"
-        data = f.read_bytes()
-        if hashlib.sha256(data).hexdigest() != self.sha256[f.name]:
-            raise ValueError(f"{f}: checksum mismatch; delete {self.dir} and run the pipeline again")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        st = f.stat()
+        key = (str(f), st.st_size, st.st_mtime_ns, st.st_ino, self.sha256[f.name])
+        if key not in VERIFIED:
+            if sha256(f) != self.sha256[f.name]:
+                raise ValueError(f"{f}: checksum mismatch; delete {self.dir} and run the pipeline again")
+            VERIFIED.add(key)
+        return f
+
+    def load(self, name: str) -> np.ndarray:
+        """The `name` array, checked, memory-mapped read-only: it is never read into memory whole."""
+        return np.load(self.verify(name), mmap_mode="r", allow_pickle=False)
 
 
 class CurrentModel(BaseModel):
@@ -118,6 +165,8 @@ class Score(BaseModel):
     chars: int  # validation characters scored
     dropped: int = 0  # validation characters left out because the model's vocabulary lacks them
     samples: dict[str, str] = {}  # prompt -> continuation
+    sampled: bool = False  # scored on evenly spread windows of the validation text, not all of it
+    of: int = 0  # validation characters in all
 
     @computed_field
     @property
@@ -151,10 +200,16 @@ class Comparison(BaseModel):
 
     @property
     def note(self) -> str:
+        text = "the whole validation text"
+        if self.current.sampled:
+            scored = self.current.chars + self.current.dropped
+            text = (
+                f"a sample of {scored:,} of the {self.current.of:,} validation characters (the same windows)"
+            )
         if not self.current.dropped:
-            return "both models scored on the whole validation text"
+            return f"both models scored on {text}"
         return (
-            f"{self.current.dropped} of {self.current.chars + self.current.dropped} validation characters "
+            f"{self.current.dropped} of {self.current.chars + self.current.dropped} characters of {text} "
             f"are new to {self.current.model}; both models were scored without them"
         )
 

@@ -76,7 +76,8 @@ def test_encode_writes_split_arrays_and_a_manifest(texts, tmp_path):
     data = encode(info, tmp_path / "runs")
     assert data == Encoded.model_validate_json(data.manifest.read_bytes())
     train, val = data.load("train"), data.load("val")
-    assert train.dtype == np.int32 and (data.train_chars, data.val_chars) == (len(train), len(val))
+    assert train.dtype == np.uint8 and (data.train_chars, data.val_chars) == (len(train), len(val))
+    assert isinstance(train, np.memmap) and not train.flags.writeable  # read from disk as needed
     text = corpus.read(texts).text
     assert "".join(data.vocab[i] for i in val) == text[len(train) :]  # the last 10%
     assert len(val) == round(0.1 * len(text))
@@ -96,9 +97,12 @@ def test_damaged_encoded_arrays_are_refused(texts, tmp_path):
 
 def test_encode_refuses_a_corpus_that_changed_since_ingest(texts, tmp_path):
     info = ingest(texts)
-    (texts / "b.txt").write_text("more")
-    with pytest.raises(RuntimeError, match="changed while the pipeline ran"):
-        encode(info, tmp_path)
+    (texts / "b.txt").write_text("more")  # a new file is for the next run: this one encodes what it ingested
+    assert encode(info, tmp_path).fingerprint == info.fingerprint
+    with open(texts / "a.txt", "a") as f:
+        f.write("more")
+    with pytest.raises(RuntimeError, match="a.txt changed while the pipeline ran"):
+        encode(info, tmp_path / "elsewhere")
 
 
 def test_encode_reuses_what_it_wrote_and_rewrites_what_was_damaged(texts, tmp_path, caplog):
@@ -142,6 +146,8 @@ def test_pipeline_trains_reports_and_promotes(prefect_api, texts, home):
         "parent": "",
         "run_id": run.name,
         "corpus_chars": str(len(corpus.read(texts).text)),
+        "val_chars": str(metrics["candidate"]["chars"]),
+        "val_sampled": "false",
         "promoted_at": Registry(home / "bentoml").history()[-1].at,
     }
     for key in ("char-rnn-report", "char-rnn-metrics", "char-rnn-files", "char-rnn-training"):
