@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, TypeAdapter, ValidationError, computed_field
@@ -17,7 +17,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError, computed_field
 from model.checkpoint import CheckpointError
 from model.config import ModelConfig, TrainConfig
 from model.files import sha256
-from registry import Current, Registry
+
+if TYPE_CHECKING:  # the registry imports BentoML, which an entry point configures first
+    from registry import Current, Registry
 
 
 class Source(BaseModel):

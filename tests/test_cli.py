@@ -181,3 +181,22 @@ def test_pipeline_on_bad_input_is_one_line(tmp_path, what):
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("char-rnn: error:") and str(folder) in lines[0], r.stderr
+
+
+def test_every_command_sets_the_homes_before_prefect_or_bentoml_choose_theirs(tmp_path, small_corpus):
+    """With only CHAR_RNN_HOME set (no PREFECT_HOME, no BENTOML_HOME) and an empty HOME: the commands that
+    import Prefect or BentoML work, and nothing lands under HOME."""
+    user = tmp_path / "user-home"
+    user.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BENTOML_", "CHAR_RNN_"))}
+    env |= {"HOME": str(user), "CHAR_RNN_HOME": str(tmp_path / "home"), "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, says in (
+        (["models", "list"], "no promoted model under"),
+        (["pipeline", "--data", str(empty), "--steps", "5"], "no .txt files in this folder"),
+        (["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", str(small_corpus)], "no such checkpoint"),
+    ):
+        r = subprocess.run(["char-rnn", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert says in r.stdout + r.stderr and "is not set" not in r.stderr, (args, r.stderr)
+    assert sorted(user.rglob("*")) == []
