@@ -4,62 +4,80 @@ model; the playground page at GET /, the API docs at /docs, Prometheus metrics a
 A thin HTTP face over model/. `serving.http.Gate` checks every request before BentoML sees it; valid requests
 are queued to `serving.batcher`, whose thread runs the rows of concurrent requests together. Each request
 holds the immutable model snapshot it grabbed at its start; a watcher swaps in newly promoted models.
-`serving.metrics` counts what happens, `serving.pages` holds the pages, `serving.history` the models view.
+`serving.metrics` counts what happens, `serving.pages` holds the pages, `serving.history` the models view,
+`serving.bento` the Bento's image and build.
 
-Settings (CHAR_RNN_*, see settings.py): HOST (127.0.0.1) and PORT (3000), API_KEY, RELOAD_INTERVAL,
-MAX_PROMPT, TIMEOUT, BODY_TIMEOUT, MAX_BATCH, MAX_CONCURRENCY, WORKERS, BLAS_THREADS.
+Importing this module only declares the service (what BentoML needs to find, serve and build it); each worker
+process loads the model and starts its threads in `CharRNN.__init__`. A Bento serves the model named by its
+`model` argument (`serving.bento.build`), a service started from the source the newest promoted one.
+
+Settings (CHAR_RNN_*, see settings/): HOST (127.0.0.1) and PORT (3000), API_KEY, METRICS_KEY,
+RELOAD_INTERVAL, MAX_PROMPT, TIMEOUT, BODY_TIMEOUT, MAX_BATCH, MAX_CONCURRENCY, WORKERS, BLAS_THREADS.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import settings
 
-os.environ.update(
-    settings.configure()
-)  # before BentoML picks its home (under `bentoml serve`: refuses if it has)
-# BentoML samples no traces unless configured to, yet its OpenTelemetry spans cost ~30% of the HTTP overhead
-# per request; set OTEL_SDK_DISABLED=false when tracing is configured.
+if "bentoml_cli" in sys.modules and "BENTOML_HOME" not in os.environ:
+    # `bentoml serve` with no BENTOML_HOME: BentoML's command chose its default home for itself before
+    # importing this module. The workers it starts next inherit this environment, so they serve from the
+    # project's home, where the pipeline promotes. (`bentoml build` reads the model in this very process: it
+    # needs BENTOML_HOME exported.)
+    os.environ["BENTOML_HOME"] = str(settings.load().bentoml_dir)
+os.environ.update(settings.configure())  # before BentoML picks its home (refuses if it has, outside its CLI)
+# BentoML samples no traces unless configured to, yet its OpenTelemetry spans cost a large share of the HTTP
+# overhead per request; set OTEL_SDK_DISABLED=false when tracing is configured.
 os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 import asyncio
 import gc
-import json
 import logging
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Literal
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
 from model import checkpoint, corpus, sample
-from model.checkpoint import Checkpoint
-from model.net import ModelConfig, Params
-from model.vocab import Vocab
-from registry import NAME, Current, Registry
-from serving import history, openapi, pages, workers
+from registry import Current, Registry
+from serving import bento, events, history, openapi, pages, workers
 from serving.batcher import Batcher, Job
-from serving.http import Gate, NoFields, QuietClientErrors, disconnected, error
-from serving.metrics import Metrics
+from serving.http import Gate, Key, NoFields, QuietClientErrors, disconnected, error
+from serving.metrics import Metrics, histogram
+from serving.snapshot import ModelInfo, Snapshot
 
 S = settings.current()
-GENERATE, STREAM, INFO, MODELS = "/generate", "/generate_stream", "/model_info", "/models"
+GENERATE, STREAM, INFO, MODELS, METRICS_ROUTE = (
+    "/generate",
+    "/generate_stream",
+    "/model_info",
+    "/models",
+    "/metrics",
+)
 MAX_BODY = 12 * S.max_prompt + 4096  # a prompt of \uXXXX escapes, plus the other fields
-REGISTRY = Registry(S.bentoml_dir)
-METRICS = Metrics()
-
-threadpool_limits(S.blas_threads)
-# The generation thread holds the GIL between NumPy calls; hand it to the HTTP loop within 0.2 ms, not 5.
-sys.setswitchinterval(0.0002)
+METRICS = Metrics()  # reports nothing until a worker's __init__ starts it
+# The generation thread holds the GIL between NumPy calls; a worker makes it hand the GIL to the HTTP loop
+# this often (seconds), far more often than Python's default, so that requests are not kept waiting.
+SWITCH_INTERVAL = 0.0002
 log = logging.getLogger("bentoml.char_rnn")
+
+
+class BentoArgs(BaseModel):
+    """BentoML's template arguments (`--arg model=...` of `bentoml build` / `bentoml serve`)."""
+
+    model: str | None = Field(None, description="serve this promoted model (char-rnn:VERSION), no hot reload")
+
+
+ARGS = bentoml.use_arguments(BentoArgs)
 
 
 class GenerateRequest(bentoml.IODescriptor):
@@ -100,60 +118,6 @@ class GenerateResponse(BaseModel):
     elapsed_ms: float
 
 
-class ModelInfo(BaseModel):
-    model: str
-    vocab: list[str]
-    config: ModelConfig
-    train: dict[str, Any]
-    val_loss: float | None = Field(description="nats/char on the whole validation text, when it was promoted")
-    fingerprint: str | None
-    trained_at: str | None
-    promoted_at: str | None
-    step: int
-    parent: str | None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One loaded model, never mutated: a request that holds it is served wholly by it."""
-
-    tag: str
-    params: Params
-    vocab: Vocab
-    config: ModelConfig
-    info: ModelInfo
-    curve: history.Curve
-
-    @classmethod
-    def of(cls, tag: str, ck: Checkpoint, labels: dict[str, str]) -> Snapshot:
-        for a in ck.params.values():
-            a.setflags(write=False)
-        m = ck.meta
-        val = labels.get("val_loss") or m.metrics.get("val_loss")
-        info = ModelInfo(
-            model=tag,
-            vocab=m.vocab,
-            config=m.model,
-            train=m.train,
-            val_loss=None if val is None else float(val),
-            fingerprint=m.fingerprint,
-            trained_at=m.created,
-            promoted_at=labels.get("promoted_at"),
-            step=m.step,
-            parent=m.parent,
-        )
-        curve = history.Curve(train=m.metrics.get("train", []), val=m.metrics.get("val", []))
-        return cls(tag, ck.params, ck.vocab, ck.config, info, curve)
-
-
-def bundled_tags() -> list[str]:
-    """The char-rnn models inside the Bento this service was loaded from, newest first ([] outside one)."""
-    if CharRNN.bento is None:
-        return []
-    models = [m for m in CharRNN.bento.info.all_models if m.tag.name == NAME]
-    return [str(m.tag) for m in sorted(models, key=lambda m: m.creation_time, reverse=True)]
-
-
 def no_model_message() -> str:
     return (
         f"no model has been promoted yet under CHAR_RNN_HOME={S.home}; train and promote one with "
@@ -179,9 +143,12 @@ def with_status(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
     return response
 
 
-def sse(event: str | None, data: dict) -> str:
-    """One server-sent event."""
-    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def refused(ctx: bentoml.Context, response: JSONResponse) -> bytes:
+    """The body of `response`, its status and content type set on `ctx.response`: BentoML waits for a stream's
+    first chunk before it sends the headers, and gives them those of `ctx.response`."""
+    ctx.response.status_code = response.status_code
+    ctx.response.headers["content-type"] = "application/json"
+    return bytes(response.body)
 
 
 def share_logs() -> None:
@@ -196,60 +163,69 @@ def share_logs() -> None:
     logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietClientErrors())
 
 
-found = Registry(S.bentoml_dir, report=False).current()  # the workers' REGISTRY reports what it refuses
-PROMOTED = None if found is None else found.tag  # declared below, so that `bentoml build` bundles it
+def open_registry() -> Registry:
+    """The registry a worker serves from (tests give the service one of their own through this)."""
+    return Registry(S.bentoml_dir)
+
+
 # Spans leave the process only when a BentoML configuration names an exporter; without one, the tracing
-# middleware's no-op spans cost ~0.3 ms a request: it skips every route then.
+# middleware's no-op spans are pure cost: it skips every route then.
 UNTRACED = {} if {"BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS"} & set(os.environ) else {"excluded_urls": ".*"}
 
 
 @bentoml.service(
     name="char_rnn",
+    image=bento.image(),
     traffic={"timeout": S.timeout + S.body_timeout + 10},  # admission is Gate's (after the body arrived)
     workers=S.workers,
     http={"host": str(S.host), "port": S.port},
     tracing=UNTRACED,
 )
 class CharRNN:
-    """Character-level RNN text generation, served from the newest promoted model."""
+    """Character-level RNN text generation, served from the newest promoted model (or from the Bento's)."""
 
-    if PROMOTED is not None:
-        promoted_model = bentoml.models.BentoModel(PROMOTED)
+    if ARGS.model:  # declared, so that BentoML copies it into a Bento built with this argument
+        bundled = bentoml.models.BentoModel(ARGS.model)
 
     def __init__(self) -> None:
+        threadpool_limits(S.blas_threads)
+        sys.setswitchinterval(SWITCH_INTERVAL)
         share_logs()
         if died := workers.replaced(S.home / "serving", bentoml.server_context.worker_index or 0):
             log.warning(died)
+        self.registry = open_registry()
         self.snapshot: Snapshot | None = None
         self.seen: tuple[int, int] | None | bool = False  # the registry version last acted on
         self.stopping = threading.Event()
         METRICS.start()
         self.batcher = Batcher(S.max_batch, METRICS)
-        if bundled := bundled_tags():  # a Bento serves the model it was built with
-            tag = bundled[0]
-            model = bentoml.models.get(tag)
-            ck = checkpoint.load_dir(Path(model.path), with_optim=False)
-            self.snapshot = Snapshot.of(tag, ck, dict(model.info.labels))
-            METRICS.serving(tag)
-            log.info("serving bundled model %s", tag)
+        if ARGS.model:  # a Bento serves the model it was built with
+            self.serve(self.bundled)
         else:
             self.refresh()
             if self.snapshot is None:
                 log.warning(no_model_message())
             threading.Thread(target=self.watch, name="char-rnn-reload", daemon=True).start()
         # What start-up made (modules, BentoML's and pydantic's objects) lives as long as the worker, and each
-        # full collection walked all of it: 40-90 ms with every thread stopped, the tail of the latencies.
-        # Frozen, it is left out of collections; they look only at what serving makes.
+        # full collection would walk all of it with every thread stopped, the tail of the latencies. Frozen,
+        # it is left out of collections; they look only at what serving makes.
         gc.collect()
         gc.freeze()
 
+    def serve(self, model: bentoml.Model) -> None:
+        """Serve `model` from the model store, checked, and never another."""
+        ck = checkpoint.load_dir(Path(model.path), with_optim=False)
+        self.snapshot = Snapshot.of(str(model.tag), ck, dict(model.info.labels))
+        METRICS.serving(self.snapshot.tag)
+        log.info("serving the model this service was built with, %s", self.snapshot.tag)
+
     def refresh(self) -> None:
         """Load the current promoted model if the registry changed since the last look."""
-        version = REGISTRY.version()
+        version = self.registry.version()
         if version == self.seen:
             return
         self.seen = version
-        cur: Current | None = REGISTRY.current()
+        cur: Current | None = self.registry.current()
         if cur is not None and (self.snapshot is None or cur.tag != self.snapshot.tag):
             self.snapshot = Snapshot.of(cur.tag, cur.checkpoint, cur.labels)
             METRICS.serving(cur.tag)
@@ -270,6 +246,10 @@ class CharRNN:
 
     async def __is_ready__(self) -> bool:
         return self.snapshot is not None
+
+    def __metrics__(self, exposition: str) -> str:
+        """BentoML's hook for rewriting /metrics: the batch-rows counters shown as their histogram."""
+        return histogram(exposition)
 
     def start(self, req: GenerateRequest, stream: bool) -> tuple[Snapshot, Job, list[str]] | JSONResponse:
         """Grab the current snapshot, encode the prompt and queue the job, or an error response."""
@@ -321,43 +301,32 @@ class CharRNN:
         )
 
     @bentoml.api(route=STREAM, input_spec=GenerateRequest)
-    async def generate_stream(self, **fields: Any) -> AsyncIterator[str]:
+    async def generate_stream(self, ctx: bentoml.Context, **fields: Any) -> AsyncGenerator[str, None]:
         """Stream one continuation as server-sent events: `data: {"text": ...}` while it is generated, then
-        `event: done` (model, chars) or, if generation fails or times out, `event: error` (error, status)."""
+        `event: done` (model, chars) or, if generation fails or times out, `event: error` (error, status).
+        A request refused before the first event gets a JSON error body with its status instead."""
         started = self.start(GenerateRequest.model_construct(**fields), stream=True)  # validated: see above
         if isinstance(started, JSONResponse):
-            return started
+            yield refused(ctx, started)
+            return
         snap, job, _ = started
-        assert job.stream is not None
-
-        async def events() -> AsyncIterator[str]:
-            sent = 0
-            try:
-                done = False
-                while not done:  # send what has been generated since the last chunk; None ends
-                    got = [await job.stream.get()]
-                    while not job.stream.empty():
-                        got.append(job.stream.get_nowait())
-                    done = got[-1] is None
-                    if text := snap.vocab.decode(int(i[0]) for i in got if i is not None):
-                        sent += len(text)
-                        yield sse(None, {"text": text})
-                try:
-                    job.done.result()
-                except TimeoutError as e:
-                    yield sse("error", {"error": str(e), "status": 504, "chars": sent})
-                    return
-                except Exception as e:
-                    yield sse("error", {"error": f"generation failed: {e}", "status": 500, "chars": sent})
-                    return
-                yield sse("done", {"model": snap.tag, "chars": sent})
-            finally:
-                if not job.done.done():  # the client left mid-stream
-                    self.batcher.cancel(job)
-                METRICS.generated(STREAM, sent)
-
-        headers = {"X-Model-Tag": snap.tag, "Cache-Control": "no-cache"}
-        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8", headers=headers)
+        ctx.response.headers["X-Model-Tag"] = snap.tag
+        ctx.response.headers["Cache-Control"] = "no-cache"
+        # A client that leaves takes its row out of the batch at the next step, whenever this generator's
+        # consumer notices (it may only drop it).
+        left = asyncio.ensure_future(disconnected(ctx.request))
+        left.add_done_callback(lambda f: None if f.cancelled() else self.batcher.cancel(job))
+        sent = 0
+        try:
+            async for text in events.texts(job, snap.vocab):
+                sent += len(text)
+                yield events.sse(None, {"text": text})
+            yield events.last(job, snap.tag, sent)
+        finally:
+            left.cancel()
+            if not job.done.done():  # the client left mid-stream
+                self.batcher.cancel(job)
+            METRICS.generated(STREAM, sent)
 
     @bentoml.api(route=INFO)
     async def model_info(self) -> ModelInfo:
@@ -370,14 +339,7 @@ class CharRNN:
         """The promoted history (oldest first) with each model's labels, which serves, and its loss curve."""
         snap = self.snapshot
         tag, curve = (snap.tag, snap.curve) if snap else (None, None)
-        return await asyncio.to_thread(history.view, REGISTRY, tag, curve)
-
-
-# generate_stream returns a StreamingResponse, so that an error before the first event is a JSON body with its
-# detail; BentoML only recognises async generator functions as streams. Say it streams, so that its clients
-# (bentoml.SyncHTTPClient / AsyncHTTPClient) yield the events as they arrive, not the whole body at the end.
-CharRNN.apis["generate_stream"].is_stream = True
-CharRNN.apis["generate_stream"].output_spec.media_type = "text/event-stream"
+        return await asyncio.to_thread(history.view, self.registry, tag, curve)
 
 
 class Spec:
@@ -388,16 +350,29 @@ class Spec:
     @classmethod
     def response(cls) -> JSONResponse:
         if cls.doc is None:
-            cls.doc = openapi.corrected(
-                CharRNN.openapi_spec.asdict(), (GENERATE, STREAM), STREAM, (INFO, MODELS)
-            )
+            requests = {GENERATE: GenerateRequest, STREAM: GenerateRequest, INFO: NoFields, MODELS: NoFields}
+            responses = {GENERATE: GenerateResponse, INFO: ModelInfo, MODELS: history.Models}
+            cls.doc = openapi.corrected(CharRNN.openapi_spec.asdict(), requests, responses, (STREAM,))
         return JSONResponse(cls.doc)
+
+
+def keys() -> dict[str, Key | None]:
+    """The key each guarded route needs. The API key guards the API's routes. /metrics needs the metrics key
+    when one is set, else the API key when that is set (a service with a key tells nothing to anyone without
+    one), else nothing."""
+    api = Key(S.api_key.get_secret_value(), "API key (CHAR_RNN_API_KEY)") if S.api_key else None
+    if S.metrics_key:
+        metrics = Key(S.metrics_key.get_secret_value(), "metrics key (CHAR_RNN_METRICS_KEY)")
+    else:
+        metrics = api and Key(
+            api.secret, "API key (CHAR_RNN_API_KEY; CHAR_RNN_METRICS_KEY gives /metrics its own)"
+        )
+    return dict.fromkeys((GENERATE, STREAM, INFO, MODELS), api) | {METRICS_ROUTE: metrics}
 
 
 CharRNN.add_asgi_middleware(
     Gate,
-    api_key=S.api_key.get_secret_value() if S.api_key else None,
-    protected=(GENERATE, STREAM, INFO, MODELS),
+    keys=keys(),
     schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest, INFO: NoFields, MODELS: NoFields},
     max_body=MAX_BODY,
     body_timeout=S.body_timeout,

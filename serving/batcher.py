@@ -56,14 +56,24 @@ class Job:
         self.since = time.monotonic()
         self.deadline = self.since + self.timeout
 
+    def send(self, fn: Any, *args: Any) -> None:
+        """Run `fn(*args)` on the request's event loop; nothing once that loop has closed (its worker is
+        stopping, and nobody waits), so that the generation thread goes on for the others."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
+
     def settle(self, result: np.ndarray | BaseException | None) -> None:
         """Resolve the request with its ids (rows, length) or an error; None cancels it (nobody waits)."""
-        self.loop.call_soon_threadsafe(_settle, self.done, result)
-        if self.stream is not None:
-            self.loop.call_soon_threadsafe(self.stream.put_nowait, None)
+        self.send(_settle, self, result)
 
 
-def _settle(fut: asyncio.Future[np.ndarray], result: np.ndarray | BaseException | None) -> None:
+def _settle(job: Job, result: np.ndarray | BaseException | None) -> None:
+    """On the request's loop: its future resolved, and its stream (if any) ended."""
+    if job.stream is not None:
+        job.stream.put_nowait(None)
+    fut = job.done
     if fut.done():
         return
     if result is None:
@@ -201,6 +211,14 @@ class Batcher:
             return True
         return False
 
+    def begin(self, group: Group, starts: list[Job], now: float) -> None:
+        """`starts`, the jobs whose first character this step gave, write from now on (those still there)."""
+        if fresh := [job for job in starts if job in group.members]:
+            group.writing.update(fresh)
+            group.layout()
+            for job in fresh:
+                self.observer.first_char(now - job.since)
+
     def step(self, group: Group, cancelled: set[Job]) -> bool:
         """One step of a snapshot's rows; jobs that finished, were cancelled or passed their deadline leave
         before the next. Whether any left."""
@@ -215,17 +233,12 @@ class Batcher:
         group.t += 1
         self.observer.step(len(ids))
         now, gone = time.monotonic(), set()
-        if (starts := group.starts.pop(group.t, None)) and (
-            fresh := [job for job in starts if job in group.members]
-        ):
-            group.writing.update(fresh)
-            group.layout()
-            for job in fresh:
-                self.observer.first_char(now - job.since)
+        if starts := group.starts.pop(group.t, None):
+            self.begin(group, starts, now)
         for job, rs in group.cuts:
             job.cols.append(ids[rs])
         for job, rs in group.streams:
-            job.loop.call_soon_threadsafe(job.stream.put_nowait, ids[rs])
+            job.send(job.stream.put_nowait, ids[rs])
         for job in group.ends.pop(group.t, ()):
             if job in group.members:
                 job.settle(np.concatenate(job.cols).reshape(job.length, -1).T)  # (rows, length)

@@ -1,7 +1,8 @@
 """The HTTP edge, in front of BentoML's request handling: who may call, what a body must be, how long it may
 take to arrive, how many requests run at once, how errors look and how they are logged.
 
-`Gate` is ASGI middleware. For a POST it checks the API key (401), the content type (415) and size (413),
+`Gate` is ASGI middleware. It checks the key a route needs (401: the API key for the API's routes, the metrics
+key for GET /metrics), then for a POST the content type (415) and size (413),
 reads the body within `body_timeout` (408), validates request bodies itself (400 with a clean JSON body
 and one WARNING line, instead of BentoML's ERROR with a traceback), and only then takes one of
 `max_concurrency` slots (429 when none is free): a client that stalls mid-body holds no slot, so stalled
@@ -16,6 +17,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -49,6 +51,20 @@ def summary(detail: list[dict[str, Any]]) -> str:
     return "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in detail)
 
 
+@dataclass(frozen=True)
+class Key:
+    """What a route needs: `Authorization: Bearer <secret>`; `name` says which key in the 401's message."""
+
+    secret: str
+    name: str
+
+    def admits(self, headers: Headers) -> bool:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.secret.encode()
+        )
+
+
 class Gate:
     """ASGI middleware: authentication, body rules and timeout, request validation, admission, pages."""
 
@@ -56,8 +72,7 @@ class Gate:
         self,
         app: Any,
         *,
-        api_key: str | None,
-        protected: tuple[str, ...],
+        keys: dict[str, Key | None],
         schemas: dict[str, type[BaseModel]],
         max_body: int,
         body_timeout: float,
@@ -65,24 +80,26 @@ class Gate:
         pages: dict[str, Any],
         count: Callable[[str, int], None],
     ):
-        self.app, self.api_key, self.protected, self.schemas = app, api_key, protected, schemas
+        self.app, self.keys, self.schemas = app, keys, schemas  # keys: path -> the key it needs (None: open)
         self.max_body, self.body_timeout, self.max_concurrency = max_body, body_timeout, max_concurrency
         self.pages = pages  # GET path -> a function returning the response
         self.count = count
+        self.routes = set(keys) | set(schemas) | set(pages)  # counted by path; anything else as "other"
         self.running = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.protected or scope["path"] in self.pages else "other"
+        route = scope["path"] if scope["path"] in self.routes else "other"
         await self.handle(scope, receive, observed(scope, send, lambda status: self.count(route, status)))
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         path, headers = scope["path"], Headers(scope=scope)
         if scope["method"] == "GET" and path in self.pages:
             return await self.pages[path]()(scope, receive, send)
-        if self.api_key and path in self.protected and not self.authorized(headers):
-            msg = "missing or wrong API key: send 'Authorization: Bearer <key>' (the service's API key)"
+        key = self.keys.get(path)
+        if key is not None and not key.admits(headers):
+            msg = f"missing or wrong {key.name}: send 'Authorization: Bearer <key>'"
             return await error(401, msg, **{"WWW-Authenticate": "Bearer"})(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
@@ -112,10 +129,6 @@ class Gate:
             await self.app(scope, replay, send)
         finally:
             self.running -= 1
-
-    def authorized(self, headers: Headers) -> bool:
-        scheme, _, key = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
 
     async def body(self, scope: dict, receive: Any, send: Any, headers: Headers) -> bytes | None:
         """The whole body, or None after answering 415, 413 or 408 (or when the client left)."""

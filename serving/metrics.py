@@ -11,14 +11,21 @@
 
 prometheus_client is imported by `start()`, in the worker, once BentoML has pointed it at its multiprocess
 directory (imported earlier, it would keep values in process memory, invisible to /metrics). The generation
-thread's reports (`step`, `first_char`, `queued`, `live`, `cancelled`) only touch plain Python values: a
-histogram observation in multiprocess mode costs ~5 us, a generation step ~30 us. A flusher thread moves them
-into the metrics every `FLUSH` seconds.
+thread's reports (`step`, `first_char`, `queued`, `live`, `cancelled`) only touch plain Python values, because
+a metric update in multiprocess mode (a locked write to a memory-mapped file) costs a sizeable fraction of a
+small model's generation step. A flusher thread moves them into the metrics every `FLUSH` seconds.
+
+`char_rnn_batch_rows` counts every generation step, and a histogram takes one `observe` call per observation:
+as many calls as steps. So it is kept as two counters instead, which a flush increments once per bucket:
+steps per bucket of rows (`char_rnn_batch_steps_total{le}`, not cumulative) and rows computed. `histogram()`,
+which the service's `__metrics__` (BentoML's hook for rewriting /metrics) applies to the exposition, shows
+them as the histogram, summed over the workers as BentoML's multiprocess mode sums every counter. All of it
+through prometheus_client's public API.
 """
 
 from __future__ import annotations
 
-import bisect
+import re
 import threading
 from collections import Counter
 from typing import Any
@@ -26,19 +33,58 @@ from typing import Any
 FLUSH = 0.5  # seconds
 ROWS = tuple(2**i for i in range(13))  # 1 .. 4096 (CHAR_RNN_MAX_BATCH's bound)
 FIRST_CHAR = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_ROWS = ("char_rnn_batch_rows", "Rows computed per generation step")  # the histogram shown
+STEPS, COMPUTED = "char_rnn_batch_steps", "char_rnn_batch_rows_computed"  # the counters kept
 
 
-def observe_many(histogram: Any, value: float, n: int) -> None:
-    """`histogram.observe(value)` n times, in two writes. prometheus_client has no public call for this; its
-    Histogram keeps one non-cumulative count per bucket and a sum (so since 0.4; tests scrape the result)."""
-    histogram._sum.inc(value * n)
-    histogram._buckets[bisect.bisect_left(histogram._upper_bounds, value)].inc(n)
+def bucket(rows: int) -> str:
+    """The `le` label of the histogram bucket `rows` falls in (not cumulative: only the smallest)."""
+    return next((f"{float(b)}" for b in ROWS if rows <= b), "+Inf")
+
+
+class Fixed:
+    """A collector of families made already (for rendering them with prometheus_client)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+def histogram(exposition: str) -> str:
+    """`exposition` (Prometheus' text format) with the counters STEPS and COMPUTED replaced by the histogram
+    `char_rnn_batch_rows` they hold (cumulative buckets, count, sum)."""
+    import prometheus_client as p
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kept, per_bucket, total = [], Counter(), 0.0
+    for block in re.split(r"(?m)^(?=# HELP )", exposition):  # one block per family
+        if block.split(" ", 3)[2:3] not in ([f"{STEPS}_total"], [f"{COMPUTED}_total"]):
+            kept.append(block)
+            continue
+        for sample in (s for family in text_string_to_metric_families(block) for s in family.samples):
+            if sample.name == f"{STEPS}_total":
+                per_bucket[sample.labels["le"]] += sample.value
+            elif sample.name == f"{COMPUTED}_total":
+                total += sample.value
+    running, buckets = 0.0, []
+    for le in [f"{float(b)}" for b in ROWS] + ["+Inf"]:
+        running += per_bucket[le]
+        buckets.append((le, running))
+    family = HistogramMetricFamily(*BATCH_ROWS, buckets=buckets, sum_value=total)
+    shown = p.CollectorRegistry(auto_describe=False)
+    shown.register(Fixed([family]))
+    return "".join(kept) + p.generate_latest(shown).decode()
 
 
 class Metrics:
-    """One per worker process. Every report is a no-op until `start()`."""
+    """One per worker process. Every report is a no-op until `start()`. `registry` is prometheus_client's
+    (None: its default one, which BentoML's /metrics reads in multiprocess mode)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Any = None) -> None:
+        self.registry = registry
         self.lock = threading.Lock()
         self.steps: Counter[int] = Counter()  # rows -> generation steps, since the last flush
         self.waits: list[float] = []  # seconds to first character, since the last flush
@@ -55,25 +101,37 @@ class Metrics:
             return
         import prometheus_client as p  # see the module's docstring for why it is imported here
 
-        self.requests = p.Counter("char_rnn_requests", "Requests answered", ["route", "status"])
-        self.chars = p.Counter("char_rnn_generated_chars", "Characters generated for clients", ["route"])
-        self.rows = p.Histogram("char_rnn_batch_rows", "Rows computed per generation step", buckets=ROWS)
+        at = {} if self.registry is None else {"registry": self.registry}
+        self.requests = p.Counter("char_rnn_requests", "Requests answered", ["route", "status"], **at)
+        self.chars = p.Counter(
+            "char_rnn_generated_chars", "Characters generated for clients", ["route"], **at
+        )
+        self.steps_by_rows = p.Counter(
+            STEPS, "Generation steps by bucket of rows (see char_rnn_batch_rows)", ["le"], **at
+        )
+        self.rows_computed = p.Counter(
+            COMPUTED, "Rows computed by generation steps (see char_rnn_batch_rows)", **at
+        )
         self.queue = p.Gauge(
-            "char_rnn_queue_depth", "Requests waiting for the generation thread", multiprocess_mode="livesum"
+            "char_rnn_queue_depth",
+            "Requests waiting for the generation thread",
+            multiprocess_mode="livesum",
+            **at,
         )
         self.first = p.Histogram(
             "char_rnn_time_to_first_char_seconds",
             "Seconds from a request's admission to its first generated character",
             buckets=FIRST_CHAR,
+            **at,
         )
         self.live_rows = p.Gauge(
-            "char_rnn_live_rows", "Rows in the running batch", multiprocess_mode="livesum"
+            "char_rnn_live_rows", "Rows in the running batch", multiprocess_mode="livesum", **at
         )
         self.cancelled_rows = p.Counter(
-            "char_rnn_rows_cancelled", "Rows that left the batch unfinished", ["reason"]
+            "char_rnn_rows_cancelled", "Rows that left the batch unfinished", ["reason"], **at
         )
         self.info = p.Gauge(
-            "char_rnn_model_info", "1 for the served model's tag", ["tag"], multiprocess_mode="livemax"
+            "char_rnn_model_info", "1 for the served model's tag", ["tag"], multiprocess_mode="livemax", **at
         )
         self.started = True
         threading.Thread(target=self.flusher, name="char-rnn-metrics", daemon=True).start()
@@ -127,8 +185,13 @@ class Metrics:
             depth, self.depth = self.depth, None
             live, self.rows_live = self.rows_live, None
             gone, self.gone = self.gone, Counter()
+        by_bucket: Counter[str] = Counter()
         for rows, n in steps.items():
-            observe_many(self.rows, rows, n)
+            by_bucket[bucket(rows)] += n
+        for le, n in by_bucket.items():
+            self.steps_by_rows.labels(le).inc(n)
+        if steps:
+            self.rows_computed.inc(sum(rows * n for rows, n in steps.items()))
         for s in waits:
             self.first.observe(s)
         if depth is not None:

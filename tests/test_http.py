@@ -1,4 +1,5 @@
-"""The HTTP gate in front of BentoML, as plain ASGI: admission after the body, 429 past the limit."""
+"""The HTTP gate in front of BentoML, as plain ASGI: keys per route, admission after the body, 429 past the
+limit."""
 
 import asyncio
 
@@ -6,7 +7,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
-from serving.http import Gate
+from serving.http import Gate, Key
 
 
 class Body(BaseModel):
@@ -20,10 +21,17 @@ async def slow(scope, receive, send):
     await JSONResponse({"ok": True})(scope, receive, send)
 
 
+async def metrics(scope, receive, send):
+    await JSONResponse({"metrics": True})(scope, receive, send)
+
+
+async def app(scope, receive, send):
+    await (metrics if scope["path"] == "/metrics" else slow)(scope, receive, send)
+
+
 def gate(**kw) -> Gate:
     opts = dict(
-        api_key=None,
-        protected=("/x",),
+        keys={"/x": None},
         schemas={"/x": Body},
         max_body=1000,
         body_timeout=1.0,
@@ -31,7 +39,7 @@ def gate(**kw) -> Gate:
         pages={},
         count=lambda route, status: None,
     )
-    return Gate(slow, **(opts | kw))
+    return Gate(app, **(opts | kw))
 
 
 def test_requests_past_the_limit_get_429_and_the_slots_come_back():
@@ -48,7 +56,7 @@ def test_requests_past_the_limit_get_429_and_the_slots_come_back():
 
 def test_bodies_are_validated_before_the_app_and_keys_compared():
     async def run() -> list[tuple[int, dict]]:
-        transport = httpx.ASGITransport(app=gate(api_key="k"))
+        transport = httpx.ASGITransport(app=gate(keys={"/x": Key("k", "API key")}))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             rs = [
                 await c.post("/x", json={"n": 1}),
@@ -63,3 +71,25 @@ def test_bodies_are_validated_before_the_app_and_keys_compared():
     assert s2 == 400 and b2["detail"][0]["loc"] == ["n"] and "url" not in b2["detail"][0]
     assert s3 == 400 and b3["detail"][0]["type"] == "extra_forbidden"
     assert s4 == 200 and b4 == {"ok": True}
+
+
+def test_each_route_needs_its_own_key_and_others_stay_open():
+    api, scrape = Key("k", "API key"), Key("m", "metrics key")
+
+    async def run() -> list[tuple[int, dict]]:
+        transport = httpx.ASGITransport(app=gate(keys={"/x": api, "/metrics": scrape}))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            rs = [
+                await c.get("/metrics"),
+                await c.get("/metrics", headers={"Authorization": "Bearer k"}),
+                await c.get("/metrics", headers={"Authorization": "Bearer m"}),
+                await c.post("/x", json={}, headers={"Authorization": "Bearer m"}),
+                await c.get("/livez"),
+            ]
+        return [(r.status_code, r.json()) for r in rs]
+
+    (s1, b1), (s2, b2), (s3, b3), (s4, b4), (s5, b5) = asyncio.run(run())
+    assert s1 == s2 == 401 and "metrics key" in b1["error"] and "metrics key" in b2["error"]
+    assert s3 == 200 and b3 == {"metrics": True}
+    assert s4 == 401 and "API key" in b4["error"]
+    assert s5 == 200  # a route without a key

@@ -7,6 +7,8 @@ own, so the service sees exactly the models these tests promote (none at first, 
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +20,12 @@ os.environ["CHAR_RNN_RELOAD_INTERVAL"] = "0.1"  # before `service` is imported
 
 from model import sample
 from model.checkpoint import Checkpoint
-from model.net import ModelConfig
-from model.train import TrainConfig, train
+from model.config import ModelConfig, TrainConfig
+from model.train import train
 from model.vocab import Vocab
+from registry import Registry
 
+ROOT = Path(__file__).resolve().parent.parent
 # combining marks after letters that have no precomposed form with them
 EXTRA = "\nCafé — naïve, déjà vu: “quoted” ½ ☃ 日本語. Q\u0303 q\u0303 x\u0301.\n"
 
@@ -53,25 +57,30 @@ def expected(ck: Checkpoint, prompt: str, n: int, temp: float, seed: int, sample
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def registry(tmp_path_factory) -> Registry:
+    """The session's model store, with a history file of this module's own."""
+    found = Registry(Path(os.environ["BENTOML_HOME"]))
+    found.pointer = tmp_path_factory.mktemp("registry") / "promoted.json"
+    return found
+
+
+@pytest.fixture(scope="module")
+def client(registry):
     from starlette.testclient import TestClient
 
     import service
 
-    pointer = tmp_path_factory.mktemp("registry") / "promoted.json"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(service.REGISTRY, "pointer", pointer)
+        mp.setattr(service, "open_registry", lambda: registry)
         with TestClient(service.CharRNN.to_asgi()) as c:
             yield c
 
 
 @pytest.fixture(scope="module")
-def model(client, tmp_path_factory, small_text) -> tuple[str, Checkpoint]:
+def model(client, registry, tmp_path_factory, small_text) -> tuple[str, Checkpoint]:
     """A promoted tiny model, once the service serves it."""
-    import service
-
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("run") / "checkpoints")
-    tag = service.REGISTRY.promote(ck.path, {"source": "tests"}).tag
+    tag = registry.promote(ck.path, {"source": "tests"}).tag
     wait_serving(client, tag)
     return tag, ck
 
@@ -367,9 +376,7 @@ def test_the_playground_and_docs_pages_come_from_this_service_alone(client):
     assert "swagger-ui" in client.get("/docs").text
 
 
-def test_models_view_lists_the_history_with_labels_and_the_served_curve(client, model):
-    import service
-
+def test_models_view_lists_the_history_with_labels_and_the_served_curve(client, model, registry):
     tag, ck = model
     view = client.post("/models").json()
     assert view["serving"] == tag
@@ -377,7 +384,7 @@ def test_models_view_lists_the_history_with_labels_and_the_served_curve(client, 
     assert row["serving"] and row["action"] == "promote" and row["promoted_at"] == row["at"]
     assert row["val_loss"] is None and row["parent"] is None  # promoted with no such labels
     assert view["curve"] == {"train": ck.meta.metrics["train"], "val": ck.meta.metrics["val"]}
-    other = service.REGISTRY.promote(ck.path, {"val_loss": "1.25", "corpus_chars": "123", "run_id": "r1"}).tag
+    other = registry.promote(ck.path, {"val_loss": "1.25", "corpus_chars": "123", "run_id": "r1"}).tag
     try:
         wait_serving(client, other)
         *_, before, last = client.post("/models").json()["history"]
@@ -385,7 +392,7 @@ def test_models_view_lists_the_history_with_labels_and_the_served_curve(client, 
         assert (last["tag"], last["serving"], last["run_id"]) == (other, True, "r1")
         assert (last["val_loss"], last["corpus_chars"]) == (1.25, 123)
     finally:
-        service.REGISTRY.rollback(tag, "back to the module's model")
+        registry.rollback(tag, "back to the module's model")
     wait_serving(client, tag)
     assert client.post("/models").json()["history"][-1] | {"at": ""} == {
         **row,
@@ -405,19 +412,81 @@ def test_routes_without_input_take_no_body_or_an_empty_object(client, model, rou
         assert "pydantic" not in r.text and "error for Input" not in r.text  # as BentoML would say
 
 
-def test_observe_many_equals_that_many_observations():
-    from prometheus_client import CollectorRegistry, Histogram
+def test_metrics_count_every_generation_step_the_thread_reported():
+    """The generation thread reports steps as plain counts; a flush adds them to the counters behind
+    `char_rnn_batch_rows`, which /metrics shows as that histogram, the other families left as they are."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    from serving.metrics import ROWS, observe_many
+    from serving.metrics import Metrics, histogram
 
-    one, many = CollectorRegistry(), CollectorRegistry()
-    by_one = Histogram("rows", "", buckets=ROWS, registry=one)
-    at_once = Histogram("rows", "", buckets=ROWS, registry=many)
-    for rows, n in ((1, 5), (3, 7), (64, 2), (65, 1), (5000, 3)):
-        for _ in range(n):
-            by_one.observe(rows)
-        observe_many(at_once, rows, n)
-    [by_one_samples], [at_once_samples] = (
-        [[s[:3] for s in m.samples if s.name != "rows_created"] for m in r.collect()] for r in (one, many)
+    reg = CollectorRegistry()
+    m = Metrics(registry=reg)
+    m.start()
+    try:
+        for rows, n in ((1, 5), (3, 7), (64, 2), (65, 1), (5000, 3)):
+            for _ in range(n):
+                m.step(rows)
+        m.flush()  # (the flusher thread may have taken some already)
+        m.flush()  # nothing new
+        m.request("/generate", 200)
+        exposed = generate_latest(reg).decode()
+    finally:
+        m.stop()
+    shown = histogram(exposed)
+    families = {f.name: f for f in text_string_to_metric_families(shown)}
+    assert families["char_rnn_batch_rows"].type == "histogram"
+    assert not {"char_rnn_batch_steps", "char_rnn_batch_rows_computed"} & set(families)
+    value = {(s.name, s.labels.get("le")): s.value for s in families["char_rnn_batch_rows"].samples}
+    assert value[("char_rnn_batch_rows_count", None)] == 18
+    assert value[("char_rnn_batch_rows_sum", None)] == 5 + 21 + 128 + 65 + 15000
+    buckets = {le: value[("char_rnn_batch_rows_bucket", le)] for le in ("1.0", "2.0", "4.0", "64.0", "+Inf")}
+    assert buckets == {"1.0": 5, "2.0": 5, "4.0": 12, "64.0": 14, "+Inf": 18}
+    requests = [line for line in exposed.splitlines() if line.startswith("char_rnn_requests")]
+    assert requests and set(requests) <= set(shown.splitlines())  # the others as they were
+
+
+def test_importing_the_service_loads_no_model_and_reads_no_registry(tmp_path):
+    """`import service` only declares the service: with every way to the registry and the model store made
+    to fail loudly, and BENTOML_HOME a file that no store can live in, the import succeeds."""
+    probe = """
+import bentoml, model.checkpoint, registry
+
+def loud(*args, **kwargs):
+    raise SystemExit("touched at import")
+
+registry.Registry.__init__ = loud
+model.checkpoint.load_dir = model.checkpoint.load = loud
+bentoml.models.get = bentoml.models.list = loud
+import service
+print("declared", service.CharRNN.name, sorted(service.CharRNN.apis))
+"""
+    (tmp_path / "bentoml").write_text("not a folder")
+    env = os.environ | {"CHAR_RNN_HOME": str(tmp_path), "BENTOML_HOME": str(tmp_path / "bentoml")}
+    env.pop("CHAR_RNN_RELOAD_INTERVAL", None)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
-    assert by_one_samples == at_once_samples and by_one_samples[-2] == ("rows_count", {}, 18.0)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "declared char_rnn ['generate', 'generate_stream', 'model_info', 'models']" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "api_key,metrics_key,needed",
+    [(None, None, None), ("a", None, "a"), (None, "m", "m"), ("a", "m", "m")],
+)
+def test_the_metrics_need_the_metrics_key_else_the_api_key_else_none(
+    monkeypatch, api_key, metrics_key, needed
+):
+    """The rule of `/metrics`: its own key when set; else the API key when that is set; else open."""
+    from pydantic import SecretStr
+
+    import service
+
+    keys = {k: SecretStr(v) if v else None for k, v in (("api_key", api_key), ("metrics_key", metrics_key))}
+    monkeypatch.setattr(service, "S", service.S.model_copy(update=keys))
+    got = service.keys()
+    assert (got["/metrics"] and got["/metrics"].secret) == needed
+    assert {route: key and key.secret for route, key in got.items() if route != "/metrics"} == dict.fromkeys(
+        ("/generate", "/generate_stream", "/model_info", "/models"), api_key
+    )

@@ -329,6 +329,40 @@ def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
     assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
 
 
+def test_a_stream_whose_client_leaves_takes_its_row_out_of_the_batch(server):
+    """Clients that close their connection once their /generate_stream has sent its first event (8 streams of
+    2000 characters) take their rows out of the batch: cancelled for "disconnect", far fewer steps run."""
+    client, _ = server
+    before = scrape(client)
+    body = json.dumps({"prompt": "THE ", "max_new_chars": 2000}).encode()
+    head = "POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    socks = [
+        socket.create_connection((client.base_url.host, client.base_url.port), timeout=30) for _ in range(8)
+    ]
+    for s in socks:
+        s.sendall(head.encode() + body)
+    for s in socks:  # each is generating once its first event arrives
+        got = b""
+        while b"data: " not in got:
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200"), got
+        s.close()
+    key = ("char_rnn_rows_cancelled_total", (("reason", "disconnect"),))
+    seen: dict = {}
+
+    def counted() -> bool:
+        seen.update(scrape(client))
+        return seen.get(key, 0) - before.get(key, 0) == 8
+
+    wait_for(counted, 20, "the streams' rows to be cancelled")
+    steps = ("char_rnn_batch_rows_count", ())
+    assert seen[steps] - before.get(steps, 0) < 1000
+    assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
+
+
 def test_a_rollback_switches_the_live_service_with_no_failed_request(server):
     """`char-rnn models rollback` (another process) while clients keep asking: the service answers with the
     rolled-back model within its reload interval, and no request fails on the way."""
@@ -382,18 +416,32 @@ def test_a_rollback_switches_the_live_service_with_no_failed_request(server):
     assert (last["tag"], last["action"], last["reason"]) == (target, "rollback", reason)
 
 
-def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, tmp_path):
-    """`bentoml build` bundles the promoted model and the page; `bentoml serve <bento>` serves both."""
+def without_uv(env: dict[str, str]) -> dict[str, str]:
+    """`env` with no `uv` on its PATH: BentoML must find the project's own (a dependency), as on a machine
+    whose only uv is `make`'s private one."""
+    path = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if not (Path(d) / "uv").exists())
+    assert shutil.which("uv", path=path) is None
+    return env | {"PATH": path}
+
+
+def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, small_text, tmp_path):
+    """`serving.bento.build` bundles the promoted model and the page into a Bento of the model's version;
+    `bentoml serve <bento>` serves that model, also once another one has been promoted."""
     client, env = server
     tag = client.post("/model_info").json()["model"]
-    cmd = [sys.executable, "-m", "bentoml", "build"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    code = f"from serving.bento import build; print(build({tag!r}))"
+    build = [sys.executable, "-c", code]
+    out = subprocess.run(build, cwd=ROOT, env=without_uv(env), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    [bento] = (Path(env["BENTOML_HOME"]) / "bentos" / "char_rnn").glob("*/bento.yaml")
+    version = tag.split(":")[1]
+    assert out.stdout.split()[-1] == f"char_rnn:{version}"
+    bento = Path(env["BENTOML_HOME"]) / "bentos" / "char_rnn" / version / "bento.yaml"
     assert f"tag: {tag}" in bento.read_text()
     assert (bento.parent / "src" / "serving" / "static" / "playground.js").is_file()
+    [newer] = promote(env, tiny_checkpoint(small_text + EXTRA, tmp_path / "newer", seed=9).path)
+    wait_for(lambda: serves(client, newer), 20, f"the service to load {newer}")
 
-    with running(env, tmp_path / "bento.log", f"char_rnn:{bento.parent.name}") as live:
+    with running(env, tmp_path / "bento.log", f"char_rnn:{version}") as live:
         built = live.client
         assert built.post("/model_info").json()["model"] == tag
         page = built.get("/")
@@ -405,6 +453,19 @@ def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, tmp_p
         assert view["serving"] == tag and [r["tag"] for r in view["history"] if r["serving"]] == [tag]
         assert view["curve"]["val"]
         assert f'char_rnn_model_info{{tag="{tag}"}} 1.0' in built.get("/metrics").text
+
+
+def test_plain_bentoml_serve_from_the_checkout_serves_the_projects_models(small_text, tmp_path):
+    """`bentoml serve` from the repository root, BentoML's own first command, with neither BENTOML_HOME nor
+    PREFECT_HOME exported: the service serves what the pipeline promoted under CHAR_RNN_HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = server_env(home)
+    [tag] = promote(env, tiny_checkpoint(small_text + EXTRA, tmp_path / "ck", seed=5).path)
+    plain = {k: v for k, v in env.items() if k not in ("BENTOML_HOME", "PREFECT_HOME")}
+    with running(plain, tmp_path / "plain.log", ".") as live:
+        wait_for(lambda: serves(live.client, tag), 30, f"the service to serve {tag}")
+        assert live.client.post("/generate", json={"max_new_chars": 5}).json()["model"] == tag
 
 
 def test_nothing_was_written_under_home(server):
@@ -427,6 +488,7 @@ def listening_addresses(port: int) -> set[str]:
 
 
 KEY = "s3cret-key-for-tests"
+METRICS_KEY = "scraper-key-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -435,6 +497,7 @@ def guarded(tmp_path_factory, small_text):
     promoted before it starts, and then the registry's history file is truncated."""
     home = tmp_path_factory.mktemp("guarded-home")
     limits = {"CHAR_RNN_API_KEY": KEY, "CHAR_RNN_MAX_CONCURRENCY": "4", "CHAR_RNN_BODY_TIMEOUT": "1.5"}
+    limits |= {"CHAR_RNN_METRICS_KEY": METRICS_KEY}
     env = server_env(home, **limits)
     ck = tiny_checkpoint(small_text + EXTRA, tmp_path_factory.mktemp("guarded-run") / "ck", seed=3)
     [tag] = promote(env, ck.path)
@@ -471,8 +534,21 @@ def test_the_api_key_guards_generation_and_model_info_only(guarded):
             assert r.headers["www-authenticate"] == "Bearer"
     assert client.post("/generate", json={"max_new_chars": 5}, headers=AUTH).json()["model"] == tag
     assert client.post("/model_info", headers=AUTH).json()["model"] == tag
-    for route in ("/livez", "/readyz", "/metrics", "/docs.json"):
+    for route in ("/livez", "/readyz", "/docs.json", "/", "/docs"):
         assert client.get(route).status_code == 200, route
+
+
+def test_the_metrics_need_their_own_key_when_one_is_set(guarded):
+    """/metrics tells the model's tag, the request counts and the queue: with CHAR_RNN_METRICS_KEY set, a
+    scraper needs that key (and the API key is not it)."""
+    client = guarded[0].client
+    for headers in ({}, {"Authorization": "Bearer wrong"}, AUTH):
+        r = client.get("/metrics", headers=headers)
+        assert r.status_code == 401 and "CHAR_RNN_METRICS_KEY" in r.json()["error"], (headers, r.text)
+        assert r.headers["www-authenticate"] == "Bearer" and "char_rnn_" not in r.text
+    r = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    assert r.status_code == 200 and "char_rnn_model_info" in r.text
+    assert client.post("/model_info", headers={"Authorization": f"Bearer {METRICS_KEY}"}).status_code == 401
 
 
 def test_the_pages_load_nothing_from_other_hosts(guarded):
