@@ -1,11 +1,11 @@
 """What Prefect adds: the pipeline flow's wall time against the same model/ functions called directly.
 
-  uv run python bench/flow_overhead.py [--repeat 3]
+  uv run python bench/flow_overhead.py [--repeat 3] [--quick] [--no-record]
 
 Runs against the server at PREFECT_API_URL, or starts one with scripts/prefect-server.sh (temporary
 PREFECT_HOME, free port) and stops it afterwards. Each contender runs in a fresh CHAR_RNN_HOME (no promoted
-model, no cache), one BLAS thread, alternating, best of --repeat. Target: overhead <= max(10%, 5 s).
-Last line: JSON.
+model, no cache), one BLAS thread, alternating, best of --repeat. Target: overhead <= max(10%, 5 s). The run
+writes its section of docs/benchmarks.md (unless --no-record); the last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ os.environ.update(
 )
 os.environ.pop("CHAR_RNN_RUNS", None)
 
+import common
 from common import server
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import pipeline
-from flows.tasks import PROMPTS, SAMPLE_CHARS, SAMPLING
 from model import corpus, train
-from model.net import ModelConfig
+from model.config import ModelConfig, TrainConfig
 from model.sample import sample
-from model.train import TrainConfig
 from model.vocab import Vocab
+from stages.scoring import PROMPTS, SAMPLE_CHARS, SAMPLING
 
 WORK = Path(os.environ["CHAR_RNN_HOME"])
 
@@ -78,7 +78,11 @@ def timed(fn: Callable[[Path, Path, dict], None], data: Path, p: dict, n: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; the best counts")
+    parser.add_argument("--quick", action="store_true", help="each contender once (--repeat 1)")
+    common.add_record_flag(parser)
     args = parser.parse_args()
+    args.repeat = 1 if args.quick else args.repeat
+    run = common.begin("flow_overhead", "What Prefect adds (`bench/flow_overhead.py`)", args)
     with server() as url, temporary_settings({PREFECT_API_URL: url}):
         data, params = CASES["smoke"]
         through_prefect(data, WORK / "warmup", COMMON | params)  # lazy imports, the API client
@@ -94,12 +98,22 @@ def main() -> None:
             limit = max(0.10 * best["direct"], 5.0)
             results[name] = best | {"overhead_s": extra, "overhead_pct": 100 * extra / best["direct"]}
             results[name] |= {"limit_s": limit, "ok": extra <= limit}
-            print(
-                f"{name:16} direct {best['direct']:6.2f} s   prefect {best['prefect']:6.2f} s   "
-                f"overhead {extra:+5.2f} s ({100 * extra / best['direct']:+.0f}%)   limit {limit:.2f} s   "
-                f"{'ok' if extra <= limit else 'OVER'}"
-            )
         APILogHandler().flush()  # send the runs' queued logs before the server stops
+    head = ["corpus", "direct s", "through Prefect s", "overhead", "limit: max(10%, 5 s)", "verdict"]
+    rows = [
+        [
+            name,
+            f"{r['direct']:.2f}",
+            f"{r['prefect']:.2f}",
+            f"{r['overhead_s']:+.2f} s ({r['overhead_pct']:+.0f}%)",
+        ]
+        + [f"{r['limit_s']:.2f} s", "met" if r["ok"] else "not met"]
+        for name, r in results.items()
+    ]
+    body = common.markdown_table(head, rows)
+    print(body)
+    run.facts["setup"] = f"one BLAS thread, best of {args.repeat}, each run in a fresh CHAR_RNN_HOME"
+    common.record(run, body)
     print(json.dumps({"cases": results, "ok": all(r["ok"] for r in results.values())}))
 
 

@@ -1,8 +1,10 @@
 """The cost per generated character of `sample.generate_ids` against a minimal NumPy loop with the same
 products (one (B, H) x (H, kH) per layer per step, one (B, H) x (H, V) for the logits) and a plain inverse-CDF
-draw, alternated in one run on one BLAS thread. Used by serve_latency.py; runs alone too:
+draw, alternated in one run on one BLAS thread. Target: generate_ids within 1.2x of the minimal loop at
+batch 1. Used by serve_latency.py; runs alone too, and then writes its section of docs/benchmarks.md (unless
+--no-record); the last line printed is JSON:
 
-    uv run python bench/sample_cost.py [--cell gru] [--hidden 256] [--layers 1]
+    uv run python bench/sample_cost.py [--quick] [--cell gru] [--hidden 256] [--layers 1] [--no-record]
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import json
 
 import common
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from model import net, sample
-from model.net import ModelConfig, Params
+from model import net, runtime, sample
+from model.cell import Params
+from model.config import ModelConfig
 
 CHARS, TEMPERATURE = 200, 0.8
 
@@ -67,7 +69,7 @@ def cost(cell: str, hidden: int, layers: int, rounds: int = 5, seconds: float = 
     """Microseconds per character of each contender at batch 1 and 32 (median over rounds), and the ratio."""
     cfg = ModelConfig(vocab_size=65, cell=cell, hidden=hidden, layers=layers)
     p, rng, out = net.init(cfg, np.random.default_rng(0)), np.random.default_rng(1), []
-    with threadpool_limits(1, user_api="blas"):
+    with runtime.blas_limit(1):
         for batch in (1, 32):
             rates = common.alternate(
                 {
@@ -85,16 +87,25 @@ def cost(cell: str, hidden: int, layers: int, rounds: int = 5, seconds: float = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 0.3 s instead of 5 of 0.6")
     ap.add_argument(
         "--cell", choices=["rnn", "gru", "lstm"], default=ModelConfig.model_fields["cell"].default
     )
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=1)
+    common.add_record_flag(ap)
     a = ap.parse_args()
-    rows = cost(a.cell, a.hidden, a.layers)
-    print("batch  generate_ids us/char  minimal us/char  ratio  (one BLAS thread)")
-    for r in rows:
-        print(f"{r['batch']:>5}  {r['generate_ids_us']:>20}  {r['minimal_us']:>15}  {r['ratio']:>5}")
+    run = common.begin("sample_cost", "Sampling cost per character (`bench/sample_cost.py`)", a)
+    rounds, seconds = (3, 0.3) if a.quick else (5, 0.6)
+    rows = cost(a.cell, a.hidden, a.layers, rounds, seconds)
+    head = ["batch", "generate_ids µs/char", "minimal loop µs/char", "ratio", "target"]
+    table = [[r["batch"], r["generate_ids_us"], r["minimal_us"], f"**{r['ratio']}**"] for r in rows]
+    table = [t + (["≤ 1.2"] if t[0] == 1 else [""]) for t in table]
+    body = common.markdown_table(head, table)
+    print(body)
+    run.facts["model"] = f"{a.cell}, hidden {a.hidden} x {a.layers} layer(s), {CHARS} characters a row"
+    run.facts["setup"] = f"one BLAS thread; {rounds} alternated rounds of {seconds:g} s, medians"
+    common.record(run, body)
     print(json.dumps({"cell": a.cell, "hidden": a.hidden, "layers": a.layers, "cost": rows}))
 
 

@@ -1,46 +1,53 @@
-"""Serving latency and throughput of the real `bentoml serve`, with and without batching across requests.
+"""Serving latency and throughput of the real `bentoml serve`, with and without batching across requests, and
+what serving adds to a request's own computation.
 
 Trains and promotes a quick model (by default ModelConfig's cell, hidden 256, 1 layer) into a temporary
 CHAR_RNN_HOME, starts the server on a free loopback port (batching on, off, and on with 2 worker processes)
-and keeps `concurrency` clients busy with 200-character generations. Prints p50/p95/p99 latency and generated
-characters/s per point as a table; the last line is JSON. With batching on and one worker it also measures:
-a mixed workload (p50/p99 of 20-character requests while 32 clients ask for 2000 characters), abandoned
-requests (the worker's CPU for N requests of 2000 characters whose client leaves after 10 ms, against N
-completed, and the generation steps each ran), and in-process the cost per character of `sample.generate_ids`
-against a minimal NumPy loop (`sample_cost.py`). Targets (hidden 256, 2 cores): p50 <= 10 ms at concurrency
-1; throughput at 32 >= 5x that at 1, batching on; short requests' p99 <= 50 ms under the long ones; abandoned
-< 10% of completed; generate_ids at batch 1 within 1.2x of the minimal loop. The cores are shared: levels
-alternate over rounds, and the server's CPU time per request (robust to contention) and the load average are
-recorded.
+and keeps `concurrency` clients busy with 200-character generations: p50/p95/p99 latency, generated
+characters/s and the server's CPU time per request (robust to other jobs on the cores) per point. With
+batching on and one worker it also measures:
+  - a mixed workload: p50/p99 of 20-character requests while 32 clients ask for 2000 characters;
+  - abandoned requests, one at a time on an idle server: N of 2000 characters whose client leaves 10 ms after
+    sending (/generate), and N whose client leaves once the first characters arrive (/generate_stream). Per
+    request: the generation steps it ran (the server's char_rnn_batch_rows count); the steps the service
+    counted after it saw its client leave (its char_rnn_steps_after_disconnect histogram, when it has one);
+    and for the stream, from outside, at most how many ran after the client left: the steps beyond those
+    that gave the characters it had received (a row's prompt takes len(prompt) - 1 steps, then one step
+    gives one character).
+Then, in-process on one BLAS thread: the same request as at concurrency 1 (model, prompt, length, settings)
+through `sample.generate_ids`, whose time the HTTP p50 is set against (the difference is what serving adds),
+and the cost per character of `generate_ids` against a minimal NumPy loop (sample_cost.py).
 
-    uv run python bench/serve_latency.py [--seconds 6] [--rounds 3] [--cell lstm] [--hidden 256] [--layers 1]
+Targets (hidden 256): p50 at concurrency 1 <= in-process + 2 ms; throughput at concurrency 32 over 1 on two
+workers >= 5x; short requests' p99 <= 50 ms beside the long ones; steps after the client left <= 2 (median);
+generate_ids at batch 1 within 1.2x of the minimal loop. The concurrency levels alternate over rounds against
+drifting load, and the load average is recorded.
+
+    uv run python bench/serve_latency.py [--quick] [--seconds 6] [--rounds 3] [--cell lstm] [--hidden 256]
+        [--layers 1] [--abandoned 15] [--no-record]
+The run writes its section of docs/benchmarks.md (unless --no-record); the last line printed is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
-import httpx
 import numpy as np
 import sample_cost
+from serve_tools import Connection, Server, cpu_seconds, metrics, quiet
 
-from model import corpus
-from model.net import ModelConfig
-from model.train import TrainConfig, train
+from model import corpus, runtime, sample
+from model.config import ModelConfig, TrainConfig
+from model.train import train
 from model.vocab import Vocab
 from serving.metrics import FLUSH
 from settings import ROOT, isolated_env
@@ -51,12 +58,22 @@ os.environ.update(
 )
 HOME, ENV = Path(os.environ["CHAR_RNN_HOME"]), dict(os.environ)
 
-CHARS = 200
+CHARS, PROMPT, TEMPERATURE = 200, "ROMEO:", 0.8  # the service's default temperature
 LEVELS = (1, 8, 32)
 LONG, LONG_CLIENTS, SHORT = 2000, 32, 20  # the mixed workload's and abandoned requests' lengths
+SERVERS = (("on", 64, 1), ("off", 1, 1), ("on", 64, 2))  # batching, CHAR_RNN_MAX_BATCH, workers
+AFTER = "char_rnn_steps_after_disconnect"  # the service's count of steps run after a client left
 
 
-def promote_quick_model(cell: str, hidden: int, layers: int) -> str:
+@dataclass
+class Model:
+    tag: str
+    params: dict
+    config: ModelConfig
+    prompt: np.ndarray  # PROMPT's ids
+
+
+def promote_quick_model(cell: str, hidden: int, layers: int) -> Model:
     """Train a few steps on tiny shakespeare (speed does not depend on quality) and promote it."""
     from registry import Registry
 
@@ -68,79 +85,8 @@ def promote_quick_model(cell: str, hidden: int, layers: int) -> str:
         steps=20, batch=16, seq=32, warmup=0, eval_every=20, checkpoint_every=20, eval_chars=5000
     )
     ck = train(ids[:180_000], ids[180_000:], vocab, cfg, tc, HOME / "run")
-    return Registry(HOME / "bentoml").promote(ck.path, {"source": "bench"}).tag
-
-
-class Server:
-    """`bentoml serve` from the repository root; stopped by the ids of its process and its workers."""
-
-    def __init__(self, max_batch: int, workers: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
-        port = self.url.rsplit(":", 1)[1]
-        cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", port]
-        env = ENV | {"CHAR_RNN_MAX_BATCH": str(max_batch), "CHAR_RNN_WORKERS": str(workers)}
-        self.log = open(HOME / f"server-{max_batch}-{workers}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.pids = [self.proc.pid]
-
-    def __enter__(self) -> Server:
-        end = time.monotonic() + 120
-        with httpx.Client(trust_env=False) as c:
-            while time.monotonic() < end and self.proc.poll() is None:
-                try:
-                    if c.get(f"{self.url}/readyz").status_code == 200:
-                        self.pids = process_tree(self.proc.pid)
-                        return self
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"the server did not become ready; see {self.log.name}")
-
-    def __exit__(self, *_: object) -> None:
-        pids = process_tree(self.proc.pid)
-        self.proc.terminate()  # the arbiter stops its workers
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for pid in pids[1:]:  # any worker left behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.log.close()
-
-
-class Connection:
-    """A minimal HTTP/1.1 keep-alive client for POST /generate: the load generator shares the cores with the
-    server, so it must cost little CPU per request (httpx costs about as much as the server's HTTP stack)."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def send(self, path: str, body: dict) -> None:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        data = json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-        self.writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
-        await self.writer.drain()
-
-    async def post(self, path: str, body: dict) -> dict:
-        await self.send(path, body)
-        status, *lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        if status.split()[1] != "200":
-            raise RuntimeError(f"{status}")
-        size = next(int(v) for k, _, v in (h.partition(":") for h in lines) if k.lower() == "content-length")
-        return json.loads(await self.reader.readexactly(size))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    tag = Registry(HOME / "bentoml").promote(ck.path, {"source": "bench"}).tag
+    return Model(tag, ck.params, ck.config, vocab.encode(PROMPT))
 
 
 @dataclass
@@ -153,56 +99,27 @@ class Tally:
     cpu: float = 0.0
 
     def row(self) -> dict:
-        ms = np.array(self.latencies) * 1000
-        return {
-            "requests": len(ms),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p95_ms": round(float(np.percentile(ms, 95)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        return percentiles(self.latencies, (50, 95, 99)) | {
+            "requests": len(self.latencies),
             "chars_per_s": round(self.chars / self.wall),
-            "cpu_ms_per_req": round(self.cpu / len(ms) * 1000, 2),
+            "cpu_ms_per_req": round(self.cpu / len(self.latencies) * 1000, 2),
         }
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, from /proc (the server's workers run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                int(stat.parent.name)
-            )
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) used so far by the live processes `pids`."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+def percentiles(seconds: list[float], ps: tuple[int, ...] = (50, 99)) -> dict:
+    ms = np.array(seconds) * 1000
+    return {f"p{p}_ms": round(float(np.percentile(ms, p)), 2) for p in ps}
 
 
 async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: list[int]) -> None:
     """`concurrency` clients sending requests back to back for `seconds` (after a short warm-up)."""
-    host, port = url.removeprefix("http://").split(":")
-    conns = [Connection(host, int(port)) for _ in range(concurrency)]
+    conns = [Connection(url) for _ in range(concurrency)]
 
     async def worker(k: int, until: float, record: bool) -> None:
         i = k
         while time.perf_counter() < until:
             t = time.perf_counter()
-            body = await conns[k].post("/generate", {"prompt": "ROMEO:", "max_new_chars": CHARS, "seed": i})
+            body = await conns[k].post("/generate", {"prompt": PROMPT, "max_new_chars": CHARS, "seed": i})
             i += concurrency
             if record:
                 tally.latencies.append(time.perf_counter() - t)
@@ -218,23 +135,14 @@ async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: l
         c.close()
 
 
-def percentiles(seconds: list[float]) -> dict:
-    ms = np.array(seconds) * 1000
-    return {
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-    }
-
-
 async def mixed(url: str, seconds: float) -> dict:
     """One client's SHORT-character requests, back to back, while LONG_CLIENTS ask for LONG characters."""
-    host, port = url.removeprefix("http://").split(":")
-    conns = [Connection(host, int(port)) for _ in range(LONG_CLIENTS + 1)]
+    conns = [Connection(url) for _ in range(LONG_CLIENTS + 1)]
     stop, done = asyncio.Event(), [0]
 
     async def long_client(k: int) -> None:
         while not stop.is_set():
-            await conns[k].post("/generate", {"prompt": "ROMEO:", "max_new_chars": LONG, "seed": k})
+            await conns[k].post("/generate", {"prompt": PROMPT, "max_new_chars": LONG, "seed": k})
             done[0] += 1
 
     tasks = [asyncio.create_task(long_client(k)) for k in range(LONG_CLIENTS)]
@@ -242,9 +150,7 @@ async def mixed(url: str, seconds: float) -> dict:
     latencies, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
-        await conns[-1].post(
-            "/generate", {"prompt": "ROMEO:", "max_new_chars": SHORT, "seed": len(latencies)}
-        )
+        await conns[-1].post("/generate", {"prompt": PROMPT, "max_new_chars": SHORT, "seed": len(latencies)})
         latencies.append(time.perf_counter() - t)
     stop.set()
     await asyncio.gather(*tasks)
@@ -253,70 +159,66 @@ async def mixed(url: str, seconds: float) -> dict:
     return {"short_requests": len(latencies), "long_requests": done[0]} | percentiles(latencies)
 
 
-async def quiet(pids: list[int]) -> None:
-    """Until the server uses less than 4% of a core (its work done), checked every 0.25 s."""
-    before = cpu_seconds(pids)
-    while True:
-        await asyncio.sleep(0.25)
-        now = cpu_seconds(pids)
-        if now - before < 0.01:
-            return
-        before = now
-
-
-async def steps(url: str) -> float:
-    """Generation steps the server has run (its char_rnn_batch_rows histogram's count), once its metrics
-    flusher has reported them."""
-    await asyncio.sleep(FLUSH + 0.2)
-    text = httpx.get(f"{url}/metrics", trust_env=False).text
-    counts = [line.split()[-1] for line in text.splitlines() if line.startswith("char_rnn_batch_rows_count")]
-    return sum(map(float, counts))
+async def leave(url: str, route: str) -> int | None:
+    """One request of LONG characters whose client leaves: 10 ms after sending (/generate), or once the
+    first characters arrived (/generate_stream: how many)."""
+    conn, body = Connection(url), {"prompt": PROMPT, "max_new_chars": LONG}
+    try:
+        if route == "/generate_stream":
+            return len(await conn.first_text(route, body))
+        await conn.send(route, body)
+        await asyncio.sleep(0.01)
+        return None
+    finally:
+        conn.close()
 
 
 async def abandoned(url: str, pids: list[int], n: int) -> dict:
-    """The server's CPU seconds and generation steps for n requests of LONG characters, one at a time (the
-    server idle before and after each): n completed, then n whose client closes the connection 10 ms after
-    sending. The idle server's own CPU rate, measured first, is subtracted."""
-    host, port = url.removeprefix("http://").split(":")
-    body = {"prompt": "ROMEO:", "max_new_chars": LONG}
+    """Per route, n abandoned requests one at a time, the server idle before and after each: the steps each
+    ran, the steps the service counted after its client left, and (stream) at most how many ran after."""
     await quiet(pids)
-    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
-    await asyncio.sleep(2.0)
-    idle = (cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)  # CPU seconds per second
-    cpu, ran = {}, {}
-    for kind in ("completed", "abandoned"):
-        steps0, cpu0, t0 = await steps(url), cpu_seconds(pids), time.perf_counter()
+    last, out = await metrics(url, FLUSH), {}
+    for route in ("/generate", "/generate_stream"):
+        per: dict[str, list[float]] = {"ran": [], "counted_after": [], "at_most_after": []}
         for _ in range(n):
-            conn = Connection(host, int(port))
-            if kind == "completed":
-                await conn.post("/generate", body)
-            else:
-                await conn.send("/generate", body)
-                await asyncio.sleep(0.01)
-            conn.close()
+            got = await leave(url, route)
             await quiet(pids)
-        cpu[kind] = round(cpu_seconds(pids) - cpu0 - idle * (time.perf_counter() - t0), 3)
-        ran[kind] = round((await steps(url) - steps0) / n, 1)
-    ratio = round(cpu["abandoned"] / cpu["completed"], 3)
-    return {"n": n, "cpu_s": cpu, "steps_per_request": ran, "idle_cpu_per_s": round(idle, 4), "ratio": ratio}
+            now = await metrics(url, FLUSH)
+            ran = now.get("char_rnn_batch_rows_count", 0) - last.get("char_rnn_batch_rows_count", 0)
+            per["ran"].append(ran)
+            if f"{AFTER}_sum" in now:
+                per["counted_after"].append(now[f"{AFTER}_sum"] - last.get(f"{AFTER}_sum", 0))
+            if got is not None:
+                per["at_most_after"].append(ran - (len(PROMPT) - 1 + got))
+            last = now
+        out[route] = {
+            k: {"median": float(np.median(v)), "max": max(v), "all": v} for k, v in per.items() if v
+        }
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
-    ap.add_argument("--rounds", type=int, default=3, help="alternations of the levels, against drifting load")
-    ap.add_argument(
-        "--cell", choices=["rnn", "gru", "lstm"], default=ModelConfig.model_fields["cell"].default
-    )
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--abandoned", type=int, default=15, help="requests abandoned, and completed")
-    a = ap.parse_args()
-    load_before = [round(x, 2) for x in os.getloadavg()]
-    tag = promote_quick_model(a.cell, a.hidden, a.layers)
+def in_process(m: Model, repeats: int) -> float:
+    """Median milliseconds of the concurrency-1 request (same model, prompt, length, settings) through
+    `sample.generate_ids`, on one BLAS thread, as the service's worker runs it."""
+    times = []
+    with runtime.blas_limit(1):
+        for seed in range(repeats + 1):
+            t = time.perf_counter()
+            for _ in sample.generate_ids(
+                m.params, m.config, [m.prompt], CHARS, [sample.Settings(TEMPERATURE, 0, 1.0, seed)]
+            ):
+                pass
+            times.append(time.perf_counter() - t)
+    return round(1000 * float(np.median(times[1:])), 2)  # the first warms up
+
+
+def serve_all(a: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every server configuration: its load levels, alternated over rounds; the extra workloads on the
+    batching server with one worker."""
     rows, extra = [], {}
-    for batching, max_batch, workers in (("on", 64, 1), ("off", 1, 1), ("on", 64, 2)):
-        with Server(max_batch, workers) as server:
+    for batching, max_batch, workers in SERVERS:
+        env = ENV | {"CHAR_RNN_MAX_BATCH": str(max_batch), "CHAR_RNN_WORKERS": str(workers)}
+        with Server(env, HOME / f"server-{max_batch}-{workers}.log") as server:
             tallies = {c: Tally() for c in LEVELS}
             for r in range(a.rounds):
                 for c in LEVELS if r % 2 == 0 else LEVELS[::-1]:
@@ -326,43 +228,135 @@ def main() -> None:
             if (batching, workers) == ("on", 1):
                 extra["mixed"] = asyncio.run(mixed(server.url, a.seconds))
                 extra["abandoned"] = asyncio.run(abandoned(server.url, server.pids, a.abandoned))
-    extra["cost"] = sample_cost.cost(a.cell, a.hidden, a.layers)
-    cols = ("batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s")
-    cols += ("cpu_ms_per_req",)
-    size = f"{a.cell}, hidden {a.hidden} x {a.layers} layer(s)"
-    load_after = [round(x, 2) for x in os.getloadavg()]
-    print(f"{tag}: {size}, {CHARS} chars/request, {os.cpu_count()} cores")
-    print(f"BLAS {common.blas_name()}: 1 thread per server worker and in-process (cost per char)")
-    print(f"load average (1, 5, 15 min): {load_before} before, {load_after} after")
-    print(" ".join(f"{c:>14}" for c in cols))
-    for r in rows:
-        print(" ".join(f"{r[c]:>14}" for c in cols))
+    return rows, extra
+
+
+def targets(rows: list[dict], extra: dict) -> dict:
+    """The measures the targets are about, and whether each is met (None: not measured)."""
     rate = {(r["batching"], r["workers"], r["concurrency"]): r["chars_per_s"] for r in rows}
-    scale = {f"{b}/{w}w": round(rate[(b, w, 32)] / rate[(b, w, 1)], 2) for b, w, _ in rate if _ == 1}
-    p50_c1 = next(r["p50_ms"] for r in rows if r["batching"] == "on" and r["concurrency"] == 1)
-    print("throughput at 32 / at 1: " + ", ".join(f"{k} {v}x" for k, v in scale.items()))
-    m, ab, cost = extra["mixed"], extra["abandoned"], extra["cost"]
-    print(
-        f"mixed: {SHORT}-char requests while {LONG_CLIENTS} clients ask for {LONG}: p50 {m['p50_ms']} ms, "
-        f"p99 {m['p99_ms']} ms ({m['short_requests']} short, {m['long_requests']} long completed)"
+    scale = {f"{b}/{w}w": round(rate[(b, w, 32)] / rate[(b, w, 1)], 2) for b, _, w in SERVERS}
+    p50 = next(r["p50_ms"] for r in rows if (r["batching"], r["workers"], r["concurrency"]) == ("on", 1, 1))
+    ab = extra["abandoned"]
+    after = ab["/generate"].get("counted_after") or ab["/generate_stream"].get("at_most_after")
+    source = "the service's count" if "counted_after" in ab["/generate"] else "the stream's bound"
+    return {
+        "steps_after_leaving_from": source,
+        "scale_32_over_1": scale,
+        "p50_c1_ms": p50,
+        "overhead_ms": round(p50 - extra["in_process_ms"], 2),
+        "met": {
+            "p50_c1_le_in_process_plus_2ms": p50 <= extra["in_process_ms"] + 2,
+            "c32_over_c1_2_workers_ge_5x": scale["on/2w"] >= 5,
+            "short_p99_le_50ms": extra["mixed"]["p99_ms"] <= 50,
+            "steps_after_leaving_median_le_2": None if after is None else after["median"] <= 2,
+            "generate_ids_b1_le_1.2x": extra["cost"][0]["ratio"] <= 1.2,
+        },
+    }
+
+
+def steps_cell(s: dict | None) -> str:
+    return "not measured" if s is None else f"{s['median']:g} / {s['max']:g}"
+
+
+VERDICT = {True: "met", False: "not met", None: "not measured (the service has no such count)"}
+
+
+def measures(extra: dict, t: dict) -> list[list[str]]:
+    """Each measure of the run beside its target: what, this run's figure, the target, the verdict."""
+    m, cost, met = extra["mixed"], extra["cost"], t["met"]
+    gen, stream = extra["abandoned"]["/generate"], extra["abandoned"]["/generate_stream"]
+    counted = gen.get("counted_after")
+    return [
+        [
+            "`/generate` p50 at concurrency 1, against `generate_ids` in-process for the same request",
+            f"{t['p50_c1_ms']} against {extra['in_process_ms']} ms: **+{t['overhead_ms']} ms**",
+            "≤ in-process + 2 ms",
+            VERDICT[met["p50_c1_le_in_process_plus_2ms"]],
+        ],
+        [
+            "throughput at concurrency 32 over 1: batching on / off / on with 2 workers",
+            " / ".join(f"{v}x" for v in t["scale_32_over_1"].values()),
+            "≥ 5x on 2 workers",
+            VERDICT[met["c32_over_c1_2_workers_ge_5x"]],
+        ],
+        [
+            f"{SHORT}-char requests while {LONG_CLIENTS} clients ask for {LONG}: p50 / p99",
+            f"{m['p50_ms']} / {m['p99_ms']} ms ({m['short_requests']} short, {m['long_requests']} long)",
+            "p99 ≤ 50 ms",
+            VERDICT[met["short_p99_le_50ms"]],
+        ],
+        [
+            "steps after the client left, `/generate` left after 10 ms, as the service counts: median / max",
+            steps_cell(counted),
+            "≤ 2 (median)",
+            VERDICT[None if counted is None else counted["median"] <= 2],
+        ],
+        [
+            "steps after the client left, `/generate_stream` left at its first text, at most: median / max",
+            steps_cell(stream["at_most_after"]),
+            "≤ 2 (median)",
+            VERDICT[stream["at_most_after"]["median"] <= 2],
+        ],
+        [
+            f"steps an abandoned `/generate` ran: median / max (completed: {len(PROMPT) - 1 + LONG})",
+            steps_cell(gen["ran"]),
+            "",
+            "",
+        ],
+        [
+            "`generate_ids` / minimal loop per character, batch 1 and 32",
+            ", ".join(f"{r['ratio']}x ({r['generate_ids_us']} / {r['minimal_us']} µs)" for r in cost),
+            "≤ 1.2x at batch 1",
+            VERDICT[met["generate_ids_b1_le_1.2x"]],
+        ],
+    ]
+
+
+def report(rows: list[dict], extra: dict, t: dict) -> str:
+    """The run as markdown: every load point, then each measure beside its target."""
+    cols = ["batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s"]
+    points = [[r[c] for c in cols] + [r["cpu_ms_per_req"]] for r in rows]
+    names = [c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]
+    head = common.markdown_table([*names, "server CPU ms/request"], points)
+    table = common.markdown_table(["measure", "this run", "target", "verdict"], measures(extra, t))
+    return f"{head}\n\n{table}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 s per point in 2 rounds, 5 abandoned requests")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the levels, against drifting load")
+    ap.add_argument(
+        "--cell", choices=["rnn", "gru", "lstm"], default=ModelConfig.model_fields["cell"].default
     )
-    print(
-        f"abandoned after 10 ms: {ab['n']} requests of {LONG} chars cost {ab['cpu_s']['abandoned']} s of "
-        f"server CPU, {ab['n']} completed {ab['cpu_s']['completed']} s: ratio {ab['ratio']} (one at a time; "
-        f"the idle server's {ab['idle_cpu_per_s']} CPU s/s subtracted); generation steps per request: "
-        f"{ab['steps_per_request']['abandoned']} abandoned, {ab['steps_per_request']['completed']} completed"
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--abandoned", type=int, default=15, help="abandoned requests per route")
+    common.add_record_flag(ap)
+    a = ap.parse_args()
+    if a.quick:
+        a.seconds, a.rounds, a.abandoned = 2.0, 2, 5
+    run = common.begin("serve_latency", "Serving latency and throughput (`bench/serve_latency.py`)", a)
+    m = promote_quick_model(a.cell, a.hidden, a.layers)
+    rows, extra = serve_all(a)
+    extra["in_process_ms"] = in_process(m, 10 if a.quick else 30)
+    extra["cost"] = sample_cost.cost(a.cell, a.hidden, a.layers, *((3, 0.3) if a.quick else (5, 0.6)))
+    load_after = os.getloadavg()
+    t = targets(rows, extra)
+    size = f"{a.cell}, hidden {a.hidden} x {a.layers} layer(s)"
+    run.facts["model"] = f"{m.tag}: {size}; {CHARS} chars a request unless said, prompt {PROMPT!r}"
+    run.facts["setup"] = (
+        f"1 BLAS thread per worker and in-process; {a.seconds:g} s a point over {a.rounds} rounds"
     )
-    for r in cost:
-        print(
-            f"generate_ids at batch {r['batch']}: {r['generate_ids_us']} us/char, minimal loop "
-            f"{r['minimal_us']} us/char: ratio {r['ratio']}"
-        )
-    targets = {"p50_c1_le_10ms": p50_c1 <= 10, "c32_over_c1_ge_5x": scale["on/1w"] >= 5}
-    targets |= {"short_p99_le_50ms": m["p99_ms"] <= 50, "abandoned_lt_10pct": ab["ratio"] < 0.1}
-    targets["generate_ids_b1_le_1.2x"] = cost[0]["ratio"] <= 1.2
-    summary = {"model": tag, "cell": a.cell, "hidden": a.hidden, "layers": a.layers, "chars": CHARS}
-    summary |= {"load_avg_before": load_before, "load_avg_after": load_after, "results": rows} | extra
-    print(json.dumps(summary | {"scale_32_over_1": scale, "targets_met": targets}))
+    body = report(rows, extra, t)
+    print(body)
+    common.record(run, body, load_after)
+    loads = [[round(x, 2) for x in xs] for xs in (run.load_before, load_after)]
+    print(f"load average (1, 5, 15 min): {loads[0]} before, {loads[1]} after")
+    summary = {"model": m.tag, "cell": a.cell, "hidden": a.hidden, "layers": a.layers, "chars": CHARS}
+    summary |= {"load_avg_before": loads[0], "load_avg_after": loads[1], "results": rows} | extra | t
+    print(json.dumps(summary))
     shutil.rmtree(HOME, ignore_errors=True)  # kept when a run fails, for the server logs
 
 
