@@ -1,18 +1,22 @@
 """`python -m flows.follow DEPLOYMENT [--param KEY=VALUE ...]`: run a deployment and show it in the terminal.
 
-What `make run` shows while the pipeline runs: the pipeline's own log lines as they come, one line updated in
-place while the model trains (step, loss, validation loss, characters/s, time left: the run's progress
-artifact) and the outcome. Prefect's engine and event messages stay in the runner's log and the UI. Exit
-status 0 when the run completes, 1 when it does not, 130 on Ctrl-C (the runner keeps the run). When the
-retrain deployment cancels this run because a retrain was running already, it follows that one instead.
-With --next it starts nothing and follows the deployment's next run (scripts/demo-retrain.sh).
+What `make run` shows while the pipeline runs, read from structured data only: the lines of the run's
+`char-rnn.*` events (flows/events.py) as they come, one line updated in place while the model trains (the
+run's progress artifact: its percent and its summary line), and the outcome, the `char-rnn.decided` event.
+Rewording a line changes what is shown, never whether. Exit status 0 when the run completes, 1 when it does
+not, 130 on Ctrl-C (the runner keeps the run). When the retrain deployment's concurrency limit cancels this
+run before it starts because a run of it is running already, it follows that one instead. With --next it
+starts nothing and follows the deployment's next run (scripts/demo-retrain.sh).
+
+Prefect's own `prefect flow-run watch` streams every log line and engine event of a run, with no status
+line, and its subscription looks back a minute only; this polls the run, its events and its artifact instead,
+so a run followed half way through shows what it said before.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -20,80 +24,14 @@ from typing import Any
 from uuid import UUID
 
 import settings
-from cli import Parser, bar
-from flows.serve import param
+from flows.events import DECIDED, PREFIX, PROGRESS
+from terminal import Parser, Screen, param
 
-# The pipeline's log lines worth a line in the terminal (flows/pipeline.py, flows/tasks.py); warnings and
-# errors are always shown, Prefect's own INFO lines never.
-SAID = (
-    "Corpus ",
-    "Reusing ",
-    "Vocabulary ",
-    "Resuming ",
-    "Training ",
-    "Candidate",
-    "Current ",
-    "char-rnn:",
-    "Promoted ",
-    "Kept ",
-)
-OUTCOME = ("Promoted ", "Kept ", "Reusing the promoted model")  # the run's last line, when it completes
-BUSY = "Deployment concurrency limit reached."  # the state message of a retrain cancelled by another
-BUSY_STATES = ["PENDING", "RUNNING"]
-# A run process sends its log lines in batches (every ~2 s, later on a busy machine): lines may arrive
-# after the run's final state, and a batch may hold lines older than the newest one shown.
-LATE = timedelta(seconds=30)  # how far back each poll looks again for lines not seen yet
-GRACE_COMPLETED, GRACE = 60.0, 5.0  # s to wait after the final state for the outcome line: completed, other
-
-
-class Screen:
-    """Lines for the terminal, below them a status line redrawn in place. Off a terminal (a log file,
-    `| tee`) the status is printed as a line of its own every `every` s instead."""
-
-    def __init__(self, out=sys.stdout, every: float = 15.0):
-        self.out, self.tty, self.every = out, out.isatty(), every
-        self.status, self.printed, self.at = "", "", time.monotonic()
-
-    def draw(self, text: str) -> None:
-        width = shutil.get_terminal_size().columns - 1  # the last column would wrap on some terminals
-        self.out.write("\r" + text[:width].ljust(width) + ("" if text else "\r"))
-        self.out.flush()
-
-    def print(self, text: str) -> None:
-        print(f"  {text}", file=self.out, flush=True)
-        self.printed, self.at = text, time.monotonic()
-
-    def line(self, text: str) -> None:
-        """A line above the status line."""
-        if self.tty and self.status:
-            self.draw("")
-        self.print(text)
-        if self.tty and self.status:
-            self.draw(f"  {self.status}")
-
-    def show(self, status: str, passing: bool = False) -> None:
-        """Redraw the status line; off a terminal, print it now and then, unless it is `passing` (a wait)."""
-        if status == self.status:
-            return
-        self.status = "" if passing and not self.tty else status
-        if self.tty:
-            self.draw(f"  {status}")
-        elif not passing and time.monotonic() - self.at >= self.every:
-            self.print(status)
-
-    def keep(self) -> None:
-        """Leave the status line where it is, as a line of its own (a finished training's last state)."""
-        if self.tty and self.status:
-            self.out.write("\n")
-        elif self.status and self.status != self.printed:
-            self.print(self.status)
-        self.status = ""
-
-    def clear(self) -> None:
-        """Take a passing status away."""
-        if self.tty and self.status:
-            self.draw("")
-        self.status = ""
+ACTIVE = ["PENDING", "RUNNING"]
+# The server stores events in batches (every few seconds), so an event can be read after a later one, and
+# after the run's final state.
+LATE = timedelta(seconds=30)  # how far back each poll reads again for events not seen yet
+GRACE_COMPLETED, GRACE = 60.0, 10.0  # s to wait after the final state for the outcome: completed, other
 
 
 def alive(pid: int | None) -> bool:
@@ -158,64 +96,122 @@ def next_run(client: Any, name: str, dep: Any, runner: int | None, screen: Scree
             raise RuntimeError(f"the runner (PID {runner}) exited")
         due = runs(client, dep.id, ["SCHEDULED"])
         left = (due[0].expected_start_time - datetime.now(UTC)).total_seconds() if due else None
-        screen.show(
-            f"waiting for its next run (in {max(left, 0):.0f} s)" if left is not None else "waiting", True
-        )
+        wait = f"waiting for its next run (in {max(left, 0):.0f} s)" if left is not None else "waiting"
+        screen.show(wait, passing=True)
         time.sleep(1)
 
 
+def stage_events(client: Any, run_id: UUID, since: datetime) -> list:
+    """The run's `char-rnn.*` events that occurred since `since`, oldest first."""
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventOrder,
+        EventRelatedFilter,
+    )
+
+    match = EventFilter(
+        occurred=EventOccurredFilter(since=since, until=datetime.now(UTC) + LATE),  # LATE: another's clock
+        event=EventNameFilter(prefix=[PREFIX]),
+        related=EventRelatedFilter(id=[f"prefect.flow-run.{run_id}"]),
+        order=EventOrder.ASC,
+    )
+    page = client.read_events(filter=match, limit=50)  # the server's largest page
+    found = list(page.events)
+    while page.next_page:
+        page = client.read_events_page(page.next_page)
+        found += page.events
+    return found
+
+
+def progress(client: Any, run_id: UUID) -> Any:
+    """The run's newest training progress artifact, or None."""
+    from prefect.client.schemas.filters import ArtifactFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    match = ArtifactFilter(flow_run_id={"any_": [run_id]}, key={"any_": [PROGRESS]})
+    found = client.read_artifacts(artifact_filter=match, sort=ArtifactSort.UPDATED_DESC, limit=1)
+    return found[0] if found else None
+
+
+class View:
+    """What one flow run has shown so far: the events seen, the trainings finished, whether it decided."""
+
+    def __init__(self, client: Any, run: Any, screen: Screen):
+        self.client, self.id, self.screen = client, run.id, screen
+        self.seen: set[UUID] = set()
+        self.newest: datetime = run.created
+        self.done: set[UUID] = set()  # finished progress artifacts
+        self.finished: datetime | None = None  # when the training now on the status line reached 100%
+        self.decided = False
+
+    def update(self, run: Any) -> None:
+        found = stage_events(self.client, self.id, self.newest - LATE)
+        # read after the events: an event sent once the training ended finds its 100% here, not next poll
+        self.status(progress(self.client, self.id), run)
+        for event in found:
+            if event.id in self.seen:
+                continue
+            self.seen.add(event.id)
+            self.newest = max(self.newest, event.occurred)
+            if self.finished and event.occurred >= self.finished:  # what came before stays above it
+                self.screen.keep()
+                self.finished = None
+            self.say(event)
+
+    def status(self, artifact: Any, run: Any) -> None:
+        if artifact is not None and artifact.id not in self.done:
+            percent = float(artifact.data)
+            self.screen.show(artifact.description or "", fraction=percent / 100)
+            if percent >= 100:
+                self.done.add(artifact.id)
+                self.finished = artifact.updated
+        elif artifact is None and not run.state.is_final():
+            self.screen.show(f"{run.state.name}...", passing=True)
+
+    def say(self, event: Any) -> None:
+        line, level = event.payload.get("line"), event.payload.get("level", 20)
+        if isinstance(line, str):
+            kind = "error: " if level >= 40 else "warning: " if level >= 30 else ""
+            self.screen.line(kind + line)
+        self.decided = self.decided or event.event == DECIDED
+
+    def close(self) -> None:
+        if self.finished:
+            self.screen.keep()
+        self.screen.clear()
+
+
 def watch(client: Any, run: Any, runner: int | None, screen: Screen) -> Any:
-    """Show flow run `run` until it ends; its final state."""
-    from prefect.client.schemas.filters import ArtifactFilter, LogFilter
-    from prefect.client.schemas.sorting import ArtifactSort, LogSort
+    """Show flow run `run` until it has ended and said its outcome; the flow run, final."""
     from prefect.settings import get_current_settings
 
     if ui := get_current_settings().ui_url:
         screen.line(f"flow run '{run.name}': {ui}/runs/flow-run/{run.id}")
-    seen: set[UUID] = set()
-    done: set[UUID] = set()  # finished progress artifacts
-    after = ended = finished = None  # finished: when the training's progress reached 100%
-    said = ""
-    progress = ArtifactFilter(flow_run_id={"any_": [run.id]}, type={"any_": ["progress"]})
+    view = View(client, run, screen)
+    ended = None
     while True:
         run = client.read_flow_run(run.id)
-        since = {"after_": after - LATE} if after else {}
-        logs = LogFilter(flow_run_id={"any_": [run.id]}, level={"ge_": 20}, timestamp=since)
-        lines = client.read_logs(log_filter=logs, sort=LogSort.TIMESTAMP_ASC)
-        # read after the lines: a line sent once the training ended finds its 100% here, not at the next poll
-        found = client.read_artifacts(artifact_filter=progress, sort=ArtifactSort.UPDATED_DESC, limit=1)
-        if found and found[0].id not in done:
-            screen.show(f"{bar(float(found[0].data) / 100)} {found[0].description or ''}")
-            if float(found[0].data) >= 100:
-                done.add(found[0].id)
-                finished = found[0].updated
-        elif not found and not run.state.is_final():
-            screen.show(f"{run.state.name}...", passing=True)
-        for log in lines:
-            if log.id in seen:
-                continue
-            seen.add(log.id)
-            after = max(after or log.timestamp, log.timestamp)
-            if finished and log.timestamp >= finished:  # lines logged before the training ended stay above it
-                screen.keep()
-                finished = None
-            first = log.message.splitlines()[0] if log.message else ""
-            if log.level >= 30:
-                screen.line(f"{'error' if log.level >= 40 else 'warning'}: {first}")
-            elif first.startswith(SAID):
-                screen.line(first)
-                said = first
-        if run.state.is_final():  # its last log lines may still be on their way
+        view.update(run)
+        if run.state.is_final():
             ended = ended or time.monotonic()
-            waited = time.monotonic() - ended > (GRACE_COMPLETED if run.state.is_completed() else GRACE)
-            if said.startswith(OUTCOME) or run.state.message == BUSY or waited:
-                if finished:
-                    screen.keep()
-                screen.clear()
-                return run.state
+            grace = GRACE_COMPLETED if run.state.is_completed() else GRACE
+            if view.decided or run.run_count == 0 or time.monotonic() - ended > grace:  # 0: never ran
+                view.close()
+                return run
         if not alive(runner):
             raise RuntimeError(f"the runner (PID {runner}) exited while {run.name} was {run.state.name}")
         time.sleep(1)
+
+
+def running_instead(client: Any, run: Any, dep: Any) -> Any:
+    """The run of `dep` that is running while `run` was cancelled before it started (what a concurrency limit
+    that cancels new runs does), or None."""
+    if not run.state.is_cancelled() or run.run_count > 0:  # run_count: the times it entered Running
+        return None
+    others = [r for r in runs(client, dep.id, ACTIVE) if r.id != run.id]
+    return others[0] if others else None
 
 
 def follow(args: argparse.Namespace, screen: Screen) -> Any:
@@ -233,11 +229,11 @@ def follow(args: argparse.Namespace, screen: Screen) -> Any:
                 run = client.create_flow_run_from_deployment(dep.id, parameters=dict(args.param))
             except PrefectHTTPStatusError as e:
                 raise RuntimeError(f"{args.deployment} refused the parameters: {e.response.text}") from None
-        state = watch(client, run, args.runner_pid, screen)
-        if state.is_cancelled() and state.message == BUSY and (other := runs(client, dep.id, BUSY_STATES)):
+        run = watch(client, run, args.runner_pid, screen)
+        if other := running_instead(client, run, dep):
             screen.line(f"a run of {args.deployment} was running already: following it")
-            state = watch(client, other[0], args.runner_pid, screen)
-        return state
+            run = watch(client, other, args.runner_pid, screen)
+        return run.state
 
 
 def main(argv: list[str] | None = None) -> int:

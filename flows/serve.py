@@ -17,7 +17,6 @@ capacity)" at every poll.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 import settings
-from terminal import Parser
+from terminal import Parser, param
 
 
 def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
@@ -64,17 +63,6 @@ def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
             **common,
         ),
     ]
-
-
-def param(text: str) -> tuple[str, Any]:
-    """KEY=VALUE; VALUE read as JSON when it is JSON (300, 3e-3, true), else as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, for example steps=500")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def seconds(text: str) -> float:

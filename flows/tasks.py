@@ -22,14 +22,16 @@ from prefect.artifacts import (
 from prefect.exceptions import MissingContextError
 
 import settings
-from flows.events import announce
+from flows.events import PROGRESS, announce
 from model.config import ModelConfig, TrainConfig
 from model.train import Progress, bits
 from stages import data, promotion, publishing, report, scoring, training
 from stages.records import Comparison, CorpusInfo, CurrentModel, Decision, Encoded, Outcome, Score, Trained
 
-PROGRESS = "char-rnn-training"  # the progress artifact's key
-QUIET = {"persist_result": False, "log_prints": False}
+# Nothing is pickled: results are not persisted, and what Prefect writes anyway (a failed run's exception,
+# which it stores even then) is written as JSON, never with its default pickle serializer.
+NO_PICKLE = {"persist_result": False, "result_serializer": "json"}
+QUIET = NO_PICKLE | {"log_prints": False}
 # Reading files and the model store can meet a transient fault (a shared filesystem's hiccup); training,
 # scoring and promotion are not retried: a second attempt would meet the same fault or redo long work.
 READ = QUIET | {"retries": 2, "retry_delay_seconds": 2}
@@ -116,9 +118,9 @@ def train(
 
     def starting(step: int) -> None:
         how = f"from scratch ({why_not})" if why_not else "from scratch"
-        how = f"warm-starting from {warm.tag}" if warm else how
-        how = f"resuming from its checkpoint at step {step}" if step else how
-        announce("training", f"Training {model.cell} {model.layers}x{model.hidden} into {out}, {how}")
+        how = f"warm-started from {warm.tag}" if warm else how
+        how = f"from its checkpoint at step {step}" if step else how
+        announce("training", f"Training {how}: {model.cell} {model.layers}x{model.hidden} into {out}")
 
     return training.train_run(
         encoded, out, model, config, warm=warm, on_start=starting, on_progress=Reporter(config.steps)
