@@ -5,7 +5,18 @@ from prefect import flow
 import settings
 from flows import tasks
 from flows.params import DataDir, Folder
-from flows.tasks import compare, current_model, encode, evaluate, ingest, preflight, promote, publish, train
+from flows.tasks import (
+    NO_PICKLE,
+    compare,
+    current_model,
+    encode,
+    evaluate,
+    ingest,
+    preflight,
+    promote,
+    publish,
+    train,
+)
 from model.config import ModelConfig as M
 from model.config import TrainConfig as T
 from model.config import default, like
@@ -13,7 +24,7 @@ from stages import promotion, training
 from stages.records import Decision
 
 
-@flow(name="char-rnn-pipeline", persist_result=False)
+@flow(name="char-rnn-pipeline", **NO_PICKLE)
 def pipeline(
     data_dir: DataDir | None = None,
     steps: like(T, "steps") = default(T, "steps"),

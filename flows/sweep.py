@@ -33,7 +33,7 @@ import settings
 from flows import tasks
 from flows.events import announce
 from flows.params import DaskAddress, DataDir, reachable
-from flows.tasks import compare, current_model, encode, evaluate, ingest, preflight
+from flows.tasks import NO_PICKLE, compare, current_model, encode, evaluate, ingest, preflight
 from model import checkpoint
 from model.config import TrainConfig as T
 from model.config import like
@@ -55,7 +55,7 @@ def worker_address() -> str:
         return "local"
 
 
-@task(persist_result=False)
+@task(**NO_PICKLE)
 def train_trial(data: Encoded, trial: Trial, rung: int, stop: int) -> Rung:
     """Train `trial` to step `stop` on the Dask worker that runs this task (see stages.training)."""
     return training.train_trial(data, trial, rung, stop, worker_address())
@@ -154,7 +154,7 @@ def offer(winner: Trial, results: list[Rung], data: Encoded, promote: bool) -> t
     return candidate, tasks.promote(trained, candidate, against, data, winner.dir, store)
 
 
-@flow(name="char-rnn-sweep", persist_result=False)
+@flow(name="char-rnn-sweep", **NO_PICKLE)
 def sweep(
     data_dir: DataDir | None = None,
     space: Space | None = None,

@@ -149,6 +149,7 @@ class Settings(BaseSettings):
             "PREFECT_HOME": str(self.prefect_dir),
             "BENTOML_HOME": str(self.bentoml_dir),
             "MPLCONFIGDIR": str(self.home / "matplotlib"),  # matplotlib's font cache, not ~/.cache
+            "UV_CACHE_DIR": str(self.home / "uv-cache"),  # `bentoml build` runs uv: its cache, not ~/.cache
             "PREFECT_LOGGING_EXTRA_LOGGERS": "char_rnn",  # model/'s and the registry's logs reach run logs
             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ... and outside a run stay local, quietly
         }

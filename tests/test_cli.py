@@ -195,7 +195,10 @@ def test_every_command_sets_the_homes_before_prefect_or_bentoml_choose_theirs(tm
     for args, says in (
         (["models", "list"], "no promoted model under"),
         (["pipeline", "--data", str(empty), "--steps", "5"], "no .txt files in this folder"),
-        (["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", str(small_corpus)], "no such checkpoint"),
+        (
+            ["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", str(small_corpus)],
+            "no such checkpoint",
+        ),
     ):
         r = subprocess.run(["char-rnn", *args], env=env, capture_output=True, text=True, timeout=300)
         assert says in r.stdout + r.stderr and "is not set" not in r.stderr, (args, r.stderr)

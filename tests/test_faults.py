@@ -1,9 +1,11 @@
 """Fault injection: damaged checkpoints and promoted models, two pipeline runs at once. Nothing is lost."""
 
+import fcntl
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -87,7 +89,7 @@ def test_promote_refuses_a_damaged_candidate(tmp_path, small_text, store):
     assert store.history() == []
 
 
-WORSE = ["--steps", "3", "--hidden", "8", "--batch", "4", "--seq", "16"]
+WORSE = ["--steps", "40", "--hidden", "8", "--batch", "4", "--seq", "16"]
 BETTER = ["--steps", "150", "--hidden", "24", "--batch", "4", "--seq", "16"]
 SERVED = (  # what a service would serve from this home, and the history's tags
     "import os; from pathlib import Path; from registry import Registry; "
@@ -96,20 +98,49 @@ SERVED = (  # what a service would serve from this home, and the history's tags
 )
 
 
+def waiting_for(lock: Path) -> set[int]:
+    """The processes blocked on the flock of `lock` now (Linux's /proc/locks marks a waiter with "->")."""
+    st = lock.stat()
+    dev_ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    waiting = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields and dev_ino in fields:
+            waiting.add(int(fields[fields.index("FLOCK") + 3]))
+    return waiting
+
+
+def until(condition, procs: dict, what: str, seconds: float = 600) -> None:
+    """Wait for `condition` (checked every 50 ms), failing early when a run exits."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        exited = {k: p.returncode for k, p in procs.items() if p.poll() is not None}
+        assert not exited, f"{exited} ended while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("first", ["better", "worse"])
 def test_two_pipeline_runs_with_different_candidates_at_once_the_better_ends_current(
     tmp_path, small_text, first
 ):
-    """Two `char-rnn pipeline` processes (each with its own Prefect) train different candidates on one
-    corpus into one registry. Whichever promotes first, the better model ends current, and the other run
-    says which model it lost to. HOME is an empty folder that must stay empty."""
+    """Two `char-rnn pipeline` processes (each with its own Prefect) train different candidates on one corpus
+    into one registry. Whichever promotes first, the better model ends current, and the other run says which
+    model it lost to. HOME is an empty folder that must stay empty. The order is made by events, not by time:
+    the test holds the registry's lock until the first run waits for it, starts the second, stops it as soon
+    as it trains (it has read that no model is promoted), lets the first promote, then lets the second go
+    on."""
     data = tmp_path / "texts"
     data.mkdir()
     (data / "a.txt").write_text(small_text[:8000], encoding="utf-8")
     shared, empty_home = tmp_path / "home", tmp_path / "user-home"
     empty_home.mkdir()
-    procs = {}
-    for name in (first, "worse" if first == "better" else "better"):
+    lock = shared / "bentoml" / ".char-rnn.lock"
+    lock.parent.mkdir(parents=True)
+    second = "worse" if first == "better" else "better"
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
         env = os.environ | {
             "HOME": str(empty_home),
             "CHAR_RNN_HOME": str(shared),
@@ -127,8 +158,27 @@ def test_two_pipeline_runs_with_different_candidates_at_once_the_better_ends_cur
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(8)  # the first one registers well before the second
-    outs = {name: p.communicate(timeout=240) for name, p in procs.items()}
+
+    def training(name: str) -> bool:
+        """Whether run `name` owns a run folder (model.files.owned names its owner in the folder's lock)."""
+        owner = f"process {procs[name].pid} "
+        return any(owner in f.read_text() for f in shared.glob("runs/run-*/checkpoints/.lock"))
+
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start(first)
+        until(
+            lambda: procs[first].pid in waiting_for(lock), procs, f"the {first} run to wait for the registry"
+        )
+        start(second)
+        until(lambda: training(second), procs, f"the {second} run to start training")
+        os.kill(procs[second].pid, signal.SIGSTOP)
+        assert waiting_for(lock) == {procs[first].pid}, (
+            "the second run reached the registry before it stopped"
+        )
+    until(lambda: procs[first].poll() is not None, {}, f"the {first} run to end")
+    os.kill(procs[second].pid, signal.SIGCONT)
+    outs = {name: p.communicate(timeout=300) for name, p in procs.items()}
     assert [p.returncode for p in procs.values()] == [0, 0], {k: err[-2000:] for k, (_, err) in outs.items()}
     said = {name: out.splitlines()[0] for name, (out, _) in outs.items()}
     env = os.environ | {"CHAR_RNN_HOME": str(shared), "BENTOML_HOME": str(shared / "bentoml")}
@@ -136,13 +186,13 @@ def test_two_pipeline_runs_with_different_candidates_at_once_the_better_ends_cur
         [sys.executable, "-c", SERVED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    current, *history = r.stdout.split()
+    current, *history_tags = r.stdout.split()
     assert said["better"].startswith(f"promoted {current}:"), said
     if first == "better":  # the worse one compared itself with the better one, promoted meanwhile, and lost
         assert said["worse"].startswith(f"kept {current}:") and f"does not beat {current}" in said["worse"]
-        assert history == [current]
+        assert history_tags == [current]
     else:
-        assert said["worse"].startswith("promoted") and history[-1] == current and len(history) == 2
+        assert said["worse"].startswith("promoted") and history_tags[-1] == current and len(history_tags) == 2
     assert list(empty_home.iterdir()) == []
 
 

@@ -18,7 +18,9 @@ SHIPPED = sorted({*ROOT.glob("*.py"), *(p for d in PACKAGES for p in (ROOT / d).
 MAX_FUNCTION, MAX_MODULE = 60, 400
 # a figure with a unit of time or speed, a speed-up, or a calendar date
 MEASURED = re.compile(
-    r"\b\d+(\.\d+)?\s?(ms|us|µs|ns|s|sec|seconds|GFLOP/s|chars/s|x faster)\b|\b\d+(\.\d+)?x\b|\b20\d\d-\d\d-\d\d\b"
+    r"\b\d+(\.\d+)?\s?(ms|us|µs|ns|s|sec|seconds|GFLOP/s|chars/s|x faster)\b"  # a time or a speed
+    r"|\b\d+(\.\d+)?x\b"  # a speed-up
+    r"|\b20\d\d-\d\d-\d\d\b"  # a date
 )
 
 
