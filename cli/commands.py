@@ -48,15 +48,25 @@ def cmd_train(a: argparse.Namespace) -> None:
     encoded = data.encode(info, settings.current().runs_dir)
     model, config = configs(a, len(encoded.vocab))
     data.preflight(encoded, [config], None)
-    print(
-        f"training on {encoded.train_chars:,} chars ({len(encoded.vocab)} symbols), validating on "
-        f"{encoded.val_chars:,}: {model.cell} H={model.hidden} L={model.layers} B={config.batch} "
-        f"T={config.seq} steps={config.steps}",
-        file=sys.stderr,
-    )
+
+    def starting(step: int) -> None:  # called once the run owns --out
+        print(
+            f"training on {encoded.train_chars:,} chars ({len(encoded.vocab)} symbols), validating on "
+            f"{encoded.val_chars:,}: {model.cell} H={model.hidden} L={model.layers} B={config.batch} "
+            f"T={config.seq} steps={config.steps}" + (f", resuming at step {step}" if step else ""),
+            file=sys.stderr,
+        )
+
     with TrainingBar() as bar:
         run = training.train_run(
-            encoded, Path(a.out), model, config, resume=a.resume, overwrite=a.overwrite, on_progress=bar
+            encoded,
+            Path(a.out),
+            model,
+            config,
+            resume=a.resume,
+            overwrite=a.overwrite,
+            on_start=starting,
+            on_progress=bar,
         )
     ck = checkpoint.load(run.checkpoint, with_optim=False)
     val = ck.meta.metrics.get("val_loss")

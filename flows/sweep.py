@@ -82,12 +82,12 @@ def security(address: str) -> dict:
     }
 
 
-def cluster(address: str | None, workers: int | None, scratch: Path) -> DaskTaskRunner:
+def cluster(address: str | None, workers: int | None, scratch: Path, client: dict) -> DaskTaskRunner:
     """The task runner for the trials: the scheduler at `address` (over TLS with the settings' certificates
     for a tls:// address), else a LocalCluster of one single-threaded worker process per core (its nannies
     pin BLAS to one thread), with Dask's files under `scratch`."""
     if address:
-        return DaskTaskRunner(address=address, client_kwargs=security(address))
+        return DaskTaskRunner(address=address, client_kwargs=client)
     cores = len(os.sched_getaffinity(0))
     kw = {"n_workers": workers or cores, "threads_per_worker": 1, "processes": True}
     return DaskTaskRunner(cluster_kwargs=kw | {"local_directory": str(scratch), "dashboard_address": None})
@@ -186,6 +186,7 @@ def sweep(
     """
     s = settings.current()
     drawn, plan = sweeping.design(space, trials, seed, steps, halving)
+    client = security(dask_address) if dask_address else {}  # before any connection: TLS set up?
     if dask_address:
         reachable(dask_address)
     corpus = ingest(data_dir or s.data)
@@ -197,7 +198,7 @@ def sweep(
     get_run_logger().info("Sweep %s: %d trials, rungs at steps %s", group[0].dir.parent, len(group), plan)
     t0 = time.perf_counter()
     with dask.config.set({"temporary-directory": str(s.home / "dask")}):
-        with cluster(dask_address, local_workers, s.home / "dask") as runner:
+        with cluster(dask_address, local_workers, s.home / "dask", client) as runner:
             say = lambda t, r: announce("trial", sweeping.progress(t, r, len(plan)), r)  # noqa: E731
             results, out_of_time = halve(runner, data, group, plan, minutes, say)
     seconds = time.perf_counter() - t0

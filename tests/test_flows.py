@@ -308,3 +308,31 @@ def test_a_damaged_newest_model_is_a_warning_and_the_run_compares_with_the_one_s
     assert refused and all(r.levelno == logging.WARNING for r in refused)
     assert newer in refused[0].getMessage() and f"serving {first.tag}" in refused[0].getMessage()
     assert "became current during this run" not in caplog.text
+
+
+def pickled(data: bytes) -> bool:
+    """Whether `data` is a pickle (protocol 2 or later), raw or base64-encoded. It is never unpickled."""
+    head = data[:4]
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return True
+    try:
+        decoded = base64.b64decode(data[:64] + b"=" * (-len(data[:64]) % 4), validate=False)
+    except ValueError:
+        return False
+    return decoded[:1] == b"\x80" and decoded[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+
+
+def test_pickled_is_a_pickle_detector_that_works():
+    assert pickled(pickle.dumps(ValueError("x"), protocol=5))
+    assert pickled(base64.b64encode(pickle.dumps(ValueError("x"), protocol=4)))
+    assert not pickled(b'{"__exc_type__": "builtins.ValueError", "message": "x"}') and not pickled(b"")
+
+
+def test_a_failed_run_leaves_no_pickle(prefect_api, texts, home):
+    """Prefect stores a failed flow run's exception even when results are not persisted: as JSON here."""
+    with pytest.raises(ValueError, match="too few for batch"):
+        pipeline(data_dir=texts, **(TINY | {"batch": 512}))
+    storage = Path(os.environ["PREFECT_HOME"])
+    written = [f for root in (home, storage) for f in root.rglob("*") if f.is_file()]
+    assert any("storage" in f.parts for f in written), "Prefect stored nothing: the check checks nothing"
+    assert [f for f in written if pickled(f.read_bytes())] == []

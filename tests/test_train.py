@@ -233,3 +233,46 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, small_corpus
     a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(cut)
     assert b.meta.step == 300 and same_weights(a.params, b.params)
     assert not list(Path(cut).glob(".tmp-*"))
+
+
+def test_a_live_run_folder_refuses_a_second_writer_and_a_killed_one_resumes(tmp_path, small_corpus):
+    """While one `char-rnn train` owns its --out folder, a second one (--overwrite and --resume included) is
+    refused in one line naming the owner, and writes nothing there; after the owner is killed with SIGKILL,
+    the folder's lock is gone with it and --resume continues the run."""
+    out = tmp_path / "run"
+    flags = [
+        "--data",
+        str(small_corpus),
+        "--out",
+        str(out),
+        "--cell",
+        "rnn",
+        "--hidden",
+        "16",
+        "--batch",
+        "4",
+    ]
+    flags += ["--seq", "16", "--checkpoint-every", "10"]
+    owner = run_cli("train", *flags, "--steps", "100000", stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.step_dirs(out):  # the owner is training: it has written a checkpoint
+            assert owner.poll() is None and time.time() < deadline, "the first run did not start training"
+            time.sleep(0.01)
+        for extra in (["--overwrite", "--hidden", "8"], ["--resume"], []):
+            second = run_cli("train", *flags, "--steps", "20", *extra, stderr=subprocess.PIPE, text=True)
+            _, err = second.communicate(timeout=120)
+            assert second.returncode == 1 and err.count("\n") == 1, (extra, err)
+            assert err.startswith("char-rnn: error: ") and f"process {owner.pid} " in err and "in use" in err
+            assert owner.poll() is None
+        assert checkpoint.load(out, with_optim=False).config.hidden == 16  # only the owner's checkpoints
+    finally:
+        owner.kill()  # SIGKILL: no chance to release anything
+        owner.wait()
+    done = checkpoint.load(out, with_optim=False).meta.step
+    resumed = run_cli(
+        "train", *flags, "--steps", str(done + 20), "--resume", stderr=subprocess.PIPE, text=True
+    )
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert checkpoint.load(out, with_optim=False).meta.step == done + 20
