@@ -71,7 +71,9 @@ class Streams:
         """Inputs and targets (B, T) at `pos`, and the next position (0 when the streams wrap)."""
         idx = self.index + pos
         nxt = pos + self.seq
-        return self.ids[idx], self.ids[idx + 1], (0 if nxt + self.seq + 1 > self.length else nxt)
+        # as native ints: the ids may be stored narrower (uint8 on disk), and every use below indexes with them
+        x, y = self.ids[idx].astype(np.intp), self.ids[idx + 1].astype(np.intp)
+        return x, y, (0 if nxt + self.seq + 1 > self.length else nxt)
 
 
 def evaluate(p: Params, cfg: ModelConfig, ids: np.ndarray, batch: int = 64, seq: int = 128) -> float:

@@ -1,5 +1,5 @@
-"""Id arrays on disk: written in order into a memory-mapped .npy file with its checksum computed on the way,
-and text mapped to ids without a Python object per character."""
+"""Id arrays on disk: written in order into a .npy file with its checksum computed on the way (read back
+memory-mapped), and text mapped to ids without a Python object per character."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.format import open_memmap
 
 from model.files import fsync_dir, named, temp_name
 from model.vocab import Vocab
@@ -20,19 +19,20 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 class ArrayWriter:
-    """A 1-D .npy array of `n` items written front to back under a temporary name; `close` checks it is
-    full, makes it durable, renames it into place and returns its sha256 (computed while writing)."""
+    """A 1-D .npy array of `n` items written front to back, with plain file writes, under a temporary name;
+    `close` checks it is full, makes it durable, renames it into place and returns its sha256 (computed while
+    writing). Written pieces go to the page cache, not to this process's memory: RSS stays flat."""
 
     def __init__(self, path: Path, dtype: np.dtype, n: int):
         self.path, self.tmp, self.n, self.pos = Path(path), temp_name(Path(path)), n, 0
+        self.dtype = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
         try:
-            if n == 0:  # an empty file cannot be mapped: write the header alone
-                np.save(self.tmp, np.empty(0, dtype), allow_pickle=False)
-                self.array = None
-            else:
-                self.array = open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(n,))
-            with open(self.tmp, "rb") as f:  # the header: what the file holds before the ids
-                self.hash = hashlib.sha256(f.read(self.array.offset if self.array is not None else None))
+            self.file = open(self.tmp, "xb")
+            np.lib.format.write_array_header_1_0(self.file, header)
+            self.file.flush()
+            with open(self.tmp, "rb") as f:
+                self.hash = hashlib.sha256(f.read())  # the header: what the file holds before the ids
         except OSError as e:
             self.tmp.unlink(missing_ok=True)
             raise named(e, self.path, "writing") from e
@@ -40,22 +40,25 @@ class ArrayWriter:
     def write(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        self.array[self.pos : self.pos + len(ids)] = ids
-        self.hash.update(np.ascontiguousarray(ids, self.array.dtype).data)
+        if self.pos + len(ids) > self.n:
+            raise RuntimeError(f"{self.path}: more than {self.n} ids; the corpus changed meanwhile")
+        data = np.ascontiguousarray(ids, self.dtype).data
+        try:
+            self.file.write(data)
+        except OSError as e:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            raise named(e, self.path, "writing") from e
+        self.hash.update(data)
         self.pos += len(ids)
 
     def close(self) -> str:
         if self.pos != self.n:
             raise RuntimeError(f"{self.path}: wrote {self.pos} of {self.n} ids; the corpus changed meanwhile")
         try:
-            if self.array is not None:
-                self.array.flush()
-                del self.array
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with self.file:
+                self.file.flush()
+                os.fsync(self.file.fileno())
             os.replace(self.tmp, self.path)
             fsync_dir(self.path.parent)
         except OSError as e:

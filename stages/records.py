@@ -100,8 +100,9 @@ class Encoded(BaseModel):
         return f
 
     def load(self, name: str) -> np.ndarray:
-        """The `name` array, checked, memory-mapped read-only: it is never read into memory whole."""
-        return np.load(self.verify(name), mmap_mode="r", allow_pickle=False)
+        """The `name` array, checked, memory-mapped read-only: it is never read into memory whole. (A plain
+        ndarray view of the mapping: numpy's memmap subclass costs time on every batch it is indexed for.)"""
+        return np.asarray(np.load(self.verify(name), mmap_mode="r", allow_pickle=False))
 
 
 class CurrentModel(BaseModel):

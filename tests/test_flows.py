@@ -77,7 +77,7 @@ def test_encode_writes_split_arrays_and_a_manifest(texts, tmp_path):
     assert data == Encoded.model_validate_json(data.manifest.read_bytes())
     train, val = data.load("train"), data.load("val")
     assert train.dtype == np.uint8 and (data.train_chars, data.val_chars) == (len(train), len(val))
-    assert isinstance(train, np.memmap) and not train.flags.writeable  # read from disk as needed
+    assert isinstance(train.base, np.memmap) and not train.flags.writeable  # read from disk as needed
     text = corpus.read(texts).text
     assert "".join(data.vocab[i] for i in val) == text[len(train) :]  # the last 10%
     assert len(val) == round(0.1 * len(text))
