@@ -9,8 +9,8 @@ memory. Training throughput compares the same model stepping over the memory-map
 shakespeare in memory, in alternated rounds. --big runs `pipeline(steps=200)` on 4 GB in four files, sampling
 the resident memory of every process of it, then again with only_if_changed (the scheduled retrain's check).
 
-Targets (issue 20): peak RSS <= 300 MB at 1 GB and 4 GB; >= 100 MB/s end to end at 1 GB; memory-mapped training
-within 5% of in-memory; the 4 GB pipeline with no process over 1 GB, its unchanged check under 10 s.
+Targets (issue 20): peak RSS <= 300 MB at 1 GB and 4 GB; >= 100 MB/s end to end at 1 GB; memory-mapped
+training within 5% of in-memory; the 4 GB pipeline with no process over 1 GB, its unchanged check under 10 s.
 
   uv run python bench/corpus_scale.py [--sizes 10,100,1000] [--main 81eba92] [--big] [--no-record]
 """

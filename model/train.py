@@ -71,7 +71,7 @@ class Streams:
         """Inputs and targets (B, T) at `pos`, and the next position (0 when the streams wrap)."""
         idx = self.index + pos
         nxt = pos + self.seq
-        # as native ints: the ids may be stored narrower (uint8 on disk), and every use below indexes with them
+        # as native ints: ids may be stored narrower (uint8 on disk), and every use below indexes with them
         x, y = self.ids[idx].astype(np.intp), self.ids[idx + 1].astype(np.intp)
         return x, y, (0 if nxt + self.seq + 1 > self.length else nxt)
 
