@@ -38,7 +38,7 @@ from model import checkpoint
 from model.config import TrainConfig as T
 from model.config import like
 from stages import publishing, report, sweeping, training
-from stages.records import Decision, Encoded, Rung, SweepOutcome, Trained, Trial
+from stages.records import CurrentModel, Decision, Encoded, Rung, Score, SweepOutcome, Trained, Trial
 from stages.sweeping import DEFAULTS, Space
 
 Count = Annotated[int, Field(ge=1, le=256)]
@@ -139,8 +139,33 @@ def publish(o: SweepOutcome) -> None:
     )
 
 
-def offer(winner: Trial, results: list[Rung], data: Encoded, promote: bool) -> tuple:
-    """The winner scored on the whole validation text, and the promotion gate's decision about it."""
+def run_trials(
+    group: list[Trial], data: Encoded, plan: list[int], minutes: float | None, where: tuple
+) -> tuple[dict[int, list[Rung]], set[int], float]:
+    """Every trial through successive halving on the cluster `where` (address, local workers, client
+    settings); each trial's rungs, the trials the time budget stopped, and the wall seconds it all took."""
+    scratch, t0 = settings.current().home / "dask", time.perf_counter()
+    with dask.config.set({"temporary-directory": str(scratch)}):
+        with cluster(*where[:2], scratch, where[2]) as runner:
+            say = lambda t, r: announce("trial", sweeping.progress(t, r, len(plan)), r)  # noqa: E731
+            results, out_of_time = halve(runner, data, group, plan, minutes, say)
+    return results, out_of_time, time.perf_counter() - t0
+
+
+def offer(
+    group: list[Trial],
+    won: int | None,
+    results: dict[int, list[Rung]],
+    data: Encoded,
+    promote: bool,
+    before: CurrentModel | None,
+) -> tuple[Score | None, Decision]:
+    """The winner scored on the validation text, and the promotion gate's decision about it (nothing to
+    decide without a winner: `before`, the model current when the sweep started, stays)."""
+    if won is None:
+        none = "no trial finished its first rung; nothing to promote"
+        return None, Decision(promoted=False, tag=before.tag if before else None, reason=none)
+    winner, results = group[won], results[won]
     store = settings.current().bentoml_dir
     current = current_model(store)
     ck = checkpoint.load(winner.dir / "checkpoints", with_optim=False).path
@@ -196,17 +221,11 @@ def sweep(
     group = sweeping.trials(drawn, plan, len(data.vocab), corpus.fingerprint, s.home / "sweeps", **fixed)
     preflight(data, [t.config for t in group], current)
     get_run_logger().info("Sweep %s: %d trials, rungs at steps %s", group[0].dir.parent, len(group), plan)
-    t0 = time.perf_counter()
-    with dask.config.set({"temporary-directory": str(s.home / "dask")}):
-        with cluster(dask_address, local_workers, s.home / "dask", client) as runner:
-            say = lambda t, r: announce("trial", sweeping.progress(t, r, len(plan)), r)  # noqa: E731
-            results, out_of_time = halve(runner, data, group, plan, minutes, say)
-    seconds = time.perf_counter() - t0
+    results, out_of_time, seconds = run_trials(
+        group, data, plan, minutes, (dask_address, local_workers, client)
+    )
     winner, outcomes = sweeping.outcomes(group, results, out_of_time, len(plan))
-    none = "no trial finished its first rung; nothing to promote"
-    candidate, decision = None, Decision(promoted=False, tag=current.tag if current else None, reason=none)
-    if winner is not None:
-        candidate, decision = offer(group[winner], results[winner], data, promote)
+    candidate, decision = offer(group, winner, results, data, promote, current)
     folder = group[0].dir.parent
     outcome = SweepOutcome(
         **{"sweep_id": folder.name, "dir": folder, "flow_run_id": tasks.flow_run_id(), "plan": plan},
