@@ -4,17 +4,15 @@ tests/follow_demo.py says its stages the way the pipeline does, served by a runn
 import json
 import logging
 import os
-import pty
 import re
 import subprocess
 import sys
-import termios
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from uuid import UUID, uuid4
 
+import pty_terminal
 import pytest
 from conftest import ROOT, stop
 from follow_demo import Said
@@ -106,49 +104,11 @@ def test_follow_shows_each_stages_line_in_order_and_ends_on_the_decision(runner)
     assert run.state.is_completed() and exited - run.end_time < timedelta(seconds=follow.GRACE_COMPLETED)
 
 
-class Terminal:
-    """A command in a pseudo-terminal: what it writes, as bytes, and as the lines a terminal would show."""
+class Terminal(pty_terminal.Terminal):
+    """A command in a pseudo-terminal, stopped (its process group) and closed at the end."""
 
     def __init__(self, cmd: list[str], env: dict[str, str]):
-        self.master, slave = pty.openpty()
-        termios.tcsetwinsize(slave, (24, 100))
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env | {"TERM": "xterm"}, stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True,
-        )  # fmt: skip
-        os.close(slave)
-        self.output = b""
-        self.reader = threading.Thread(target=self.read, daemon=True)
-        self.reader.start()
-
-    def read(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.master, 65536)
-            except OSError:  # the other side closed
-                return
-            if not chunk:
-                return
-            self.output += chunk
-
-    @property
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
-
-    def screen(self) -> list[str]:
-        """The lines as they stand on the terminal: colours dropped, each `\\r` back to the line's start."""
-        lines = []
-        for raw in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.text).split("\n"):
-            cells: list[str] = []
-            col = 0
-            for ch in raw:
-                if ch == "\r":
-                    col = 0
-                    continue
-                cells[col : col + 1] = [ch]
-                col += 1
-            lines.append("".join(cells).rstrip())
-        return lines
+        super().__init__(cmd, env | {"TERM": "xterm"})
 
     def close(self) -> None:
         stop(self.proc)

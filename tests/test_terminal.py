@@ -3,32 +3,16 @@ and off."""
 
 import argparse
 import io
-import re
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
+from pty_terminal import visible
 from rich.console import Console
 
 import terminal
 from model.train import Progress
-
-
-def visible(output: str) -> list[str]:
-    """The lines a terminal shows for `output`: colours dropped, each `\\r` back to the line's start."""
-    lines = []
-    for raw in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output).split("\n"):
-        cells: list[str] = []
-        col = 0
-        for ch in raw:
-            if ch == "\r":
-                col = 0
-                continue
-            cells[col : col + 1] = [ch]
-            col += 1
-        lines.append("".join(cells).rstrip())
-    return lines
 
 
 def steps(n: int, every: int) -> list[Progress]:
