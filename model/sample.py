@@ -91,19 +91,40 @@ class Rows:
     reading it one id per step within the batch, `join`) and leave between steps; a step samples the next id
     of every live row with one matrix product per layer. Each row draws from its own generator, so its text
     depends on its prompt, settings and seed only: not on when it joined, nor on its neighbours. Temperature,
-    top-k and top-p cost only the rows that set them."""
+    top-k and top-p cost only the rows that set them.
+
+    The state and the noise, the per-row arrays, live in buffers with room for more rows than are live, so
+    that rows join and leave without copying the others: the state's live rows first, in order (a row that
+    leaves moves only the rows after it), and each row's noise in a slot of its own, which never moves."""
 
     def __init__(self, p: Params, cfg: ModelConfig):
         self.p, self.cfg, self.next_state = p, cfg, net.Stepper(p, cfg)
         self.owners: list[Hashable] = []  # per row, whoever added it
         self.settings: list[Settings] = []
         self.rngs: list[np.random.Generator] = []
-        self.state = net.zeros_state(cfg, 0)  # (L, S, B, H)
         self.pending = np.empty(0, np.intp)  # (B,) the ids to read into the state next; -1: none
         self.holding = False  # whether pending may hold a -1 (rows appended since the last flush)
         self.reading: dict[Hashable, tuple[np.ndarray, int]] = {}  # owner -> its prompt, the next id to read
-        self.noise = np.empty((0, CHUNK, cfg.vocab_size), cfg.dtype)  # (B, CHUNK, V) each row's next draws
+        self.cap = 0  # rows the buffers hold
+        self.slots = np.empty(0, np.intp)  # (B,) each row's slot in noise
+        self.free: list[int] = []  # the slots no row has
+        self.grow(8)
         self.resize(np.empty(0, np.intp))
+
+    def grow(self, rows: int) -> None:
+        """Buffers for at least `rows` rows (twice the room at least, each time), the live rows copied over:
+        `states`, two (L, S, cap, H), the state and the next one in turn (`cur` is the state's); `noise`
+        (cap, CHUNK, V), each slot's next draws."""
+        if rows <= self.cap:
+            return
+        cap, B = max(rows, 2 * self.cap), len(self)
+        states = [net.zeros_state(self.cfg, cap) for _ in range(2)]
+        noise = np.empty((cap, CHUNK, self.cfg.vocab_size), self.cfg.dtype)
+        if self.cap:
+            states[0][:, :, :B] = self.state
+            noise[: self.cap] = self.noise
+        self.free += range(self.cap, cap)
+        self.states, self.cur, self.noise, self.cap = states, 0, noise, cap
 
     def __len__(self) -> int:
         return len(self.owners)
@@ -126,16 +147,21 @@ class Rows:
     def append(
         self, owner: Hashable, state: np.ndarray, rows: Sequence[Settings], pending: np.ndarray
     ) -> None:
+        B, n = len(self), len(rows)
+        used = np.concatenate([self.used(), np.zeros(n, np.intp)])
         rngs = [np.random.default_rng(r.seed) for r in rows]
-        self.owners += [owner] * len(rows)
+        self.grow(B + n)
+        self.states[self.cur][:, :, B : B + n] = state
+        slots = [self.free.pop() for _ in range(n)]
+        for slot, g, r in zip(slots, rngs, rows, strict=True):
+            self.noise[slot] = noise(g, CHUNK, r, self.p["c"])
+        self.slots = np.concatenate([self.slots, np.array(slots, np.intp)])
+        self.owners += [owner] * n
         self.settings += rows
         self.rngs += rngs
-        self.state = np.concatenate([self.state, state], axis=2)
         self.pending = np.concatenate([self.pending, pending])
         self.holding = True
-        fresh = [noise(g, CHUNK, r, self.p["c"])[None] for g, r in zip(rngs, rows, strict=True)]
-        self.noise = np.concatenate([self.noise, *fresh])
-        self.resize(np.concatenate([self.used(), np.zeros(len(rows), np.intp)]))
+        self.resize(used)
 
     def remove(self, owners: Container[Hashable]) -> None:
         """Drop the rows of `owners` (their order is kept)."""
@@ -143,12 +169,16 @@ class Rows:
         if keep.all():
             return
         idx = np.flatnonzero(keep)
+        first = int(np.argmin(keep))  # the first row that leaves: those before it stay where they are
+        moved = idx[first:]
+        self.states[self.cur][:, :, first : len(idx)] = self.state[:, :, moved]
+        self.free += self.slots[~keep].tolist()
         self.owners = [self.owners[i] for i in idx]
         self.settings = [self.settings[i] for i in idx]
         self.rngs = [self.rngs[i] for i in idx]
         self.reading = {o: r for o, r in self.reading.items() if o not in owners}
-        self.state, self.noise, used = self.state[:, :, idx], self.noise[idx], self.used()[idx]
-        self.pending = self.pending[idx]
+        self.pending, used = self.pending[idx], self.used()[idx]
+        self.slots = self.slots[idx]
         self.resize(used)
 
     def used(self) -> np.ndarray:
@@ -158,9 +188,10 @@ class Rows:
     def resize(self, used: np.ndarray) -> None:
         """Buffers and per-row settings sized to the live rows, which have `used` steps of noise each."""
         B, V = len(self), self.cfg.vocab_size
-        self.spare = np.empty_like(self.state)
+        self.state = self.states[self.cur][:, :, :B]  # (L, S, B, H)
+        self.spare = self.states[1 - self.cur][:, :, :B]
         self.logits, self.drawn = np.empty((B, V), self.cfg.dtype), np.empty((B, V), self.cfg.dtype)
-        self.base = np.arange(B) * CHUNK  # (B,) where each row's noise starts in noise's (B * CHUNK) steps
+        self.base = self.slots * CHUNK  # (B,) where each row's noise starts in noise's (cap * CHUNK) steps
         self.at = self.base + used  # (B,) each row's next step of noise, an index into those steps
         self.filtered = np.flatnonzero([0 < r.top_k < V or r.top_p < 1 for r in self.settings])
         self.filter = Filter([self.settings[i] for i in self.filtered], V)
@@ -181,7 +212,7 @@ class Rows:
             np.copyto(self.spare, self.state, where=hold[:, None])  # (B, 1) against (..., B, H)
         else:
             self.next_state(ids, self.state, self.spare)
-        self.state, self.spare = self.spare, self.state
+        self.state, self.spare, self.cur = self.spare, self.state, 1 - self.cur
 
     def step(self) -> np.ndarray:
         """The next id of every live row (B,), rows in the order they were added; -1 for a row still reading
@@ -209,7 +240,7 @@ class Rows:
         self.left -= 1
         if self.left == 0:
             for i in np.flatnonzero(self.used() == CHUNK):
-                self.noise[i] = noise(self.rngs[i], CHUNK, self.settings[i], self.p["c"])
+                self.noise[self.slots[i]] = noise(self.rngs[i], CHUNK, self.settings[i], self.p["c"])
                 self.at[i] = self.base[i]
             self.left = CHUNK - int(self.used().max(initial=0))
         return ids

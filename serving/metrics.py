@@ -7,13 +7,16 @@
   char_rnn_live_rows                      rows in the running batch (continuous batching)
   char_rnn_rows_cancelled_total{reason}   rows that left unfinished: "disconnect" (client gone), "deadline"
   char_rnn_time_to_first_char_seconds     histogram: from a request's admission to its first character
+  char_rnn_steps_after_disconnect         histogram: per request whose client left, the generation steps
+                                          computed for it after the service saw it go (0: still queued)
   char_rnn_model_info{tag}                1 for the model a worker serves, 0 for the ones it served before
 
 prometheus_client is imported by `start()`, in the worker, once BentoML has pointed it at its multiprocess
 directory (imported earlier, it would keep values in process memory, invisible to /metrics). The generation
-thread's reports (`step`, `first_char`, `queued`, `live`, `cancelled`) only touch plain Python values, because
-a metric update in multiprocess mode (a locked write to a memory-mapped file) costs a sizeable fraction of a
-small model's generation step. A flusher thread moves them into the metrics every `FLUSH` seconds.
+thread's reports (`steps`, `first_char`, `queued`, `live`, `cancelled`, `after_disconnect`) only touch plain
+Python values, because a metric update in multiprocess mode (a locked write to a memory-mapped file) costs a
+sizeable fraction of a small model's generation step. A flusher thread moves them into the metrics every
+`FLUSH` seconds.
 
 `char_rnn_batch_rows` counts every generation step, and a histogram takes one `observe` call per observation:
 as many calls as steps. So it is kept as two counters instead, which a flush increments once per bucket:
@@ -33,6 +36,7 @@ from typing import Any
 FLUSH = 0.5  # seconds
 ROWS = tuple(2**i for i in range(13))  # 1 .. 4096 (CHAR_RNN_MAX_BATCH's bound)
 FIRST_CHAR = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+AFTER = (0, *(2**i for i in range(12)))  # steps after a disconnect: 0, 1, 2, 4, ..., 2048
 BATCH_ROWS = ("char_rnn_batch_rows", "Rows computed per generation step")  # the histogram shown
 STEPS, COMPUTED = "char_rnn_batch_steps", "char_rnn_batch_rows_computed"  # the counters kept
 
@@ -86,11 +90,12 @@ class Metrics:
     def __init__(self, registry: Any = None) -> None:
         self.registry = registry
         self.lock = threading.Lock()
-        self.steps: Counter[int] = Counter()  # rows -> generation steps, since the last flush
+        self.counts: Counter[int] = Counter()  # rows -> generation steps, since the last flush
         self.waits: list[float] = []  # seconds to first character, since the last flush
         self.depth: int | None = None
         self.rows_live: int | None = None
         self.gone: Counter[str] = Counter()  # reason -> rows cancelled, since the last flush
+        self.afters: list[int] = []  # steps after a disconnect, per request, since the last flush
         self.tag: str | None = None
         self.started = False
         self.stopping = threading.Event()
@@ -130,6 +135,12 @@ class Metrics:
         self.cancelled_rows = p.Counter(
             "char_rnn_rows_cancelled", "Rows that left the batch unfinished", ["reason"], **at
         )
+        self.after = p.Histogram(
+            "char_rnn_steps_after_disconnect",
+            "Generation steps computed for a request after its client left (0: it was still queued)",
+            buckets=AFTER,
+            **at,
+        )
         self.info = p.Gauge(
             "char_rnn_model_info", "1 for the served model's tag", ["tag"], multiprocess_mode="livemax", **at
         )
@@ -168,9 +179,16 @@ class Metrics:
         with self.lock:
             self.gone[reason] += rows
 
-    def step(self, rows: int) -> None:
+    def steps(self, rows: int, n: int) -> None:
         with self.lock:
-            self.steps[rows] += 1
+            self.counts[rows] += n
+
+    def step(self, rows: int) -> None:
+        self.steps(rows, 1)
+
+    def after_disconnect(self, steps: int) -> None:
+        with self.lock:
+            self.afters.append(steps)
 
     def first_char(self, seconds: float) -> None:
         with self.lock:
@@ -180,11 +198,12 @@ class Metrics:
         if not self.started:
             return
         with self.lock:
-            steps, self.steps = self.steps, Counter()
+            steps, self.counts = self.counts, Counter()
             waits, self.waits = self.waits, []
             depth, self.depth = self.depth, None
             live, self.rows_live = self.rows_live, None
             gone, self.gone = self.gone, Counter()
+            afters, self.afters = self.afters, []
         by_bucket: Counter[str] = Counter()
         for rows, n in steps.items():
             by_bucket[bucket(rows)] += n
@@ -200,6 +219,8 @@ class Metrics:
             self.live_rows.set(live)
         for reason, n in gone.items():
             self.cancelled_rows.labels(reason).inc(n)
+        for n in afters:
+            self.after.observe(n)
 
     def flusher(self) -> None:
         while not self.stopping.wait(FLUSH):

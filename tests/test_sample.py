@@ -171,3 +171,25 @@ def test_settings_and_unknown_chars():
         gen(["xyz"])
     assert len(sample.sample(P, CFG, VOCAB, ["axz"], 5, Settings(seed=1), unknown="skip")[0]) == 5
     assert gen(["a"], n=0) == [""]
+
+
+def test_rows_past_the_buffers_room_and_leaving_from_the_middle_read_what_they_read_alone():
+    """Rows join one by one, past the room the buffers start with (they grow, the live rows kept), and leave
+    from the front, the middle and the end while the others go on: every row reads what it reads alone."""
+    p, cfg = model("gru")
+    n, got, rows = 40, {}, sample.Rows(p, cfg)
+    for t in range(n + 30):
+        if t < 20:
+            rows.join(t, VOCAB.encode("ab"[: t % 3]), [Settings(0.8, seed=t)])
+            got[t] = []
+        if not len(rows):
+            break
+        for i, o in zip(rows.step().tolist(), rows.owners, strict=True):
+            if i >= 0:
+                got[o].append(i)
+        done = {o for o in rows.owners if len(got[o]) == n or (o % 5 == 3 and len(got[o]) == 7)}
+        rows.remove(done)
+    assert len(rows) == 0 and rows.cap >= 20
+    for o, ids in got.items():
+        length = 7 if o % 5 == 3 else n
+        assert VOCAB.decode(ids) == alone(p, cfg, "ab"[: o % 3], length, Settings(0.8, seed=o)), o

@@ -27,7 +27,6 @@ from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import EXTRA, events, expected, tiny_checkpoint
 
-from serving.metrics import FLUSH
 from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,11 +259,32 @@ def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
 
 
+def rows_9_to_16(metrics: dict) -> float:
+    """Generation steps of 9 to 16 rows so far."""
+    bucket = "char_rnn_batch_rows_bucket"
+    return metrics.get((bucket, (("le", "16.0"),)), 0) - metrics.get((bucket, (("le", "8.0"),)), 0)
+
+
+def settled(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """The metrics once all that the service did before has reached them. The generation thread's reports
+    reach the metrics in the order they were made, so it sends a marker: a request of 16 rows, the only one of
+    these tests to step 9 to 16 rows alone, and waits until that step is counted."""
+    before = scrape(client)
+    assert client.post("/generate", json={"max_new_chars": 1, "num_samples": 16}).status_code == 200
+    seen: dict = {}
+
+    def counted() -> bool:
+        seen.update(scrape(client))
+        return rows_9_to_16(seen) > rows_9_to_16(before)
+
+    wait_for(counted, 10, "the marker request to be counted")
+    return seen
+
+
 def test_metrics_count_what_the_service_did(server):
     client, _ = server
     tag = client.post("/model_info").json()["model"]
-    time.sleep(2 * FLUSH)  # the earlier tests' reports reach the metrics
-    before = scrape(client)
+    before = settled(client)  # the earlier tests' reports included
     r = client.post("/generate", json={"prompt": "THE ", "max_new_chars": 25, "num_samples": 3})
     assert r.status_code == 200
     with client.stream("POST", "/generate_stream", json={"max_new_chars": 20}) as r:
@@ -300,12 +320,26 @@ def test_metrics_count_what_the_service_did(server):
     assert any(k[0].startswith("bentoml_service_request") for k in seen)  # beside BentoML's own
 
 
+def in_progress(client: httpx.Client, route: str) -> float:
+    """Requests to `route` in progress, by BentoML's own gauge (its outermost middleware counts a request from
+    its start; this scrape is answered after the handlers that started before it have queued their jobs)."""
+    got = scrape(client)
+    name = "bentoml_service_request_in_progress"
+    return sum(v for (n, labels), v in got.items() if n == name and ("endpoint", route) in labels)
+
+
+def after_disconnect(seen: dict, before: dict) -> tuple[float, float]:
+    """Requests counted by char_rnn_steps_after_disconnect since `before`: all, and those within 2 steps."""
+    name, within = "char_rnn_steps_after_disconnect", (("le", "2.0"),)
+    count, le2 = (name + "_count", ()), (name + "_bucket", within)
+    return seen[count] - before.get(count, 0), seen[le2] - before.get(le2, 0)
+
+
 def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
     """Clients that close their connection while their /generate runs (8 x 16 rows of 2000 characters) take
     their rows out of the batch: counted as cancelled for "disconnect", after far fewer than 2000 steps."""
     client, _ = server
-    time.sleep(2 * FLUSH)
-    before = scrape(client)
+    before = settled(client)
     body = json.dumps({"prompt": "THE ", "max_new_chars": 2000, "num_samples": 16}).encode()
     head = (
         f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
@@ -313,7 +347,7 @@ def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
     socks = [socket.create_connection((client.base_url.host, client.base_url.port)) for _ in range(8)]
     for s in socks:
         s.sendall(head.encode() + b"\r\n\r\n" + body)
-    time.sleep(0.02)
+    wait_for(lambda: in_progress(client, "/generate") == 8, 10, "the requests to be in progress")
     for s in socks:
         s.close()
     key = ("char_rnn_rows_cancelled_total", (("reason", "disconnect"),))
@@ -326,6 +360,7 @@ def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
     wait_for(counted, 20, "the disconnected clients' rows to be cancelled")
     steps = ("char_rnn_batch_rows_count", ())
     assert seen[steps] - before.get(steps, 0) < 1000
+    assert after_disconnect(seen, before) == (8, 8)  # once per request, each within 2 steps of its cancel
     assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
 
 
@@ -360,6 +395,7 @@ def test_a_stream_whose_client_leaves_takes_its_row_out_of_the_batch(server):
     wait_for(counted, 20, "the streams' rows to be cancelled")
     steps = ("char_rnn_batch_rows_count", ())
     assert seen[steps] - before.get(steps, 0) < 1000
+    assert after_disconnect(seen, before) == (8, 8)
     assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
 
 
@@ -425,11 +461,11 @@ def without_uv(env: dict[str, str]) -> dict[str, str]:
 
 
 def test_a_built_bento_serves_its_model_the_playground_and_metrics(server, small_text, tmp_path):
-    """`serving.bento.build` bundles the promoted model and the page into a Bento of the model's version;
+    """`stages.bento.build` bundles the promoted model and the page into a Bento of the model's version;
     `bentoml serve <bento>` serves that model, also once another one has been promoted."""
     client, env = server
     tag = client.post("/model_info").json()["model"]
-    code = f"from serving.bento import build; print(build({tag!r}))"
+    code = f"from stages.bento import build; print(build({tag!r}))"
     build = [sys.executable, "-c", code]
     out = subprocess.run(build, cwd=ROOT, env=without_uv(env), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -512,11 +548,25 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def test_a_damaged_history_neither_stops_the_service_nor_fills_its_log(guarded):
+    """Each damage is said once, as one WARNING line: the watcher notices a new one (the only reader of the
+    file while nobody asks), and reading it again (the models view reads it at each request) says nothing."""
     live, tag = guarded
+
+    def said() -> list[str]:
+        return [
+            line for line in live.log.read_text().splitlines() if "char-rnn-promoted.json is damaged" in line
+        ]
+
     assert live.client.post("/model_info", headers=AUTH).json()["model"] == tag  # found in the store
-    time.sleep(1)  # a few reload intervals
-    said = [line for line in live.log.read_text().splitlines() if "char-rnn-promoted.json is damaged" in line]
-    assert len(said) == 1 and "[WARNING]" in said[0] and "Traceback" not in live.log.read_text()
+    assert len(said()) == 1
+    history = Path(live.env["BENTOML_HOME"]) / "char-rnn-promoted.json"
+    history.write_bytes(b'{"entries": [}')  # damaged otherwise
+    wait_for(lambda: len(said()) == 2, 30, "the watcher to notice the new damage")
+    for _ in range(3):
+        assert live.client.post("/models", headers=AUTH).json()["serving"] == tag
+    assert live.client.post("/model_info", headers=AUTH).json()["model"] == tag
+    assert len(said()) == 2 and all("[WARNING]" in line for line in said())
+    assert "Traceback" not in live.log.read_text()
 
 
 def test_listens_on_loopback_only_unless_asked(guarded):
@@ -609,10 +659,17 @@ def test_client_errors_are_one_warning_line_each(guarded):
         == 400
     )
     assert client.post("/model_info").status_code == 401
-    time.sleep(0.5)
+
+    def warnings() -> list[str]:
+        return [
+            line
+            for line in log.read_text()[len(before) :].splitlines()
+            if "-> 400" in line or "-> 401" in line
+        ]
+
+    wait_for(lambda: len(warnings()) >= 5, 10, "the five warnings")
     new = log.read_text()[len(before) :]
-    warnings = [line for line in new.splitlines() if "-> 400" in line or "-> 401" in line]
-    assert len(warnings) == 5 and all("[WARNING]" in w for w in warnings), new
+    assert len(warnings()) == 5 and all("[WARNING]" in w for w in warnings()), new
     assert "POST /generate -> 400: temperature: Input should be less than or equal to 5" in new
     assert "Traceback" not in new and "[ERROR]" not in new
 
