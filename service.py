@@ -1,15 +1,16 @@
 """The BentoML service: POST /generate, /generate_stream, /model_info and /models over the promoted char-rnn
-model; the playground page at GET /, the API docs at /docs, Prometheus metrics at /metrics.
+model, POST /training (the newest pipeline run's live progress); the playground page at GET /, the API docs at
+/docs, Prometheus metrics at /metrics.
 
 A thin HTTP face over model/. `serving.http.Gate` checks every request before BentoML sees it; valid requests
 are queued to `serving.batcher`, whose thread runs the rows of concurrent requests together. Each request
 holds the immutable model snapshot it grabbed at its start; a watcher swaps in newly promoted models.
 `serving.metrics` counts what happens, `serving.pages` holds the pages, `serving.history` the models view,
-`serving.bento` the Bento's image and build.
+`serving.progress` the training view, `serving.bento` the Bento's image.
 
 Importing this module only declares the service (what BentoML needs to find, serve and build it); each worker
 process loads the model and starts its threads in `CharRNN.__init__`. A Bento serves the model named by its
-`model` argument (`serving.bento.build`), a service started from the source the newest promoted one.
+`model` argument (`stages.bento.build`), a service started from the source the newest promoted one.
 
 Settings (CHAR_RNN_*, see settings/): HOST (127.0.0.1) and PORT (3000), API_KEY, METRICS_KEY,
 RELOAD_INTERVAL, MAX_PROMPT, TIMEOUT, BODY_TIMEOUT, MAX_BATCH, MAX_CONCURRENCY, WORKERS, BLAS_THREADS.
@@ -49,20 +50,22 @@ from threadpoolctl import threadpool_limits
 
 from model import checkpoint, corpus, sample
 from registry import Current, Registry
-from serving import bento, events, history, openapi, pages, workers
+from serving import bento, events, history, openapi, pages, progress, workers
 from serving.batcher import Batcher, Job
 from serving.http import Gate, Key, NoFields, QuietClientErrors, disconnected, error
 from serving.metrics import Metrics, histogram
 from serving.snapshot import ModelInfo, Snapshot
 
 S = settings.current()
-GENERATE, STREAM, INFO, MODELS, METRICS_ROUTE = (
+GENERATE, STREAM, INFO, MODELS, TRAINING, METRICS_ROUTE = (
     "/generate",
     "/generate_stream",
     "/model_info",
     "/models",
+    "/training",
     "/metrics",
 )
+NO_INPUT = (INFO, MODELS, TRAINING)  # the routes that take no fields
 MAX_BODY = 12 * S.max_prompt + 4096  # a prompt of \uXXXX escapes, plus the other fields
 METRICS = Metrics()  # reports nothing until a worker's __init__ starts it
 # The generation thread holds the GIL between NumPy calls; a worker makes it hand the GIL to the HTTP loop
@@ -341,6 +344,16 @@ class CharRNN:
         tag, curve = (snap.tag, snap.curve) if snap else (None, None)
         return await asyncio.to_thread(history.view, self.registry, tag, curve)
 
+    @bentoml.api(route=TRAINING)
+    async def training(self) -> progress.Training:
+        """The newest pipeline run's training (state, step, losses, time left, curves, why that many steps)
+        and the model this service serves: what the playground polls to show a run live and to switch."""
+        snap = self.snapshot
+        return await asyncio.to_thread(progress.view, S.runs_dir, snap.tag if snap else None)
+
+
+REQUESTS = {GENERATE: GenerateRequest, STREAM: GenerateRequest} | dict.fromkeys(NO_INPUT, NoFields)
+
 
 class Spec:
     """The corrected OpenAPI document, built on first request."""
@@ -350,9 +363,13 @@ class Spec:
     @classmethod
     def response(cls) -> JSONResponse:
         if cls.doc is None:
-            requests = {GENERATE: GenerateRequest, STREAM: GenerateRequest, INFO: NoFields, MODELS: NoFields}
-            responses = {GENERATE: GenerateResponse, INFO: ModelInfo, MODELS: history.Models}
-            cls.doc = openapi.corrected(CharRNN.openapi_spec.asdict(), requests, responses, (STREAM,))
+            responses = {
+                GENERATE: GenerateResponse,
+                INFO: ModelInfo,
+                MODELS: history.Models,
+                TRAINING: progress.Training,
+            }
+            cls.doc = openapi.corrected(CharRNN.openapi_spec.asdict(), REQUESTS, responses, (STREAM,))
         return JSONResponse(cls.doc)
 
 
@@ -367,13 +384,13 @@ def keys() -> dict[str, Key | None]:
         metrics = api and Key(
             api.secret, "API key (CHAR_RNN_API_KEY; CHAR_RNN_METRICS_KEY gives /metrics its own)"
         )
-    return dict.fromkeys((GENERATE, STREAM, INFO, MODELS), api) | {METRICS_ROUTE: metrics}
+    return dict.fromkeys((GENERATE, STREAM, *NO_INPUT), api) | {METRICS_ROUTE: metrics}
 
 
 CharRNN.add_asgi_middleware(
     Gate,
     keys=keys(),
-    schemas={GENERATE: GenerateRequest, STREAM: GenerateRequest, INFO: NoFields, MODELS: NoFields},
+    schemas=REQUESTS,
     max_body=MAX_BODY,
     body_timeout=S.body_timeout,
     max_concurrency=S.max_concurrency,

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -81,20 +82,30 @@ def median(xs: list[float]) -> float:
 
 @contextmanager
 def server() -> Iterator[str]:
-    """The API URL of PREFECT_API_URL's server, or of one started (and stopped) with the project's script."""
+    """The API URL of PREFECT_API_URL's server, or of one started here (`prefect server start` on a free
+    loopback port, in a session of its own) and stopped by its process group at the end."""
     if url := os.environ.get("PREFECT_API_URL"):
         yield url
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"PREFECT_SERVER_API_PORT": str(port), "PYTHON": sys.executable}
-    script = ROOT / "scripts" / "prefect-server.sh"
+    env = os.environ | {"PREFECT_SERVER_API_PORT": str(port), "PREFECT_SERVER_API_HOST": "127.0.0.1"}
+    url = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        subprocess.run([script, "start"], env=env, check=True, capture_output=True)
-        yield f"http://127.0.0.1:{port}/api"
+        wait = [sys.executable, "-m", "prefect", "server", "status", "--wait", "--timeout", "300"]
+        subprocess.run(wait, env=env | {"PREFECT_API_URL": url}, check=True, capture_output=True)
+        yield url
     finally:
-        subprocess.run([script, "stop"], env=env, capture_output=True)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
 
 
 # The recorder. Each benchmark owns one section of DOC, between `<!-- bench:NAME -->` and

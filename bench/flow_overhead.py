@@ -2,7 +2,7 @@
 
   uv run python bench/flow_overhead.py [--repeat 3] [--quick] [--no-record]
 
-Runs against the server at PREFECT_API_URL, or starts one with scripts/prefect-server.sh (temporary
+Runs against the server at PREFECT_API_URL, or starts one with `prefect server start` (temporary
 PREFECT_HOME, free port) and stops it afterwards. Each contender runs in a fresh CHAR_RNN_HOME (no promoted
 model, no cache), one BLAS thread, alternating, best of --repeat. Target: overhead <= max(10%, 5 s). The run
 writes its section of docs/benchmarks.md (unless --no-record); the last line printed is JSON.

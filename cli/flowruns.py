@@ -65,7 +65,7 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
     from flows.pipeline import pipeline
 
     params = {"data_dir": a.data} | {k: getattr(a, k) for k in PIPELINE_FLAGS if getattr(a, k) is not None}
-    params = checked(pipeline, params)  # before Prefect's temporary server starts
+    params = checked(pipeline, params | {"build_bento": a.bento})  # before Prefect's temporary server starts
     s = settings.current()
     data.ingest(params["data_dir"] or s.data, s.runs_dir / "ingest")  # unusable text: say so now, in one line
     with shown(("prefect.flow_runs", "prefect.task_runs")):
@@ -74,6 +74,11 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
         f"{'promoted' if d.promoted else 'kept'} {d.tag}: {d.reason}"
         + (f"\nrun: {d.run_dir}" if d.run_dir else "")
     )
+    if a.bento and d.promoted:
+        from stages.bento import SERVICE, version_of
+
+        built = f"{SERVICE}:{version_of(d.tag)}"
+        print(f"bento: {built} (`bentoml serve {built}` serves it, `bentoml containerize {built}` images it)")
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:

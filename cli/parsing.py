@@ -140,6 +140,11 @@ def add_flows(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="data", help=DATA_HELP)
     for name in PIPELINE_FLAGS:
         config_flag(p, name, (MODEL_FLAGS | TRAIN_FLAGS)[name])
+    p.add_argument(
+        "--bento",
+        action="store_true",
+        help="if the model is promoted, build a Bento of it, versioned as the model (default: off)",
+    )
     w = sub.add_parser("sweep", help="search settings on Dask (successive halving) and promote the best")
     w.add_argument("--data", default="data", help=DATA_HELP)
     w.add_argument(

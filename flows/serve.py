@@ -4,8 +4,11 @@
   char-rnn-pipeline/scheduled-retrain  on an interval or cron; ends at once when the corpus has not changed
   char-rnn-sweep/on-demand             a hyperparameter sweep on Dask (`--param dask_address=tcp://...:8786`)
 
-The schedule comes from --interval/--cron, else CHAR_RNN_RETRAIN_INTERVAL (seconds) / CHAR_RNN_RETRAIN_CRON,
-else hourly. PREFECT_API_URL names the server.
+The deployments are those of prefect.yaml (names, parameters, tags, concurrency, schedule), the file that
+`prefect deploy --all` reads for a work pool: one definition for both ways. Here they run in this process,
+with no work pool. The schedule comes from --interval/--cron, else CHAR_RNN_RETRAIN_INTERVAL (seconds) /
+CHAR_RNN_RETRAIN_CRON, else prefect.yaml's (hourly). PREFECT_API_URL names the server. The automation that
+notifies on a failed retrain (flows/automations.py) is created or updated first; --notify gives its target.
 
 Each deployment runs one flow run at a time. A retrain that falls due while another retrain runs is cancelled
 by the server (the next one catches up), so late runs never pile up behind a long training; a second
@@ -24,45 +27,82 @@ from datetime import timedelta
 from typing import Any
 
 import settings
+from flows import automations
 from terminal import Parser, param
+
+FILE = settings.ROOT / "prefect.yaml"
+START = "start one with `prefect server start --background` (docs/pipeline.md)"
+
+
+def declared() -> list[dict[str, Any]]:
+    """prefect.yaml's deployments, as written there."""
+    import yaml
+
+    return yaml.safe_load(FILE.read_text(encoding="utf-8"))["deployments"]
+
+
+def schedule(spec: dict[str, Any], override: dict[str, timedelta | str]) -> dict[str, timedelta | str]:
+    """A deployment's schedule as `to_deployment` takes it: none when prefect.yaml gives it none, else
+    `override` (the command line's or the settings'), else prefect.yaml's own."""
+    if not spec.get("schedules"):
+        return {}
+    if override:
+        return override
+    (first,) = spec["schedules"]
+    return {"cron": first["cron"]} if "cron" in first else {"interval": timedelta(seconds=first["interval"])}
 
 
 def deployments(params: dict[str, Any], **timing: timedelta | str) -> list:
-    """The pipeline's on-demand deployment and scheduled retrain (`timing`: interval= or cron=), given
-    `params`, and the sweep's on-demand deployment, given those of `params` it takes."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    """prefect.yaml's deployments, for this process to serve. `params` (the command line's) are default
+    parameters of each deployment whose flow takes them, over prefect.yaml's; `timing` (interval= or
+    cron=) replaces prefect.yaml's schedule."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.deployments.runner import EntrypointType
+    from prefect.flows import load_flow_from_entrypoint
 
-    from flows.pipeline import pipeline
-    from flows.sweep import sweep
+    made = []
+    for spec in declared():
+        flow = load_flow_from_entrypoint(spec["entrypoint"])
+        limit = spec.get("concurrency_limit")
+        own = {k: v for k, v in params.items() if k in flow.parameters.properties}
+        made.append(
+            flow.to_deployment(
+                spec["name"],
+                description=spec.get("description"),
+                tags=spec.get("tags"),
+                parameters=spec.get("parameters", {}) | own,
+                enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
+                concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+                **schedule(spec, timing),
+            )
+        )
+    return made
 
-    common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["char-rnn"]}
-    return [
-        pipeline.to_deployment(
-            "on-demand",
-            description="Train, evaluate and maybe promote, now.",
-            parameters=params,
-            concurrency_limit=1,  # a second run waits for the first
-            **common,
-        ),
-        pipeline.to_deployment(
-            "scheduled-retrain",
-            description="Retrain, warm-starting from the promoted model, when the corpus has changed.",
-            parameters=params | {"only_if_changed": True},
-            concurrency_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
-            ),
-            **timing,
-            **common,
-        ),
-        sweep.to_deployment(
-            "on-demand",
-            description="Search settings on Dask with successive halving; promote the best if it wins.",
-            parameters={k: v for k, v in params.items() if k in sweep.parameters.properties},
-            concurrency_limit=1,
-            **common,
-        ),
-    ]
+
+def prepare() -> dict[str, str]:
+    """prefect.yaml's build step, run by `prefect deploy`: create or update the failed-retrain automation
+    (its target kept), and output the checkout's folder for the pull step."""
+    return {"checkout": str(settings.ROOT), "automation": str(automations.ensure())}
+
+
+def environment() -> dict[str, str]:
+    """prefect.yaml's pull step, run in each flow run a worker starts: the project's variables (homes under
+    CHAR_RNN_HOME unless set, telemetry off), exported before the flow imports BentoML, so that a worker
+    started from any shell uses the same model store as the service. Prefect itself is running already:
+    its home stays the one it chose."""
+    import logging
+
+    from prefect.settings import get_current_settings
+
+    os.environ.setdefault("PREFECT_HOME", str(get_current_settings().home))
+    os.environ.update(settings.configure())
+    extra = logging.getLogger("prefect.extra")  # what PREFECT_LOGGING_EXTRA_LOGGERS does at Prefect's start
+    mine = logging.getLogger("char_rnn")
+    for handler in extra.handlers:
+        if handler not in mine.handlers:
+            mine.addHandler(handler)
+    return {"char_rnn_home": os.environ["CHAR_RNN_HOME"]}
 
 
 def seconds(text: str) -> float:
@@ -95,13 +135,13 @@ def cron(expr: str) -> str:
 
 
 def timing(interval: float | None, cron_expr: str | None, s: settings.Settings) -> dict[str, timedelta | str]:
-    """When the retrain is scheduled: the command line, else the settings (cron first), else hourly."""
+    """When the retrain is scheduled: the command line, else the settings (cron first), else nothing here
+    (prefect.yaml's schedule)."""
     if interval is None and not cron_expr:
-        cron_expr = s.retrain_cron
-        interval = None if cron_expr else (s.retrain_interval or 3600)
+        cron_expr, interval = s.retrain_cron, s.retrain_interval
     if cron_expr:
         return {"cron": cron(cron_expr)}
-    return {"interval": timedelta(seconds=interval)}
+    return {"interval": timedelta(seconds=interval)} if interval else {}
 
 
 def reachable(url: str) -> None:
@@ -112,8 +152,7 @@ def reachable(url: str) -> None:
         httpx.get(f"{url.rstrip('/')}/health", timeout=5, trust_env=False).raise_for_status()
     except httpx.HTTPError as e:
         raise ValueError(
-            f"no Prefect server answers at PREFECT_API_URL={url} ({e.__class__.__name__}); start one with "
-            "`scripts/prefect-server.sh start`"
+            f"no Prefect server answers at PREFECT_API_URL={url} ({e.__class__.__name__}); {START}"
         ) from None
 
 
@@ -135,6 +174,12 @@ def parser() -> Parser:
     parser.add_argument(
         "--limit", type=positive, default=3, help="flow runs executed at once (default 3: one per deployment)"
     )
+    parser.add_argument(
+        "--notify",
+        type=automations.notify_target,
+        help="where a failed retrain is reported: a webhook URL, or BLOCK-TYPE/NAME of a Prefect "
+        "notification block (default: the automation's current target)",
+    )
     return parser
 
 
@@ -153,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         url = get_current_settings().api.url
         if not url:
             raise ValueError(
-                "PREFECT_API_URL is not set: start a server with `scripts/prefect-server.sh start`, then "
-                "export the PREFECT_API_URL it prints"
+                f"PREFECT_API_URL is not set: {START}, then export PREFECT_API_URL=<its address>/api"
             )
         when = timing(args.interval, args.cron, s)
         params = dict(args.param)
         checked(pipeline, params)
         reachable(url)
+        automations.ensure(args.notify)
     except ValueError as e:  # SettingsError included
         ap.exit(1, f"{ap.prog}: error: {e}\n")
     serve(*deployments(params, **when), limit=args.limit)

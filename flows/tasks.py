@@ -25,8 +25,9 @@ import settings
 from flows.events import PROGRESS, announce
 from model.config import ModelConfig, TrainConfig
 from model.train import Progress, bits
-from stages import data, promotion, publishing, report, scoring, training
+from stages import bento, data, promotion, publishing, report, scoring, training
 from stages.records import Comparison, CorpusInfo, CurrentModel, Decision, Encoded, Outcome, Score, Trained
+from stages.training import Budget, Learnt
 
 # Nothing is pickled: results are not persisted, and what Prefect writes anyway (a failed run's exception,
 # which it stores even then) is written as JSON, never with its default pickle serializer.
@@ -64,6 +65,12 @@ def ingest(data_dir: Path) -> CorpusInfo:
 def current_model(store: Path) -> CurrentModel | None:
     """The promoted model a candidate has to beat (the newest that passes its checks), or None."""
     return promotion.current(store)
+
+
+@task(**READ)
+def learnt(current: CurrentModel | None, store: Path) -> Learnt:
+    """What the promoted model has learnt: its steps in all, the corpus characters it was trained on."""
+    return training.learnt(current, store)
 
 
 @task(**QUIET)
@@ -111,19 +118,32 @@ def train(
     config: TrainConfig,
     warm: CurrentModel | None,
     why_not: str | None = None,
+    budget: Budget | None = None,
 ) -> Trained:
     """Train into the run folder, resuming its last checkpoint if any, else warm-starting from `warm` (or from
-    scratch, `why_not`)."""
+    scratch, `why_not`), for `budget` steps (the why is said and kept in the run's progress.json)."""
     out = run_dir / "checkpoints"
+    why = budget.why if budget else f"{config.steps} steps asked"
 
     def starting(step: int) -> None:
         how = f"from scratch ({why_not})" if why_not else "from scratch"
         how = f"warm-started from {warm.tag}" if warm else how
         how = f"from its checkpoint at step {step}" if step else how
-        announce("training", f"Training {how}: {model.cell} {model.layers}x{model.hidden} into {out}")
+        shape = f"{model.cell} {model.layers}x{model.hidden}"
+        announce("training", f"Training {how}: {shape}, {config.steps} steps ({why}) into {out}")
 
+    progress = training.ProgressFile(
+        run_dir / training.PROGRESS_FILE, config.steps, warm.tag if warm else None, why
+    )
     return training.train_run(
-        encoded, out, model, config, warm=warm, on_start=starting, on_progress=Reporter(config.steps)
+        encoded,
+        out,
+        model,
+        config,
+        warm=warm,
+        on_start=starting,
+        on_progress=Reporter(config.steps),
+        progress=progress,
     )
 
 
@@ -162,7 +182,24 @@ def promote(
     """Register the candidate if it beats the model that is current when the registry's lock is held."""
     about = {"flow_run_id": flow_run_id()}
     limit = settings.current().eval_chars
-    return promotion.promote(trained, candidate, against, encoded, run_dir, store, about, limit)
+    d = promotion.promote(trained, candidate, against, encoded, run_dir, store, about, limit)
+    training.settle(run_dir, d)
+    return d
+
+
+@task(**QUIET)
+def build_bento(tag: str) -> str:
+    """Build a Bento of promoted model `tag` whose version is the model's; its tag."""
+    built = bento.build(tag)
+    log().info(
+        "Built the Bento %s of %s: bentoml serve %s (or bentoml containerize %s)", built, tag, built, built
+    )
+    create_markdown_artifact(
+        f"`bentoml serve {built}` serves {tag}; `bentoml containerize {built}` makes its image.",
+        key="char-rnn-bento",
+        description=f"the Bento of {tag}",
+    )
+    return built
 
 
 def decided(d: Decision, trained: bool = True) -> Decision:
@@ -178,10 +215,16 @@ def decided(d: Decision, trained: bool = True) -> Decision:
 
 @task(**QUIET)
 def publish(
-    info: CorpusInfo, encoded: Encoded, trained: Trained, candidate: Score, decision: Decision
+    info: CorpusInfo,
+    encoded: Encoded,
+    trained: Trained,
+    candidate: Score,
+    decision: Decision,
+    why: str | None = None,
 ) -> Outcome:
-    """Write metrics.json, loss.png and report.md beside the checkpoints; publish them as artifacts."""
-    o = publishing.outcome(info, encoded, trained, candidate, decision, flow_run_id())
+    """Write metrics.json, loss.png and report.md beside the checkpoints; publish them as artifacts. `why`:
+    why the run trained the steps it did, which the report states under its training line."""
+    o = publishing.outcome(info, encoded, trained, candidate, decision, flow_run_id(), why)
     text = publishing.write_run(o)
     run_dir = decision.run_dir
     create_table_artifact(

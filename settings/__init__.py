@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,7 @@ TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "BENTOML_DO_NOT_TRACK": "True",
 }
+PREFECT_DEFAULT_PROFILES = {"ephemeral", "default"}  # the profile Prefect activates when nobody chose one
 
 
 class SettingsError(ValueError):
@@ -173,24 +175,45 @@ def load(**overrides: object) -> Settings:
         ) from None
 
 
+def own_prefect_profile() -> bool:
+    """Whether the user chose a Prefect profile of their own: PREFECT_PROFILE set, or a profiles file
+    (PREFECT_PROFILES_PATH, else ~/.prefect/profiles.toml) whose active profile is not Prefect's default or
+    names an API URL (`prefect config set PREFECT_API_URL=...`, `prefect cloud login`)."""
+    if os.environ.get("PREFECT_PROFILE"):
+        return True
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or Path.home() / ".prefect" / "profiles.toml")
+    try:
+        profiles = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or not TOML: no profile to keep
+        return False
+    active = profiles.get("active", "ephemeral")
+    chosen = profiles.get("profiles", {}).get(active, {})
+    return active not in PREFECT_DEFAULT_PROFILES or bool(chosen.get("PREFECT_API_URL"))
+
+
 def configure(**overrides: object) -> dict[str, str]:
     """Check the settings (with `overrides`) and return the variables to export before Prefect or BentoML is
     imported: `os.environ.update(settings.configure())`. Homes the user set are kept; `overrides` are
-    exported too, so that `current()` sees them. Refuses when Prefect or BentoML was imported already
-    without its home set (it would have chosen one under ~)."""
+    exported too, so that `current()` sees them. PREFECT_HOME goes under CHAR_RNN_HOME only when the user has
+    no Prefect configuration of their own: with a profile of their own, Prefect keeps its home (~/.prefect),
+    where that profile lives; PREFECT_API_URL, when set, names the server either way. Refuses when Prefect
+    or BentoML was imported already without the home set that this would set (it chose one under ~)."""
     s = load(**overrides)
     env = {k: os.environ.get(k, v) for k, v in s.environment().items()}
+    if "PREFECT_HOME" not in os.environ and own_prefect_profile():
+        del env["PREFECT_HOME"]
     if "allowed_roots" in overrides:
         env["CHAR_RNN_ALLOWED_ROOTS"] = os.pathsep.join(map(str, s.allowed_roots))
     if "dask_schedulers" in overrides:
         env["CHAR_RNN_DASK_SCHEDULERS"] = " ".join(s.dask_schedulers)
     for module, var in (("prefect", "PREFECT_HOME"), ("bentoml", "BENTOML_HOME")):
-        if module in sys.modules and var not in os.environ:
+        if module in sys.modules and var in env and var not in os.environ:
             raise SettingsError(
                 f"{var} is not set and {module} has already chosen its home under ~; start this through "
                 f"`char-rnn` (e.g. `char-rnn serve`), or export {var}={env[var]}"
             )
-    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
+    if "PREFECT_HOME" in env:
+        Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
     return env
 
 

@@ -16,8 +16,9 @@ def outcome(
     candidate: Score,
     decision: Decision,
     flow_run_id: str | None = None,
+    steps_why: str | None = None,
 ) -> Outcome:
-    """Everything one run did, as metrics.json records it."""
+    """Everything one run did, as metrics.json records it (`steps_why`: why it trained the steps it did)."""
     meta = checkpoint.read_meta(trained.checkpoint)
     return Outcome(
         run_id=decision.run_dir.name,
@@ -34,6 +35,7 @@ def outcome(
         resumed_from=trained.resumed_from,
         step=trained.step,
         train_seconds=trained.seconds,
+        steps_why=steps_why,
         candidate=candidate,
         decision=decision,
         history={k: meta.metrics.get(k, []) for k in ("train", "val")},

@@ -245,6 +245,7 @@ class Outcome(BaseModel):
     resumed_from: int
     step: int
     train_seconds: float
+    steps_why: str | None = None  # why the run trained the steps it did (a warm start's budget)
     candidate: Score
     decision: Decision
     history: dict[str, list[list[float]]]  # "train" / "val": [step, loss] pairs

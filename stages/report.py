@@ -86,11 +86,12 @@ def markdown(o: Outcome) -> str:
         if got
     )
     m = o.model
+    why = f"\n- why {o.step} steps: {o.steps_why}" if o.steps_why else ""
     return f"""# char-rnn run `{o.run_id}`
 
 - corpus: `{o.data_dir}`, {len(o.files)} file(s), fingerprint `{o.fingerprint[:16]}`{skipped}
 - model: {m.cell}, {m.hidden} hidden x {m.layers} layer(s), vocabulary {o.vocab_size}{grown}
-- training: {o.step} steps, batch {o.train.batch} x seq {o.train.seq}, {start}, {o.train_seconds:.0f} s
+- training: {o.step} steps, batch {o.train.batch} x seq {o.train.seq}, {start}, {o.train_seconds:.0f} s{why}
 
 ## Validation
 

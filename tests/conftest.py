@@ -15,7 +15,12 @@ from threadpoolctl import threadpool_limits
 from settings import isolated_env
 
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="char-rnn-tests-"))
-os.environ.update(isolated_env(SESSION_HOME))
+ROOT = Path(__file__).resolve().parent.parent
+# uv's cache stays the one `make test` installed from: a cache of the session's own would download every
+# package again for each Bento the tests build.
+UV = shutil.which("uv") or str(ROOT / ".venv" / "bin" / "uv")
+UV_CACHE = os.environ.get("UV_CACHE_DIR") or subprocess.check_output([UV, "cache", "dir"], text=True).strip()
+os.environ.update(isolated_env(SESSION_HOME) | {"UV_CACHE_DIR": UV_CACHE})
 os.environ.pop("CHAR_RNN_RUNS", None)
 
 
@@ -23,7 +28,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
-ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 
 

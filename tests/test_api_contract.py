@@ -36,7 +36,7 @@ def test_schemathesis_finds_the_served_api_as_published(small_text, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = server_env(home)
-    ours = "--include-path-regex=^/(generate|generate_stream|model_info|models)$"
+    ours = "--include-path-regex=^/(generate|generate_stream|model_info|models|training)$"
     with running(env, home / "server.log") as live:
         empty = schemathesis(
             live.port, tmp_path, env, "--exclude-checks=not_a_server_error", ours, "-n", "10"
@@ -47,6 +47,6 @@ def test_schemathesis_finds_the_served_api_as_published(small_text, tmp_path):
             live.port, tmp_path, env, "--exclude-checks=positive_data_acceptance", "-n", "40"
         )
     assert empty.returncode == 0, empty.stdout[-6000:] + empty.stderr[-2000:]
-    assert "4 selected / 8 total" in empty.stdout
+    assert "5 selected / 9 total" in empty.stdout
     assert served.returncode == 0, served.stdout[-6000:] + served.stderr[-2000:]
-    assert "8 selected / 8 total" in served.stdout
+    assert "9 selected / 9 total" in served.stdout

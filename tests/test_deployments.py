@@ -1,29 +1,47 @@
-"""End to end: a real `prefect server` (scripts/prefect-server.sh), `python -m flows.serve`, deployment runs.
+"""End to end on a real Prefect server (`prefect server start`): prefect.yaml's deployments shipped both ways,
+`prefect deploy` to a process work pool with a real worker and `python -m flows.serve`; their runs, the
+automation that reports a failed scheduled retrain to a webhook, and no pickle left by a failed run.
 
-Everything started here is stopped by PID in the fixture's teardown.
+Everything started here is stopped by PID in its fixture's teardown. Tests wait for states, files and
+requests, never for a fixed time.
 """
 
+import base64
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import free_port, stop
 
 import settings
-from flows import serve
+from flows import automations, serve
 from settings import isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"steps": "40", "hidden": "16", "batch": "4", "seq": "16", "checkpoint_every": "20"}
+# What `make run` gives its server besides the port: its screen shows a stage within a second (events are
+# written every second), and the UI two future runs per schedule, not an hour's worth.
+SERVER = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1"}
+SERVER |= {"PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "2"}
+DEPLOYMENTS = (
+    "char-rnn-pipeline/on-demand",
+    "char-rnn-pipeline/scheduled-retrain",
+    "char-rnn-sweep/on-demand",
+)
 
 
 @dataclass
@@ -31,7 +49,7 @@ class Stack:
     home: Path
     env: dict[str, str]
     url: str
-    serve_log: Path
+    serve_log: Path  # the runner's, or the worker's (its flow runs' output included)
 
     def corpus(self, name: str, text: str) -> Path:
         folder = self.home / name
@@ -55,28 +73,250 @@ class Stack:
         return f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{self.explain_log()}"
 
     def explain_log(self) -> str:
-        return f"serve log:\n{self.serve_log.read_text()[-5000:]}"
+        return f"log:\n{self.serve_log.read_text()[-5000:]}"
 
 
-def wait_for_deployments(url: str, serve: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 90
-    for name in (
-        "char-rnn-pipeline/on-demand",
-        "char-rnn-pipeline/scheduled-retrain",
-        "char-rnn-sweep/on-demand",
-    ):
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/deployments/name/{name}", timeout=2)
-                break
-            except OSError:
-                assert serve.poll() is None, f"flows.serve exited:\n{log.read_text()[-5000:]}"
-                assert time.monotonic() < deadline, f"deployments not registered:\n{log.read_text()[-5000:]}"
-                time.sleep(0.5)
+def started(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """`cmd` in a session of its own (so that `stop` ends it and its children), its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until `check()` holds; fails at once if `proc` exits, else after `timeout` (a busy machine)."""
+    end = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None, f"{what}: the process exited:\n{log.read_text()[-5000:]}"
+        assert time.monotonic() < end, f"{what}: not within {timeout} s:\n{log.read_text()[-5000:]}"
+        time.sleep(0.2)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def prefect_server(home: Path, env: dict[str, str]):
+    """`prefect server start` on env's PREFECT_SERVER_API_PORT (127.0.0.1, Prefect's default), until the
+    block ends; its log in `home`."""
+    log = home / "server.log"
+    proc = started([sys.executable, "-m", "prefect", "server", "start"], env | SERVER, log)
+    try:
+        wait_for(lambda: answers(env["PREFECT_API_URL"] + "/health"), "prefect server", proc, log, 300)
+        yield
+    finally:
+        stop(proc)
+
+
+class Listener:
+    """A webhook on loopback: each request's body, in order of arrival."""
+
+    def __init__(self):
+        self.got: queue.Queue[str] = queue.Queue()
+        got = self.got
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.put(self.rfile.read(int(self.headers.get("content-length", 0))).decode())
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout: float = 240) -> str:
+        """The next request's body, as soon as it arrives."""
+        try:
+            return self.got.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no request reached {self.url} within {timeout} s") from None
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
+def listener():
+    hook = Listener()
+    yield hook
+    hook.server.shutdown()
+
+
+PICKLE = re.compile(rb"\x80[\x02-\x05]")  # the opcode that starts a pickle of protocol 2 to 5
+
+
+def pickled(data: bytes) -> bool:
+    """Whether `data` holds a pickle: raw at its start, or base64-encoded anywhere in a text file (how Prefect
+    keeps one in a result record), or a record whose serializer is pickle. It is never unpickled."""
+    if PICKLE.match(data) or b'"pickle"' in data or b"cloudpickle" in data:
+        return True
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return False
+    return any(PICKLE.match(base64.b64decode(t[:4])) for t in re.findall(r"[A-Za-z0-9+/]{4,}", text))
+
+
+def test_the_pickle_check_finds_pickles_raw_and_base64_inside_json():
+    import pickle
+
+    blob = pickle.dumps(ValueError("x"), protocol=5)
+    assert pickled(blob) and pickled(json.dumps({"result": base64.b64encode(blob).decode()}).encode())
+    assert not pickled(b'{"__exc_type__": "builtins.ValueError", "message": "too few for batch"}')
+
+
+def no_pickles(home: Path) -> None:
+    """Nothing under `home` is a pickle, and Prefect stored something there (else this checks nothing)."""
+    written = [f for f in home.rglob("*") if f.is_file()]
+    assert any("storage" in f.parts for f in written), "Prefect stored nothing: the check checks nothing"
+    assert [f for f in written if pickled(f.read_bytes())] == []
+
+
+def fails_and_notifies(stack: Stack, listener: Listener) -> None:
+    """A scheduled retrain on a corpus too small for the batch: Failed, reported to the webhook, no pickle."""
+    texts = stack.corpus(f"tiny-{time.monotonic_ns()}", "abc\n" * 5)
+    run = flow_run(stack, DEPLOYMENTS[1], {"data_dir": str(texts)}, lambda r: r["state_type"] in ENDED)
+    assert run["state_type"] == "FAILED", run["state"]
+    said = json.loads(listener.next())["text"]
+    assert f"scheduled retrain {run['name']} ended Failed" in said and "too few for batch" in said, said
+    assert "char-rnn-pipeline/scheduled-retrain" in said and f"/runs/flow-run/{run['id']}" in said, said
+    no_pickles(stack.home)
+
+
+def user_env(home: Path, port: int) -> dict[str, str]:
+    """A shell with only Prefect's variables (their home under `home`) and CHAR_RNN_HOME: the pull step has
+    to give the worker's flow runs the project's other homes. HOME is empty and must stay so."""
+    (home / "user-home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CHAR_RNN_", "BENTOML_"))}
+    env = {k: v for k, v in env.items() if k not in ("MPLCONFIGDIR", "UV_CACHE_DIR")}
+    env |= {
+        "HOME": str(home / "user-home"),
+        "CHAR_RNN_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+    }
+    env |= {"PREFECT_SERVER_API_PORT": str(port), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    return env | settings.TELEMETRY_OFF | {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def python(env: dict[str, str], *args: str) -> str:
+    """`python ARGS` from the checkout, which must succeed; its output."""
+    done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="class")
+def pool(tmp_path_factory) -> Stack:
+    """docs/pipeline.md's path: `prefect work-pool create`, `prefect deploy --all`, `prefect worker start`, on
+    a server of its own (flows.serve's deployments below have the same names), stopped after its class."""
+    home = tmp_path_factory.mktemp("work-pool")
+    env = user_env(home, free_port())
+    with prefect_server(home, env):
+        python(env, "-m", "prefect", "work-pool", "create", "char-rnn", "--type", "process")
+        python(env, "-m", "prefect", "--no-prompt", "deploy", "--all")
+        log = home / "worker.log"
+        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "char-rnn"]
+        worker = started(cmd, env | {"PREFECT_WORKER_QUERY_SECONDS": "1"}, log, home)
+        try:
+            yield Stack(home, env, env["PREFECT_API_URL"], log)
+        finally:
+            stop(worker)
+
+
+class TestPrefectDeployToAWorkPool:
+    def test_prefect_deploy_made_what_prefect_yaml_says_and_flows_serve_serves_the_same(self, pool):
+        specs = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        served = serve.deployments({})
+        assert len(specs) == len(served) == len(DEPLOYMENTS)
+        for name, spec, runner in zip(DEPLOYMENTS, specs, served, strict=True):
+            made = api(pool, "GET", f"/deployments/name/{name}")
+            assert made["entrypoint"] == spec["entrypoint"] == runner.entrypoint, name
+            assert made["parameters"] == spec["parameters"] == runner.parameters, name
+            assert made["tags"] == spec["tags"] == runner.tags and made["work_pool_name"] == "char-rnn", name
+            assert made["global_concurrency_limit"]["limit"] == 1 == runner.concurrency_limit, name
+            assert made["pull_steps"][0] == {
+                "prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}
+            }
+            strategy = (made["concurrency_options"] or {}).get("collision_strategy")
+            runner_strategy = runner.concurrency_options and runner.concurrency_options.collision_strategy
+            assert strategy == (runner_strategy and runner_strategy.value), name
+            assert [s["schedule"].get("interval") for s in made["schedules"]] == [
+                s.schedule.interval.total_seconds() for s in runner.schedules
+            ]
+        retrain = api(pool, "GET", f"/deployments/name/{DEPLOYMENTS[1]}")
+        assert retrain["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+        assert (
+            retrain["parameters"] == {"only_if_changed": True}
+            and retrain["schedules"][0]["schedule"]["interval"] == 3600
+        )
+        (auto,) = api(pool, "POST", "/automations/filter")  # made by prefect.yaml's build step
+        assert auto["name"] == automations.NAME and auto["actions"] == [{"type": "do-nothing"}]
+
+    def test_each_deployment_completes_through_a_process_worker(self, pool, small_text):
+        texts = pool.corpus("each", small_text[:8000])
+        tiny = {k: int(v) for k, v in TINY.items()} | {"data_dir": str(texts)}
+        grid = {"hidden": [16], "batch": [4], "seq": [16], "lr": [0.003, 0.01]}
+        sweep = {"data_dir": str(texts), "space": grid, "trials": 2, "steps": 40, "checkpoint_every": 20}
+        params = (tiny, tiny, sweep | {"local_workers": 2})
+        ids = {}
+        for name, p in zip(DEPLOYMENTS, params, strict=True):  # all three at once, on the one worker
+            dep = api(pool, "GET", f"/deployments/name/{name}")
+            ids[name] = api(pool, "POST", f"/deployments/{dep['id']}/create_flow_run", parameters=p)["id"]
+        for name, run_id in ids.items():
+            run = wait_run(pool, run_id, lambda r: r["state_type"] in ENDED, 600)
+            assert run["state_type"] == "COMPLETED", f"{name}: {run['state']}\n{pool.explain_log()}"
+        assert pool.promoted()
+        # the worker had no BENTOML_HOME: its runs used CHAR_RNN_HOME/bentoml (the pull step), not ~/bentoml
+        assert sorted((pool.home / "user-home").rglob("*")) == []
+
+    def test_a_failed_scheduled_retrain_notifies_the_webhook_and_leaves_no_pickle(self, pool, listener):
+        python(pool.env, "-m", "flows.automations", "--notify", listener.url)
+        (auto,) = api(pool, "POST", "/automations/filter")
+        assert [a["type"] for a in auto["actions"]] == ["send-notification"]
+        fails_and_notifies(pool, listener)
+        assert sorted((pool.home / "user-home").rglob("*")) == []
+
+
+RETRY = {429, 502, 503}  # what Prefect's own client retries: a busy server's "database is locked" is a 503
+ENDED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def api(stack: Stack, method: str, path: str, **body: object) -> object:
+    """A call to the stack's Prefect REST API, retried as Prefect's client does; the decoded answer."""
+    for wait in (0.5, 1, 2, 4, 8, 0):
+        r = httpx.request(method, f"{stack.url}{path}", json=body or None, timeout=30, trust_env=False)
+        if r.status_code not in RETRY or not wait:
+            break
+        time.sleep(wait)
+    r.raise_for_status()
+    return r.json() if r.content else None
+
+
+def wait_run(stack: Stack, run_id: str, until, timeout: float = 300) -> dict:
+    """Flow run `run_id` once `until(run)` is true."""
+    end = time.monotonic() + timeout
+    while not until(run := api(stack, "GET", f"/flow_runs/{run_id}")):
+        assert time.monotonic() < end, f"{run['name']} stayed {run['state']['name']}:\n{stack.explain_log()}"
+        time.sleep(0.5)
+    return run
+
+
+def flow_run(stack: Stack, deployment: str, params: dict, until, timeout: float = 300) -> dict:
+    """Start a run of `deployment` through the API; its state once `until(run)` is true."""
+    dep = api(stack, "GET", f"/deployments/name/{deployment}")
+    run = api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", parameters=params)
+    return wait_run(stack, run["id"], until, timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, listener) -> Stack:
+    """A server and `python -m flows.serve --notify <the listener>`, with the project's environment."""
     home = tmp_path_factory.mktemp("deployments")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -88,29 +328,23 @@ def stack(tmp_path_factory) -> Stack:
         "PREFECT_API_URL": url,
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "OPENBLAS_NUM_THREADS": "1",
-        "PYTHON": sys.executable,
     }
-    script = [str(ROOT / "scripts" / "prefect-server.sh")]
     log = home / "serve.log"
-    serve = None
-    try:
-        started = subprocess.run([*script, "start"], env=env, timeout=180, capture_output=True, text=True)
-        assert started.returncode == 0, f"prefect server did not start:\n{started.stdout}\n{started.stderr}"
-        with open(log, "w") as out:
-            serve = subprocess.Popen(
-                [sys.executable, "-m", "flows.serve", "--cron", "0 0 1 1 *"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for_deployments(url, serve, log)
-        yield Stack(home, env, url, log)
-    finally:
-        if serve is not None:
-            stop(serve)
-        subprocess.run([*script, "stop"], env=env, timeout=60, capture_output=True)
+    with prefect_server(home, env):
+        cmd = [sys.executable, "-m", "flows.serve", "--cron", "0 0 1 1 *", "--notify", listener.url]
+        runner = started(cmd, env, log)
+        try:
+            for name in DEPLOYMENTS:
+                wait_for(lambda n=name: answers(f"{url}/deployments/name/{n}"), name, runner, log, 90)
+            yield Stack(home, env, url, log)
+        finally:
+            stop(runner)
+
+
+def test_a_failed_retrain_through_flows_serve_notifies_the_webhook_and_leaves_no_pickle(stack, listener):
+    (auto,) = api(stack, "POST", "/automations/filter")  # flows.serve made it, with --notify's target
+    assert auto["name"] == automations.NAME and [a["type"] for a in auto["actions"]] == ["send-notification"]
+    fails_and_notifies(stack, listener)
 
 
 def test_on_demand_deployment_trains_and_promotes(stack, small_text):
@@ -164,39 +398,15 @@ def test_sweep_deployment_trains_trials_on_dask_and_judges_the_winner(stack, sma
     print(f"char-rnn-sweep/on-demand, wall seconds through `prefect deployment run --watch`: {seconds:.1f}")
 
 
-RETRY = {429, 502, 503}  # what Prefect's own client retries: a busy server's "database is locked" is a 503
-
-
-def api(stack: Stack, method: str, path: str, **body: object) -> object:
-    """A call to the stack's Prefect REST API, retried as Prefect's client does; the decoded answer."""
-    for wait in (0.5, 1, 2, 4, 8, 0):
-        r = httpx.request(method, f"{stack.url}{path}", json=body or None, timeout=30, trust_env=False)
-        if r.status_code not in RETRY or not wait:
-            break
-        time.sleep(wait)
-    r.raise_for_status()
-    return r.json() if r.content else None
-
-
-def flow_run(stack: Stack, deployment: str, params: dict, until, timeout: float = 300) -> dict:
-    """Start a run of `deployment` through the API; its state once `until(run)` is true."""
-    dep = api(stack, "GET", f"/deployments/name/{deployment}")
-    run = api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", parameters=params)
-    end = time.monotonic() + timeout
-    while not until(run := api(stack, "GET", f"/flow_runs/{run['id']}")):
-        assert time.monotonic() < end, f"{run['name']} stayed {run['state']['name']}:\n{stack.explain_log()}"
-        time.sleep(0.5)
-    return run
-
-
 def test_the_ui_calls_the_api_on_the_port_the_server_moved_to(stack):
-    """PREFECT_SERVER_API_PORT (scripts/prefect-server.sh) moves the API and the address the UI calls."""
+    """PREFECT_SERVER_API_PORT (Prefect's own setting) moves the API and the address the UI calls."""
     ui = stack.url.removesuffix("/api")
     assert httpx.get(f"{ui}/ui-settings", trust_env=False).json()["api_url"] == stack.url
 
 
 def test_a_schedule_gets_two_future_runs_not_an_hours_worth(stack):
-    """Prefect's scheduler creates an hour's worth of runs at least (60 for a 60 s interval) unless told."""
+    """Prefect's scheduler creates an hour's worth of runs at least (60 for a 60 s interval) unless told
+    (PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS, which `make run` sets as SERVER here does)."""
     code = (
         "from datetime import timedelta; from flows.pipeline import pipeline; "
         "print(pipeline.to_deployment('schedule-check', interval=timedelta(seconds=60)).apply())"
@@ -312,7 +522,8 @@ def test_killed_flow_resumes_from_its_last_checkpoint(stack, small_text):
 def test_retrain_schedule_from_the_command_line_else_the_environment(monkeypatch):
     monkeypatch.delenv("CHAR_RNN_RETRAIN_CRON", raising=False)
     monkeypatch.delenv("CHAR_RNN_RETRAIN_INTERVAL", raising=False)
-    assert serve.timing(None, None, settings.load()) == {"interval": timedelta(hours=1)}
+    assert serve.timing(None, None, settings.load()) == {}  # prefect.yaml's: hourly
+    assert serve.deployments({})[1].schedules[0].schedule.interval == timedelta(hours=1)
     monkeypatch.setenv("CHAR_RNN_RETRAIN_INTERVAL", "600")
     assert serve.timing(None, None, settings.load()) == {"interval": timedelta(minutes=10)}
     monkeypatch.setenv("CHAR_RNN_RETRAIN_CRON", "0 3 * * *")
@@ -331,6 +542,7 @@ def test_retrain_schedule_from_the_command_line_else_the_environment(monkeypatch
         ([], {"CHAR_RNN_RETRAIN_CRON": "every day"}, "'every day' is not a valid cron expression"),
         ([], {"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "no Prefect server answers at PREFECT_API_URL="),
         (["--param", "steps=0"], {}, "steps"),
+        (["--notify", "ops team"], {}, "argument --notify: 'ops team': expected an http(s):// URL or BLOCK"),
     ],
 )
 def test_serve_refuses_bad_options_in_one_line(args, env, message):

@@ -1,20 +1,21 @@
 """The two commands as a newcomer meets them: `make install` with Debian's own Python (PEP 668: pip may not
-install into it), and `make run` in a terminal (a pseudo-terminal here): the training as one updating line,
-a second run that says it reuses the promoted model, and Ctrl-C that stops everything with status 0."""
+install into it), and `make run` in a terminal (a pseudo-terminal here) on their own folder of text, typed as
+the README says (`CHAR_RNN_DATA=~/my-texts make run`): "Everything is up" before the training starts, the
+training as one updating line, a second run that says it reuses the promoted model, a third that asks for more
+steps and trains, and Ctrl-C (or a TERM) that stops everything with status 0."""
 
 import contextlib
 import os
-import pty
 import shutil
 import signal
 import subprocess
-import termios
-import threading
 import time
 from pathlib import Path
 
+import httpx
+import pty_terminal
 import pytest
-from conftest import free_port
+from conftest import UV_CACHE, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = Path("/usr/bin/python3")
@@ -47,10 +48,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def uv_cache() -> dict[str, str]:
-    """UV_CACHE_DIR of the uv at hand, so that a HOME of the test's own still installs from the cache."""
-    uv = shutil.which("uv")
-    found = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True) if uv else None
-    return {"UV_CACHE_DIR": found.stdout.strip()} if found and found.returncode == 0 else {}
+    """The uv cache `make test` installed from (conftest keeps it), so that a HOME of the test's own still
+    installs from that cache."""
+    return {"UV_CACHE_DIR": UV_CACHE}
 
 
 def test_make_install_bootstraps_uv_without_touching_debians_python(debian_python, tmp_path):
@@ -91,49 +91,21 @@ def test_make_install_bootstraps_uv_without_touching_debians_python(debian_pytho
     assert sorted(home.rglob("*")) == [], "something was written under ~"
 
 
-class Terminal:
+class Terminal(pty_terminal.Terminal):
     """`make run` in a pseudo-terminal of its own session: what it shows, and Ctrl-C as a user types it."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], command: tuple[str, ...] = ("make", "run")):
+        super().__init__(list(command), env, rows=40, cols=120)
         self.env = env
-        self.master, slave = pty.openpty()
-        termios.tcsetwinsize(slave, (40, 120))
-        # A session whose controlling terminal is the pty, with SIGINT at its default as a terminal's shell
-        # leaves it: a test run started in the background (`make test &` from a script) would pass it on
-        # ignored, and a script cannot trap a signal ignored on entry.
-        self.proc = subprocess.Popen(
-            ["setsid", "--ctty", "env", "--default-signal=INT", "make", "run"],
-            cwd=ROOT,
-            env=env,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-        )
-        os.close(slave)
-        self.output = b""
-        self.reader = threading.Thread(target=self.read, daemon=True)
-        self.reader.start()
 
-    def read(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.master, 65536)
-            except OSError:  # the other side closed
-                return
-            if not chunk:
-                return
-            self.output += chunk
-
-    @property
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
-
-    def wait_for(self, what: str, timeout: float) -> None:
+    def wait_for(self, what: str, timeout: float) -> float:
+        """The time (time.monotonic) `what` was first seen on the screen, waiting for it."""
         end = time.monotonic() + timeout
         while what not in self.text:
             assert self.proc.poll() is None, f"make run ended ({self.proc.returncode}):\n{self.text[-5000:]}"
             assert time.monotonic() < end, f"no {what!r} within {timeout:.0f} s:\n{self.text[-5000:]}"
-            time.sleep(0.2)
+            time.sleep(0.1)
+        return time.monotonic()
 
     def ctrl_c(self) -> int:
         os.write(self.master, b"\x03")
@@ -171,44 +143,59 @@ def ppid(pid: int) -> int:
         return 0
 
 
-def test_make_run_trains_on_one_line_then_reuses_and_ctrl_c_says_goodbye(tmp_path, small_text):
-    corpus, home, user = tmp_path / "corpus", tmp_path / "home", tmp_path / "user-home"
-    corpus.mkdir()
-    user.mkdir()
-    (corpus / "a.txt").write_text(small_text, encoding="utf-8")
+def lines_of(shown: str) -> list[str]:
+    return shown.replace("\r\n", "\n").split("\n")
+
+
+def index(lines: list[str], text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_make_run_on_my_texts_is_up_first_trains_on_one_line_reuses_and_trains_more(tmp_path, small_text):
+    home, user = tmp_path / "home", tmp_path / "user-home"
+    texts = user / "my-texts"
+    texts.mkdir(parents=True)
+    mine = small_text + "Ω marks this text as the user's own.\n"
+    (texts / "mine.txt").write_text(mine, encoding="utf-8")
     env = clean_env(
         CHAR_RNN_HOME=str(home),
-        CHAR_RNN_DATA=str(corpus),
         PREFECT_SERVER_API_PORT=str(free_port()),
         CHAR_RNN_PORT=str(free_port()),
-        STEPS="800",
+        STEPS="400",
         HIDDEN="32",
         HOME=str(user),
         TERM="xterm",
         **uv_cache(),
     )
-    first = Terminal(env)
+    # As the README's first screen has it: the shell expands the ~.
+    first = Terminal(env, ("bash", "-c", "CHAR_RNN_DATA=~/my-texts exec make run"))
     try:
-        first.wait_for("Everything is up", 600)
+        started = first.wait_for("Starting the service", 600)  # after `make install`
+        up = first.wait_for("Everything is up", 180)
+        first.wait_for("The service serves the promoted model", 600)
+        served = httpx.post(f"http://127.0.0.1:{env['CHAR_RNN_PORT']}/model_info", json={}, timeout=10).json()
     finally:
         code = first.ctrl_c()
     shown = first.text
-    lines = shown.split("\n")
-    trained = next(line for line in lines if "] 800/800 loss " in line)
-    assert code == 0 and lines[-1].strip() == "" and "Bye." in lines[-2] and "Error" not in shown, shown[
-        -3000:
-    ]
-    assert trained.count("\r  [") >= 2, "the training is not one line updated in place"
-    order = ["Corpus ", "Training from scratch", "] 800/800 loss ", "Candidate: ", "Promoted char-rnn:"]
-    assert [next(i for i, line in enumerate(lines) if s in line) for s in order] == sorted(
-        next(i for i, line in enumerate(lines) if s in line) for s in order
+    lines = lines_of(shown)
+    assert code == 0 and lines[-1].strip() == "" and "Bye." in lines[-2], shown[-3000:]
+    assert "Error" not in shown and up - started < 120, (
+        f"Everything is up {up - started:.0f} s after the start"
     )
-    assert len(lines) < 40 and "prefect.artifact" not in shown and "export PREFECT_API_URL" not in shown
+    assert f"Corpus {texts}: 1 file(s)" in shown and sorted(texts.iterdir()) == [texts / "mine.txt"]
+    assert "Ω" in served["vocab"] and served["train"]["steps"] == 400  # the model learnt the user's text
+    trained = next(line for line in lines if "] 400/400 loss " in line)
+    assert trained.count("\r  [") >= 2, "the training is not one line updated in place"
+    order = ["Everything is up", "Corpus ", "Training from scratch", "] 400/400 loss ", "Candidate: "]
+    order += ["Promoted char-rnn:", "The service serves the promoted model"]
+    assert [index(lines, s) for s in order] == sorted(index(lines, s) for s in order), shown[-3000:]
+    assert len(lines) < 45 and "prefect.artifact" not in shown and "export PREFECT_API_URL" not in shown
     assert started_under(home) == {}, "a process make run started is still running"
 
+    env["CHAR_RNN_DATA"] = str(texts)
     second = Terminal(env)
     try:
-        second.wait_for("Starting the service", 600)  # Ctrl-C while the service starts
+        second.wait_for("Reusing the promoted model", 600)
     finally:
         code = second.ctrl_c()
     shown = second.text
@@ -216,28 +203,33 @@ def test_make_run_trains_on_one_line_then_reuses_and_ctrl_c_says_goodbye(tmp_pat
     assert "Reusing the promoted model: corpus unchanged since char-rnn:" in shown and "Training" not in shown
     assert started_under(home) == {}, "a process make run started is still running"
 
-    # Without a terminal (a supervisor, `timeout`, nohup), a TERM to the script stops everything too: a wait
-    # in one foreground job for good held it off while everything was up
+    # More steps than the promoted model learnt: this run trains (continuing it) instead of reusing it. And
+    # without a terminal (a supervisor, `timeout`, nohup), a TERM to the script stops everything at once, also
+    # while that training runs (the script waits for it a second at a time, never in one foreground job).
     log = tmp_path / "no-tty.log"
     with log.open("wb") as out:
         make = subprocess.Popen(
-            ["make", "run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True,
+            ["make", "run"], cwd=ROOT, env=env | {"STEPS": "20000"}, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=out, start_new_session=True,
         )  # fmt: skip
     try:
-        end = time.monotonic() + 600
-        while "Everything is up" not in log.read_text(errors="replace"):
+        end = time.monotonic() + 900
+        while "Training warm-started from char-rnn:" not in log.read_text(errors="replace"):
             assert make.poll() is None and time.monotonic() < end, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
         script = next(p for p, cmd in started_under(home).items() if ppid(p) == make.pid and "run.sh" in cmd)
         os.kill(script, signal.SIGTERM)
-        make.wait(60)
+        make.wait(30)
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
             for pid in started_under(home):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-    assert "Bye." in log.read_text(errors="replace")
+    shown = log.read_text(errors="replace")
+    assert "Bye." in shown and "Reusing" not in shown
+    assert "it learnt 400 steps in all, 19600 short of the 20000 asked" in shown, shown[-3000:]
+    assert "gru 2x32, 19600 steps (" in shown
     assert started_under(home) == {}, "a process make run started is still running"
-    assert sorted(user.rglob("*")) == [], "something was written under ~"
+    assert sorted(user.rglob("*")) == [texts, texts / "mine.txt"], "something was written under ~"
+    assert (texts / "mine.txt").read_text(encoding="utf-8") == mine

@@ -1,9 +1,14 @@
 """The playground page in a real browser: Debian's headless Chromium (/usr/bin/chromium, which `make test`
-installs when missing) driven by Playwright, against a real `bentoml serve` that wants an API key. Screenshots
-of each state are saved under the test's tmp folder (`screenshots/`)."""
+installs when missing) driven by Playwright, against a real `bentoml serve` (one that wants an API key; one
+that starts with no model while a real pipeline run trains its first). Screenshots of each state are saved
+under the test's tmp folder (`screenshots/`)."""
 
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +17,8 @@ from playwright.sync_api import Page, expect, sync_playwright
 from test_service import EXTRA, tiny_checkpoint
 from test_service_http import promote, running, server_env
 
+ROOT = Path(__file__).resolve().parent.parent
+CHAR_RNN = str(Path(sys.executable).parent / "char-rnn")  # the venv's, on PATH or not
 CHROMIUM = Path("/usr/bin/chromium")  # Playwright's own browser download cannot be reached from here
 FLAGS = [
     "--headless",
@@ -103,10 +110,11 @@ def test_playground_in_a_real_browser(served, browser_page: Page, tmp_path):
     page.fill("#seed", "7")
     page.evaluate(WATCH_GROWTH)  # in the page: a stream may end before a poll from here sees it grow
     page.click("#generate")
-    end = time.monotonic() + 60
-    while time.monotonic() < end and "characters in" not in (page.locator("#status").text_content() or ""):
-        if len(page.locator(".generated").text_content() or "") and not (shots / "03-streaming.png").exists():
-            page.screenshot(path=shots / "03-streaming.png")
+    # The shot as soon as the page shows some text (a poll from here can miss a short stream's middle; the
+    # page's own record of it, above, does not), then the end of the stream.
+    page.wait_for_function("() => window.seenLengths.some((n) => n > 0)", timeout=60_000)
+    page.screenshot(path=shots / "03-streaming.png")
+    expect(page.locator("#status")).to_contain_text("characters in", timeout=60_000)
     lengths = page.evaluate("window.seenLengths")
     text = page.locator(".generated").text_content()
     partial = sorted(set(lengths) - {0, len(text)})
@@ -164,3 +172,83 @@ def test_playground_in_a_real_browser(served, browser_page: Page, tmp_path):
     assert [u for u in requests if not u.startswith(base + "/")] == []  # nothing from any other host
     assert complaints == []
     assert len(list(shots.glob("*.png"))) == 9
+
+
+def progress_of(runs: Path) -> dict:
+    """The newest run's progress.json under `runs` (empty while there is none, or while it is replaced)."""
+    found = sorted(runs.glob("run-*/progress.json"))
+    try:
+        return json.loads(found[-1].read_text()) if found else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def test_the_first_runs_progress_shows_live_and_the_page_switches_to_its_model(
+    tmp_path, small_text, browser_page: Page
+):
+    """No model yet: the page shows the pipeline run's training as it goes (from the run folder's
+    progress.json, through POST /training), then uses the model the moment it is promoted, with no reload."""
+    home, corpus, shots = tmp_path / "char-rnn-home", tmp_path / "corpus", tmp_path / "screenshots"
+    home.mkdir()
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(small_text * 3, encoding="utf-8")
+    env = server_env(home)
+    page = browser_page
+    loads = []
+    page.on("load", lambda _: loads.append(1))
+    with running(env, home / "server.log") as live:
+        page.goto(str(live.client.base_url).rstrip("/") + "/")
+        expect(page.locator("#no-model")).to_contain_text("no model has been promoted yet")
+        expect(page.locator("#training")).to_be_hidden()
+        page.screenshot(path=shots / "10-no-model.png")
+        small = [
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--batch",
+            "8",
+            "--seq",
+            "32",
+            "--checkpoint-every",
+            "100",
+        ]
+        cmd = [CHAR_RNN, "pipeline", "--data", str(corpus), "--steps", "3000", *small]
+        with open(tmp_path / "pipeline.log", "wb") as out:
+            run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+        try:
+            # Hold the training still once its progress has a curve and a validation point, then look.
+            end = time.monotonic() + 300
+            while len((p := progress_of(home / "runs")).get("train", [])) < 3 or not p.get("val"):
+                assert run.poll() is None, (tmp_path / "pipeline.log").read_text()[-3000:]
+                assert time.monotonic() < end, "the run wrote no progress"
+                time.sleep(0.05)
+            os.killpg(run.pid, signal.SIGSTOP)
+            step = progress_of(home / "runs")["step"]
+            assert 0 < step < 3000
+            expect(page.locator("#training")).to_have_attribute("data-state", "training")
+            expect(page.locator("#train-step")).to_have_text(f"{step} / 3000")
+            expect(page.locator("#train-eta")).to_have_text(re.compile(r"^\d+ (s|min \d\d s)$"))
+            expect(page.locator("#train-val")).to_have_text(re.compile(r"^\d+\.\d{3} nats/char$"))
+            expect(page.locator("#train-curve polyline.train")).to_have_count(1)
+            expect(page.locator("#train-curve circle.val")).not_to_have_count(0)
+            expect(page.locator("#no-model")).to_contain_text("The first model is training")
+            page.screenshot(path=shots / "11-training.png", full_page=True)
+            os.killpg(run.pid, signal.SIGCONT)
+            assert run.wait(600) == 0, (tmp_path / "pipeline.log").read_text()[-3000:]
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        tag = live.client.post("/model_info").json()["model"]
+        expect(page.locator("#model-tag")).to_have_text(tag)  # switched, with no reload
+        expect(page.locator("#no-model")).to_be_hidden()
+        expect(page.locator("#training")).to_have_attribute("data-state", "promoted")
+        expect(page.locator("#train-state")).to_contain_text(f"promoted as {tag}")
+        expect(page.locator("#train-step")).to_have_text("3000 / 3000")
+        page.screenshot(path=shots / "12-switched.png", full_page=True)
+        assert loads == [1], "the page was reloaded"
+        page.fill("#max_new_chars", "40")
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("40 characters in")
+        expect(page.locator("#status")).to_contain_text(tag)

@@ -468,7 +468,8 @@ print("declared", service.CharRNN.name, sorted(service.CharRNN.apis))
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "declared char_rnn ['generate', 'generate_stream', 'model_info', 'models']" in out.stdout
+    declared = "['generate', 'generate_stream', 'model_info', 'models', 'training']"
+    assert f"declared char_rnn {declared}" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -488,5 +489,5 @@ def test_the_metrics_need_the_metrics_key_else_the_api_key_else_none(
     got = service.keys()
     assert (got["/metrics"] and got["/metrics"].secret) == needed
     assert {route: key and key.secret for route, key in got.items() if route != "/metrics"} == dict.fromkeys(
-        ("/generate", "/generate_stream", "/model_info", "/models"), api_key
+        ("/generate", "/generate_stream", "/model_info", "/models", "/training"), api_key
     )

@@ -66,3 +66,63 @@ def test_service_refuses_a_bentoml_that_chose_its_home_under_the_user_home(tmp_p
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert r.returncode != 0 and "BENTOML_HOME is not set" in r.stderr and "char-rnn serve" in r.stderr
+
+
+OWN_API = 'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_API_URL = "http://10.0.0.5:4200/api"\n'
+
+
+@pytest.mark.parametrize(
+    "profiles,env,own",
+    [
+        (None, {}, False),
+        (
+            'active = "ephemeral"\n[profiles.ephemeral]\nPREFECT_SERVER_EPHEMERAL_ENABLED = "true"\n',
+            {},
+            False,
+        ),
+        ("this is not TOML", {}, False),
+        (OWN_API, {}, True),  # `prefect config set PREFECT_API_URL=...`
+        ('active = "work"\n[profiles.work]\n', {}, True),  # `prefect profile use work`
+        (None, {"PREFECT_PROFILE": "work"}, True),
+        (OWN_API, {"PREFECT_PROFILES_PATH": "/nonexistent/profiles.toml"}, False),
+    ],
+)
+def test_a_prefect_profile_of_the_users_own_is_told_from_prefects_default(
+    monkeypatch, tmp_path, profiles, env, own
+):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    if profiles is not None:
+        (tmp_path / ".prefect").mkdir()
+        (tmp_path / ".prefect" / "profiles.toml").write_text(profiles)
+    assert settings.own_prefect_profile() is own
+
+
+CONFIGURED = (
+    "import os, settings; os.environ.update(settings.configure()); "
+    "from prefect.settings import get_current_settings as current; print(current().home, current().api.url)"
+)
+
+
+@pytest.mark.parametrize("profile", [False, True])
+def test_prefect_uses_the_users_profile_and_home_else_one_under_char_rnn_home(tmp_path, profile):
+    user = tmp_path / "user"
+    user.mkdir()
+    if profile:
+        (user / ".prefect").mkdir()
+        (user / ".prefect" / "profiles.toml").write_text(OWN_API)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BENTOML_", "CHAR_RNN_"))}
+    env |= {"HOME": str(user), "CHAR_RNN_HOME": str(tmp_path / "h"), "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    r = subprocess.run(
+        [sys.executable, "-c", CONFIGURED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    home, url = r.stdout.split()
+    if profile:
+        assert (home, url) == (str(user / ".prefect"), "http://10.0.0.5:4200/api")
+    else:
+        assert (home, url) == (str(tmp_path / "h" / "prefect"), "None")
+        assert sorted(user.rglob("*")) == []  # nothing written outside CHAR_RNN_HOME

@@ -1,6 +1,7 @@
 // The char-rnn playground: calls this service's own API (same origin) with fetch; nothing else is loaded.
 // POST /model_info (header), /generate_stream (one sample, server-sent events read from a ReadableStream),
-// /generate (several samples side by side), /models (the models view). The API key, when the service wants
+// /generate (several samples side by side), /models (the models view), /training (polled: the newest run's
+// progress, and the served model, so that the page switches to a newly promoted model without a reload). The API key, when the service wants
 // one, is kept in sessionStorage: this tab only.
 "use strict";
 
@@ -263,12 +264,11 @@ function ticks(lo, hi) {
   return found;
 }
 
-function drawCurve(curve) {
-  const plot = $("curve");
+function drawCurve(curve, plot = $("curve"), empty = "no loss history in the served model's checkpoint") {
   plot.replaceChildren();
   const points = curve ? [...curve.train, ...curve.val] : [];
   if (!points.length) {
-    plot.append(svg("text", { x: 20, y: 40 }, "no loss history in the served model's checkpoint"));
+    plot.append(svg("text", { x: 20, y: 40 }, empty));
     return;
   }
   const [W, H, L, R, T, B] = [720, 300, 56, 16, 12, 36];
@@ -350,6 +350,70 @@ function show(tab) {
   if (models) loadModels();
 }
 
+// ---- the newest run's training, live ----
+
+let watched = null; // the run this page has seen training
+let polling = null; // the timer of the next poll
+
+function duration(seconds) {
+  if (seconds == null) return "…";
+  const s = Math.round(seconds);
+  return s < 60 ? `${s} s` : `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+}
+
+function stateLine(t) {
+  return {
+    training: `training${t.warm_start ? `, continuing ${t.warm_start}` : " a new model"}`,
+    trained: "trained: being scored against the served model",
+    promoted: `promoted as ${t.tag}, which this page now uses`,
+    kept: `not promoted: ${t.reason}`,
+    failed: `failed: ${t.reason}`,
+    stopped: "stopped: the process that trained it is gone",
+  }[t.state];
+}
+
+function showTraining(t, shown) {
+  $("training").hidden = !shown;
+  if (!shown) return;
+  const fixed = (v) => (v == null ? "…" : `${v.toFixed(3)} nats/char`);
+  $("training").dataset.state = t.state;
+  $("train-run").textContent = t.run;
+  $("train-state").textContent = stateLine(t);
+  $("train-bar").value = t.steps ? t.step / t.steps : 0;
+  $("train-step").textContent = `${t.step} / ${t.steps}`;
+  $("train-loss").textContent = fixed(t.loss);
+  $("train-val").textContent = fixed(t.val_loss);
+  $("train-speed").textContent = t.chars_per_s == null ? "…" : `${Math.round(t.chars_per_s).toLocaleString("en")} chars/s`;
+  $("train-eta").textContent = t.state === "training" ? duration(t.eta_s) : "—";
+  $("train-why").textContent = t.why ? `${t.step === t.steps ? "Trained" : "Trains"} ${t.steps} steps: ${t.why}.` : "";
+  drawCurve({ train: t.train, val: t.val }, $("train-curve"), "no step yet");
+  const first = servedTag === null && ["training", "trained"].includes(t.state);
+  $("no-model").classList.toggle("waiting", first);
+  if (first) $("no-model").textContent = "The first model is training (below); this page switches to it once it is promoted.";
+}
+
+/** Poll POST /training: every second while a run trains, else every few seconds; stops when a key is needed. */
+async function pollTraining() {
+  clearTimeout(polling);
+  let t;
+  try {
+    const r = await post("/training");
+    if (!r.ok) throw new Error(`the service answered ${r.status}`);
+    t = await r.json();
+  } catch (e) {
+    if (!(e instanceof KeyNeeded)) polling = setTimeout(pollTraining, 5000);
+    return;
+  }
+  if (t.serving !== servedTag) {
+    await loadInfo(); // a newly promoted model (or a rollback): switch to it
+    if (!$("models").hidden) loadModels();
+  }
+  const live = t.state === "training" || t.state === "trained";
+  if (live) watched = t.run;
+  showTraining(t, live || (t.run !== null && t.run === watched));
+  polling = setTimeout(pollTraining, live ? 1000 : 3000);
+}
+
 // ---- wiring ----
 
 $("gen-form").addEventListener("submit", (e) => {
@@ -372,10 +436,10 @@ $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
   sessionStorage.setItem(KEY, $("key").value.trim());
   $("key-form").hidden = true;
-  loadInfo();
+  loadInfo().finally(pollTraining);
   if (!$("models").hidden) loadModels();
 });
 
 markPrompt();
-loadInfo();
+loadInfo().finally(pollTraining);
 if (location.hash === "#models") show("models");
