@@ -154,7 +154,13 @@ def command() -> str:
     args = ["python", *sys.argv]
     try:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
-        if parent and Path(parent[0]).name == "uv" and "run" in parent[1:3]:
+        ours = Path(sys.argv[0]).name  # uv's own command only when it started this very script
+        if (
+            parent
+            and Path(parent[0]).name == "uv"
+            and "run" in parent[1:3]
+            and any(Path(a).name == ours for a in parent)
+        ):
             args = ["uv", *parent[1:]]
     except (OSError, UnicodeDecodeError):
         pass

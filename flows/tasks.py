@@ -144,6 +144,7 @@ def train(
         on_start=starting,
         on_progress=Reporter(config.steps),
         progress=progress,
+        waiting=lambda who: announce("training", who),  # the same work asked twice at once: take turns
     )
 
 

@@ -14,7 +14,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,10 +106,11 @@ class FolderBusy(RuntimeError):
 
 
 @contextmanager
-def owned(folder: Path, doing: str) -> Iterator[None]:
-    """Own `folder` for the whole block, or refuse at once: an exclusive `flock` on `folder/.lock`, which
-    names the owner (PID, host, command). The kernel drops the lock when its process dies, however it dies,
-    so a run killed with SIGKILL never blocks the next one; a live owner gets a FolderBusy naming it."""
+def owned(folder: Path, doing: str, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Own `folder` for the whole block: an exclusive `flock` on `folder/.lock`, which names the owner (PID,
+    host, command). A live owner gets a FolderBusy naming it, or, given `waiting`, is waited for (`waiting`
+    hears who it is): two runs of the same work then take turns instead of one failing. The kernel drops the
+    lock when its process dies, however it dies, so a run killed with SIGKILL never blocks the next one."""
     path = make_dirs(folder) / ".lock"
     with open(path, "a+") as f:
         try:
@@ -118,10 +119,11 @@ def owned(folder: Path, doing: str) -> Iterator[None]:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise named(e, path, "locking") from e
             f.seek(0)
-            raise FolderBusy(
-                f"{folder} is in use: {f.read().strip() or 'another process'} is {doing} there; "
-                "wait for it to end, or stop it first"
-            ) from None
+            busy = f"{folder} is in use: {f.read().strip() or 'another process'} is {doing} there"
+            if waiting is None:
+                raise FolderBusy(f"{busy}; wait for it to end, or stop it first") from None
+            waiting(f"{busy}; waiting for it to end")
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             f.truncate(0)
             f.write(f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})")

@@ -197,13 +197,15 @@ def train_run(
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     progress: ProgressFile | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> Trained:
-    """Train into the checkpoint folder `out`, owning it throughout. `resume` continues its newest checkpoint
+    """Train into the checkpoint folder `out`, owning it throughout (a live owner is refused, or waited for
+    when `waiting` is given: it hears who). `resume` continues its newest checkpoint
     (bitwise as if never stopped); without it a folder that holds checkpoints is refused, unless `overwrite`
     (which deletes them first). A fresh run starts from `warm` (the promoted model, grown) when given.
     `on_start` hears the step training starts from (0 when fresh); `progress` records the training."""
     out = Path(out)
-    with owned(out, "training"):
+    with owned(out, "training", waiting):
         if overwrite:
             checkpoint.clear(out)
         start = newest_step(out) if resume else 0

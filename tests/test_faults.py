@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import damage
 
-from model import checkpoint, corpus, net, train
+from model import checkpoint, corpus, files, net, train
 from model.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,3 +226,41 @@ def test_odd_files_in_the_corpus_folder(tmp_path, small_text, monkeypatch):
 
     ck = checkpoint.load(d.run_dir / "checkpoints")
     assert len(sample(ck.params, ck.config, ck.vocab, ["\U0001f600 "], 10, Settings(seed=1))[0]) == 10
+
+
+def test_a_run_folder_in_use_is_refused_or_waited_for_naming_its_owner(tmp_path):
+    """The CLI refuses a run folder another process trains in; the pipeline (the same run asked twice at once,
+    e.g. the schedule and an on-demand run) waits its turn. Both name the owner. Ordered by events: the waiter
+    is seen blocked on the lock in /proc/locks before the owner lets go."""
+    folder = tmp_path / "checkpoints"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(folder)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert owner.stdout.readline() == b"owned\n"
+        with pytest.raises(files.FolderBusy, match=f"process {owner.pid} on .* is training there; wait"):
+            with files.owned(folder, "training"):
+                pass
+        heard, entered = [], threading.Event()
+
+        def second() -> None:
+            with files.owned(folder, "training", heard.append):
+                entered.set()
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        until(lambda: heard and os.getpid() in waiting_for(folder / ".lock"), {"owner": owner}, "the wait")
+        assert not entered.is_set() and f"process {owner.pid} on " in heard[0] and "waiting" in heard[0]
+        owner.stdin.close()  # the owner lets go and ends
+        waiter.join(timeout=60)
+        assert entered.is_set()
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+OWNER = (
+    "import sys; from pathlib import Path; from model.files import owned\n"
+    "with owned(Path(sys.argv[1]), 'training'):\n"
+    "    print('owned', flush=True); sys.stdin.read()\n"
+)
