@@ -5,7 +5,9 @@ input pre-activations a = x U + b of all T steps, computed in one product per la
 (k, T, B, H) for k gate blocks of width H: each gate of each step is one contiguous (B, H) block, so the
 pointwise maths of a step runs on whole blocks in place. The cell adds h_{t-1} W: one matmul call per step
 with W (H, kH) seen as its k blocks (k, H, H). Its state is S arrays (B, H), h first (the LSTM adds its c).
-Sigmoids are computed as σ(x) = (1 + tanh(x / 2)) / 2: one tanh call can then cover a slab of gates.
+Sigmoids are computed as σ(x) = (1 + tanh(x / 2)) / 2: one tanh call can then cover a slab of gates, and the
+halving is done once for all steps, on the sigmoid blocks of a and of the copy of W a pass multiplies by
+(`halved`): exact, 1/2 being a power of two, so every number is the one the plain formula gives.
 """
 
 from __future__ import annotations
@@ -71,18 +73,19 @@ def back_through_time(dh: np.ndarray, dz: np.ndarray, W: np.ndarray) -> Iterator
     where dz (k, T, B, H) is the gradient w.r.t. the recurrent products h_t W, which the caller fills for step
     t (from dh[t]) before the walk goes on."""
     T, B, H = dh.shape
-    # (k, H, H), copied: OpenBLAS multiplies a small batch by a transposed view more slowly than by a copy
-    WT = np.ascontiguousarray(blocks(W, len(dz)).transpose(0, 2, 1))
-    tmpk = np.empty((len(dz), B, H), dh.dtype)
+    k = len(dz)
+    tmpk = np.empty((k, B, H), dh.dtype)
     tmp = np.empty((B, H), dh.dtype)
     with one_thread(T, B, H):
-        recur = Recur(WT, B)
+        recur = Recur(blocks(W, k).transpose(0, 2, 1), B)  # (k, H, H): W^T's blocks (Recur copies them)
+        WT, out = recur.W, recur.cols(tmpk)
+        xs, ds = list(recur.rows(dz).swapaxes(0, 1)), list(dh)  # the steps' views, made once
         for t in range(T - 1, -1, -1):
             if t < T - 1:
-                recur(dz[:, t + 1], tmpk)
-                np.sum(tmpk, axis=0, out=tmp)
-                dh[t] += tmp
-            yield t, dh[t]
+                np.matmul(xs[t + 1], WT, out)
+                np.add.reduce(tmpk, 0, out=tmp)
+                np.add(ds[t], tmp, ds[t])
+            yield t, ds[t]
 
 
 def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:
@@ -91,6 +94,13 @@ def recur_grad(h: np.ndarray, dz: np.ndarray) -> np.ndarray:
     dW = np.empty((H, k * H), dz.dtype)
     np.matmul(h[:-1].reshape(-1, H).T, dz.reshape(k, -1, H), out=blocks(dW, k))
     return dW
+
+
+def halved(W: np.ndarray, k: int, j: int) -> np.ndarray:
+    """W's k gate blocks (k, H, H), copied, the first j of them (the sigmoids') halved."""
+    Wk = blocks(W, k).copy()
+    Wk[:j] *= 0.5
+    return Wk
 
 
 def orthogonal(H: int, gain: float, rng: np.random.Generator) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, back_through_time, blocks, recur_grad
+from model.cell import Cell, Params, back_through_time, blocks, halved, recur_grad
 from model.runtime import Recur, one_thread
 
 
@@ -24,29 +24,33 @@ class GRU(Cell):
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
         _, T, B, H = a.shape
-        W, bh = blocks(q["W"], 3), q["bh"]  # (3, H, H), (H,)
+        bh = q["bh"]  # (H,)
         r, z, n = a  # (T, B, H) each: pre-activations, then the gates
         h = np.empty((T + 1, B, H), a.dtype)
         h[0] = s0[0]
-        R = np.empty_like(a)  # (3, T, B, H): h_{t-1} W, its n block + d
+        R = np.empty_like(a)  # (3, T, B, H): h_{t-1} W (its r, z blocks halved), its n block + d
         tmp = np.empty((B, H), a.dtype)
+        a[:2] *= 0.5  # the sigmoids' halving, for all steps (cell.halved)
         with one_thread(T, B, H):
-            recur = Recur(W, B)
+            recur = Recur(halved(q["W"], 3, 2), B)
+            W, xs, outs = recur.W, recur.rows(h), list(recur.cols(R).swapaxes(0, 1))
+            # the steps' views, made once (a list hands them out faster than slicing); outputs positional
+            S, RS, R2 = list(a[:2].swapaxes(0, 1)), list(R[:2].swapaxes(0, 1)), list(R[2])
+            rs, zs, ns, hs = list(r), list(z), list(n), list(h)
             for t in range(T):
-                recur(h[t], R[:, t])
-                s = a[:2, t]  # r, z
-                s += R[:2, t]
-                s *= 0.5
-                np.tanh(s, out=s)
-                s *= 0.5
-                s += 0.5
-                R[2, t] += bh
-                np.multiply(r[t], R[2, t], out=tmp)
-                n[t] += tmp
-                np.tanh(n[t], out=n[t])
-                np.subtract(h[t], n[t], out=h[t + 1])
-                h[t + 1] *= z[t]
-                h[t + 1] += n[t]
+                np.matmul(xs[t], W, outs[t])
+                s = S[t]  # r, z
+                np.add(s, RS[t], s)
+                np.tanh(s, s)
+                np.multiply(s, 0.5, s)
+                np.add(s, 0.5, s)
+                np.add(R2[t], bh, R2[t])
+                np.multiply(rs[t], R2[t], tmp)
+                np.add(ns[t], tmp, ns[t])
+                np.tanh(ns[t], ns[t])
+                np.subtract(hs[t], ns[t], hs[t + 1])
+                np.multiply(hs[t + 1], zs[t], hs[t + 1])
+                np.add(hs[t + 1], ns[t], hs[t + 1])
         return h[1:], (a, h, R), h[-1:]
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
@@ -75,24 +79,24 @@ class GRU(Cell):
         # once, in R.
         Cn = np.multiply(n, n)  # (T, B, H)
         np.subtract(1.0, Cn, out=Cn)
-        tmp = np.subtract(1.0, z)
-        Cn *= tmp  # (1 - z)(1 - n²)
+        omz = np.subtract(1.0, z)
+        Cn *= omz  # (1 - z)(1 - n²)
         cr, cz, cn = R
-        np.subtract(1.0, r, out=tmp)
+        tmp = np.subtract(1.0, r)
         tmp *= r
         tmp *= cn  # r(1 - r)(h W_n + d)
         np.multiply(tmp, Cn, out=cr)
-        np.subtract(1.0, z, out=tmp)
-        tmp *= z
+        np.multiply(omz, z, out=tmp)
         np.subtract(h[:-1], n, out=cz)
         cz *= tmp  # (h_{t-1} - n) z(1 - z)
         np.multiply(Cn, r, out=cn)
         tmp = np.empty((B, H), dh.dtype)
+        zs, dhs, Rs = list(z), list(dh), list(R.swapaxes(0, 1))
         for t, d in back_through_time(dh, R, q["W"]):  # d (B, H): the gradient w.r.t. h_t
             if t < T - 1:
-                np.multiply(dh[t + 1], z[t + 1], out=tmp)
-                d += tmp
-            R[:, t] *= d
+                np.multiply(dhs[t + 1], zs[t + 1], tmp)
+                np.add(d, tmp, d)
+            np.multiply(Rs[t], d, Rs[t])
         g = {"W": recur_grad(h, R), "bh": R[2].sum(axis=(0, 1))}
         np.multiply(dh, Cn, out=cn)  # R becomes da
         return R, g

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.cell import Cell, Params, back_through_time, blocks, recur_grad
+from model.cell import Cell, Params, back_through_time, blocks, halved, recur_grad
 from model.runtime import Recur, one_thread
 
 
@@ -27,7 +27,6 @@ class LSTM(Cell):
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
         _, T, B, H = a.shape
-        W = blocks(q["W"], 4)  # (4, H, H)
         o, i, f, g = a  # (T, B, H) each: pre-activations, then the gates
         h = np.empty((T + 1, B, H), a.dtype)
         c = np.empty((T + 1, B, H), a.dtype)
@@ -35,22 +34,25 @@ class LSTM(Cell):
         tc = np.empty((T, B, H), a.dtype)  # tanh(c_t)
         tmp = np.empty((4, B, H), a.dtype)
         ig = np.empty((B, H), a.dtype)
+        a[:3] *= 0.5  # the sigmoids' halving, for all steps (cell.halved)
         with one_thread(T, B, H):
-            recur = Recur(W, B)
+            recur = Recur(halved(q["W"], 4, 3), B)
+            W, xs, out = recur.W, recur.rows(h), recur.cols(tmp)
+            # the steps' views, made once (a list hands them out faster than slicing); outputs positional
+            zs, ss = list(a.swapaxes(0, 1)), list(a[:3].swapaxes(0, 1))  # (4, B, H), (3, B, H): o, i, f
+            os_, is_, fs, gs, cs, tcs, hs = (list(v) for v in (o, i, f, g, c, tc, h))
             for t in range(T):
-                z = a[:, t]  # (4, B, H)
-                recur(h[t], tmp)
-                z += tmp
-                s = a[:3, t]  # o, i, f
-                s *= 0.5
-                np.tanh(z, out=z)
-                s *= 0.5
-                s += 0.5
-                np.multiply(f[t], c[t], out=c[t + 1])
-                np.multiply(i[t], g[t], out=ig)
-                c[t + 1] += ig
-                np.tanh(c[t + 1], out=tc[t])
-                np.multiply(o[t], tc[t], out=h[t + 1])
+                z, s = zs[t], ss[t]
+                np.matmul(xs[t], W, out)
+                np.add(z, tmp, z)
+                np.tanh(z, z)
+                np.multiply(s, 0.5, s)
+                np.add(s, 0.5, s)
+                np.multiply(fs[t], cs[t], cs[t + 1])
+                np.multiply(is_[t], gs[t], ig)
+                np.add(cs[t + 1], ig, cs[t + 1])
+                np.tanh(cs[t + 1], tcs[t])
+                np.multiply(os_[t], tcs[t], hs[t + 1])
         return h[1:], (a, h, c, tc), np.stack([h[-1], c[-1]])
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
@@ -92,11 +94,12 @@ class LSTM(Cell):
         cg *= i  # i(1 - g²)
         tmp = np.empty((B, H), dh.dtype)
         dc = np.zeros((B, H), dh.dtype)
+        fs, Qs, cos, das = list(f), list(Q), list(co), list(da[1:].swapaxes(0, 1))
         for t, d in back_through_time(dh, da, q["W"]):  # d (B, H): the gradient w.r.t. h_t
             if t < T - 1:
-                dc *= f[t + 1]
-            np.multiply(d, Q[t], out=tmp)
-            dc += tmp
-            co[t] *= d
-            da[1:, t] *= dc
+                np.multiply(dc, fs[t + 1], dc)
+            np.multiply(d, Qs[t], tmp)
+            np.add(dc, tmp, dc)
+            np.multiply(cos[t], d, cos[t])
+            np.multiply(das[t], dc, das[t])
         return da, {"W": recur_grad(h, da)}

@@ -13,6 +13,8 @@ for rnn and gru, 2 (h, c) for lstm.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ from model.config import ModelConfig
 from model.gru import GRU
 from model.lstm import LSTM
 from model.rnn import RNN
-from model.runtime import halves, keep_freed_memory, side_by_side
+from model.runtime import halves, keep_freed_memory, shares, side_by_side
 
 CELLS: dict[str, Cell] = {c.name: c for c in (RNN(), GRU(), LSTM())}
 
@@ -91,7 +93,7 @@ class Cache:
     ids: np.ndarray  # (T, B) inputs, time-major
     tgt: np.ndarray  # (T*B,) targets
     outs: list[np.ndarray]  # per layer (T, B, H), the layer output after dropout
-    masks: list[np.ndarray | None]  # per layer (T, B, H) dropout masks (scaled)
+    masks: Sequence[np.ndarray | None]  # per layer (T, B, H) dropout masks (scaled)
     cells: list[Any]  # per layer, the cell's cache
     dz: np.ndarray  # (T*B, V) softmax / (T*B); backward turns it into the logits' gradient in place
 
@@ -103,7 +105,7 @@ def forward(
     targets: np.ndarray,
     s0: np.ndarray,
     rng: np.random.Generator | None = None,
-    masks: list[np.ndarray] | None = None,
+    masks: Sequence[np.ndarray] | None = None,
 ) -> tuple[float, Cache, np.ndarray]:
     """Mean loss (nats/char) of `targets` given `ids` (both (B, T)) from the state `s0` (L, S, B, H): the
     loss, the cache for backward, the last state. Dropout is applied only in training: with the `masks`
@@ -139,12 +141,60 @@ def dropout_masks(cfg: ModelConfig, T: int, B: int, rng: np.random.Generator) ->
     """Each layer's inverted-dropout mask (T, B, H): kept units 1 / keep, dropped 0; None without dropout."""
     if cfg.dropout == 0:
         return None
-    keep, masks = 1.0 - cfg.dropout, []
-    for _ in range(cfg.layers):
-        m = np.less(rng.random((T, B, cfg.hidden), dtype=cfg.dtype), keep).astype(cfg.dtype)
-        m *= 1.0 / keep
-        masks.append(m)
-    return masks
+    return [dropout_mask(cfg, T, B, rng) for _ in range(cfg.layers)]
+
+
+def dropout_mask(cfg: ModelConfig, T: int, B: int, rng: np.random.Generator) -> np.ndarray:
+    """One layer's mask (T, B, H), the next draws from `rng`."""
+    keep = 1.0 - cfg.dropout
+    m = np.less(rng.random((T, B, cfg.hidden), dtype=cfg.dtype), keep).astype(cfg.dtype)
+    m *= 1.0 / keep
+    return m
+
+
+class Drops:
+    """A training step's dropout masks, the very ones `dropout_masks` draws, drawn by `draw` on the calling
+    thread while the batch's halves run (`runtime.side_by_side`'s `meanwhile`): a half waits for layer l's
+    mask only when it needs it, so that drawing them no longer holds both halves back. `rows(r)` gives the
+    masks of rows r, as `forward` takes them."""
+
+    def __init__(self, cfg: ModelConfig, T: int, B: int, rng: np.random.Generator):
+        self.cfg, self.T, self.B, self.rng = cfg, T, B, rng
+        self.masks: list[np.ndarray | None] = [None] * cfg.layers
+        self.ready = [threading.Event() for _ in range(cfg.layers)]
+
+    def draw(self) -> None:
+        try:
+            for l in range(self.cfg.layers):  # in layer order, as dropout_masks draws them
+                self.masks[l] = dropout_mask(self.cfg, self.T, self.B, self.rng)
+                self.ready[l].set()
+        finally:
+            for e in self.ready:  # a failed draw leaves no half waiting: it finds no mask and stops
+                e.set()
+
+    def rows(self, r: slice) -> Sequence[np.ndarray]:
+        return MaskRows(self, r)
+
+    def get(self, l: int, r: slice) -> np.ndarray:
+        """Layer l's mask, rows r: once drawn."""
+        self.ready[l].wait()
+        m = self.masks[l]
+        if m is None:
+            raise RuntimeError("the dropout masks were not drawn (see the error that stopped the step)")
+        return m[:, r]
+
+
+class MaskRows(Sequence):
+    """The masks of some rows of a batch, layer by layer, as each is drawn (`Drops`)."""
+
+    def __init__(self, drops: Drops, r: slice):
+        self.drops, self.r = drops, r
+
+    def __len__(self) -> int:
+        return len(self.drops.masks)
+
+    def __getitem__(self, l):  # type: ignore[override]
+        return self.drops.get(l, self.r)
 
 
 def grads(
@@ -161,21 +211,29 @@ def grads(
     rows: the same values up to rounding, with the same dropout masks."""
     keep_freed_memory()
     B, T = ids.shape
-    masks = dropout_masks(cfg, T, B, rng) if rng is not None else None
+    drops = Drops(cfg, T, B, rng) if rng is not None and cfg.dropout > 0 else None
 
     def run(r: slice) -> tuple[float, Params, np.ndarray]:
-        sub = [m[:, r] for m in masks] if masks else None
-        loss, cache, sT = forward(p, cfg, ids[r], targets[r], s0[:, :, r], masks=sub)
+        masks = drops.rows(r) if drops else None
+        loss, cache, sT = forward(p, cfg, ids[r], targets[r], s0[:, :, r], masks=masks)
         return loss, backward(p, cfg, cache), sT
 
     groups = halves(B, cfg.hidden)
-    outs = side_by_side(run, groups)
+    outs = side_by_side(run, groups, meanwhile=drops.draw if drops else None)
     if len(outs) == 1:
         return outs[0]
-    w = [len(range(B)[r]) / B for r in groups]
-    loss = sum(wi * o[0] for wi, o in zip(w, outs, strict=True))
-    g = {k: sum(wi * o[1][k] for wi, o in zip(w, outs, strict=True)) for k in outs[0][1]}
-    return loss, g, np.concatenate([o[2] for o in outs], axis=2)
+    (l1, g, s1), (l2, g2, s2) = outs
+    w1, w2 = (len(range(B)[r]) / B for r in groups)
+
+    def combine(names: list[str]) -> None:  # in place, into the first half's arrays
+        for k in names:
+            v, u = g[k], g2[k]
+            v *= w1
+            u *= w2
+            v += u
+
+    side_by_side(combine, shares(g))
+    return w1 * l1 + w2 * l2, g, np.concatenate([s1, s2], axis=2)
 
 
 def embed_grad(ids: np.ndarray, d: np.ndarray, V: int) -> np.ndarray:

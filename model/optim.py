@@ -8,6 +8,7 @@ import numpy as np
 
 from model.cell import Params
 from model.config import OptimName
+from model.runtime import shares, side_by_side
 
 
 def clip_(grads: Params, max_norm: float) -> float:
@@ -46,11 +47,17 @@ class Optimizer:
         self.state = {f"{s}.{k}": np.zeros_like(v) for s in self.slots for k, v in params.items()}
 
     def step(self, params: Params, grads: Params, lr: float) -> None:
+        """Update `params` in place, each on its own (on two threads when they are large: runtime.shares)."""
         self.t += 1
-        for k, p in params.items():
-            if self.wd and decays(k):
-                p *= 1.0 - lr * self.wd
-            self.update(k, p, grads[k], lr)
+
+        def update(names: list[str]) -> None:
+            for k in names:
+                p = params[k]
+                if self.wd and decays(k):
+                    p *= 1.0 - lr * self.wd
+                self.update(k, p, grads[k], lr)
+
+        side_by_side(update, shares(params))
 
     def update(self, k: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         raise NotImplementedError

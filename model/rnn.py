@@ -18,17 +18,18 @@ class RNN(Cell):
     name, gates, states, recur_gain = "rnn", 1, 1, 0.6
 
     def forward(self, a: np.ndarray, q: Params, s0: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:
-        W, h = q["W"], a[0]  # in place: a[0, t] becomes h_t
+        h = a[0]  # in place: a[0, t] becomes h_t
         T, B, H = h.shape
-        h0 = prev = s0[0].copy()  # (B, H)
+        h0 = s0[0].copy()  # (B, H)
         tmp = np.empty_like(h0)
         with one_thread(T, B, H):
-            recur = Recur(W, B)
-            for t in range(T):
-                recur(prev, tmp)
-                h[t] += tmp
-                np.tanh(h[t], out=h[t])
-                prev = h[t]
+            recur = Recur(q["W"], B)
+            W, out, hs = recur.W, recur.cols(tmp), list(h)
+            xs = [recur.rows(h0), *recur.rows(h)]  # h_{t-1}, as the product takes it
+            for t in range(T):  # three calls a step: the product, the sum, the tanh
+                np.matmul(xs[t], W, out)  # outputs positional: a keyword costs more
+                np.add(hs[t], tmp, hs[t])
+                np.tanh(hs[t], hs[t])
         return h, (h, h0), h[-1:]
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
@@ -43,14 +44,14 @@ class RNN(Cell):
         dtanh = np.multiply(h, h)  # (T, B, H)
         np.subtract(1.0, dtanh, out=dtanh)
         tmp = np.empty_like(d[0])  # (B, H)
-        WT = np.ascontiguousarray(q["W"].T)  # copied: see cell.back_through_time
         d[-1] *= dtanh[-1]
         with one_thread(T, B, H):
-            recur = Recur(WT, B)
+            recur = Recur(q["W"].T, B)  # W^T (Recur copies it)
+            W, out, xs, ds, dts = recur.W, recur.cols(tmp), list(recur.rows(d)), list(d), list(dtanh)
             for t in range(T - 1, 0, -1):
-                recur(d[t], tmp)
-                d[t - 1] += tmp
-                d[t - 1] *= dtanh[t - 1]
+                np.matmul(xs[t], W, out)
+                np.add(ds[t - 1], tmp, ds[t - 1])
+                np.multiply(ds[t - 1], dts[t - 1], ds[t - 1])
         dW = h[:-1].reshape(-1, H).T @ d[1:].reshape(-1, H)
         dW += h0.T @ d[0]
         return d[None], {"W": dW}

@@ -3,7 +3,7 @@ products in blocks OpenBLAS multiplies fastest, and malloc's reuse of freed memo
 
 Nothing here changes a number a model computes (beyond rounding, for the halves); it only decides where and in
 which pieces the products run. The cells (`rnn.py`, `gru.py`, `lstm.py`) keep only the maths and call `Recur`
-and `one_thread`; `net.grads` calls `halves` and `side_by_side`.
+and `one_thread`; `net.grads` calls `halves` and `side_by_side`, the optimizers `shares`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from typing import Any
@@ -33,6 +33,9 @@ HALVES_MAX_H = 768
 # splits only where the kernel is.
 SMALL_MNK = 10**6
 SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+# Elementwise work on fewer elements than this (an optimizer step over all the parameters, say) is not worth
+# handing to the second thread.
+SHARE_MIN = 1 << 17
 
 
 @cache
@@ -102,13 +105,41 @@ def halves(B: int, H: int) -> list[slice]:
     return [slice(0, B // 2), slice(B // 2, B)]
 
 
-def side_by_side(fn: Callable[[Any], Any], groups: list) -> list[Any]:
+def side_by_side(
+    fn: Callable[[Any], Any], groups: list, meanwhile: Callable[[], Any] | None = None
+) -> list[Any]:
     """fn(group) for each group: on this thread for one, else on two threads with BLAS on one thread each (the
-    process-wide limit is set here, once, not by the calls that run together)."""
+    process-wide limit is set here, once, not by the calls that run together). `meanwhile()` runs on this
+    thread, while the two run (before the one): work they wait for, which would otherwise run before them."""
     if len(groups) == 1:
+        if meanwhile:
+            meanwhile()
         return [fn(groups[0])]
     with blas_limit(1):
-        return list(_pool(os.getpid()).map(fn, groups))
+        futures = [_pool(os.getpid()).submit(fn, g) for g in groups]
+        try:
+            if meanwhile:
+                meanwhile()
+        except BaseException:
+            wait(futures)  # never leave while they run; its error is the one to tell
+            raise
+        return [f.result() for f in futures]
+
+
+def shares(arrays: dict[str, np.ndarray]) -> list[list[str]]:
+    """The names of `arrays` in groups for `side_by_side` to update in place: two of about equal size when the
+    process allows 2 threads and the arrays are large enough to pay for the hand-off (SHARE_MIN elements),
+    else one."""
+    names = sorted(arrays, key=lambda k: -arrays[k].size)
+    if blas_threads() < 2 or sum(a.size for a in arrays.values()) < SHARE_MIN:
+        return [names]
+    groups: list[list[str]] = [[], []]
+    sizes = [0, 0]
+    for k in names:  # largest first, each to the lighter group
+        i = sizes.index(min(sizes))
+        groups[i].append(k)
+        sizes[i] += arrays[k].size
+    return groups
 
 
 def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
@@ -136,20 +167,33 @@ class Recur:
     """The per-step recurrent products out = x W of one pass over the steps: W (..., K, N) fixed over the
     pass, x (..., B, K), out (..., B, N), broadcast over the leading axes; one matmul call per step. When BLAS
     runs on one thread and has the small-matrix kernel, that call multiplies blocks of m rows by n columns
-    (`split`), small enough for that kernel."""
+    (`split`), small enough for that kernel.
+
+    A cell's loop calls `np.matmul(xs[t], recur.W, out=outs[t])` on views made once per pass by `rows` and
+    `cols` (they keep any leading axes, a step axis included), so that a step costs one call and no reshapes;
+    `recur(x, out)` does the same for one step."""
 
     def __init__(self, W: np.ndarray, B: int):
         K, N = W.shape[-2:]
         m, n = split(B, K, N) if blas_threads() == 1 and small_kernel() else (B, N)
-        self.plain, self.W = (m, n) == (B, N), W
+        self.plain = (m, n) == (B, N)
         if not self.plain:  # (..., N/n, 1, K, n): the column blocks, each against every row block
-            self.W = W.reshape(*W.shape[:-2], K, N // n, n).swapaxes(-3, -2)[..., None, :, :]
+            W = W.reshape(*W.shape[:-2], K, N // n, n).swapaxes(-3, -2)[..., None, :, :]
+        # copied, each block contiguous: read in place, a block's rows lie a row of W apart (a multiple of
+        # 4 KB for a gated cell), land on the same few cache sets and evict each other
+        self.W = np.ascontiguousarray(W)
         self.xs, self.outs = (1, B // m, m, K), (B // m, m, N // n, n)
 
-    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """x (..., B, K) as the product takes it: (..., 1, B/m, m, K), a view."""
+        return x if self.plain else x.reshape(x.shape[:-2] + self.xs)
+
+    def cols(self, out: np.ndarray) -> np.ndarray:
+        """out (..., B, N) as the product fills it: (..., N/n, B/m, m, n), a view (the product must land in
+        `out`)."""
         if self.plain:
-            np.matmul(x, self.W, out=out)
-            return
-        xv = x.reshape(x.shape[:-2] + self.xs)  # (..., 1, B/m, m, K)
-        ov = out.reshape(out.shape[:-2] + self.outs, copy=False)  # a view: the product must land in `out`
-        np.matmul(xv, self.W, out=ov.swapaxes(-2, -3).swapaxes(-3, -4))  # (..., N/n, B/m, m, n)
+            return out
+        return out.reshape(out.shape[:-2] + self.outs, copy=False).swapaxes(-2, -3).swapaxes(-3, -4)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        np.matmul(self.rows(x), self.W, out=self.cols(out))

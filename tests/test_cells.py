@@ -194,13 +194,17 @@ def test_embed_grad_paths_agree():
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_batch_halves_side_by_side_equal_one_pass(cell):
+def test_batch_halves_side_by_side_equal_one_pass(cell, monkeypatch):
     """With 2 BLAS threads allowed (B >= 16, H <= 768), a training step runs the two halves of the batch on
     two threads (`net.grads`): loss, last state and gradients equal one pass over all rows (1 BLAS thread,
-    the same dropout masks), the rows weighted by halves of unequal size too."""
+    the same dropout masks), the rows weighted by halves of unequal size too, the halves' gradients summed on
+    two threads."""
     from threadpoolctl import threadpool_limits
 
+    from model import runtime
     from model.runtime import halves
+
+    monkeypatch.setattr(runtime, "SHARE_MIN", 0)  # these small gradients combined on two threads too
 
     V, H, T = 7, 5, 4
     cfg = net.ModelConfig(vocab_size=V, cell=cell, hidden=H, layers=2, dropout=0.3, dtype="float64")
@@ -329,3 +333,107 @@ def test_no_blocks_where_openblas_has_no_small_kernel():
     env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def plain_gated_forward(cell, a, W, bh, s0, recur):
+    """The gated cells' forward as their docstrings write it, halving each sigmoid's input where it is used
+    (the order of the old code), through the same blocked products: h (T, B, H) and the last state."""
+    k, T = a.shape[:2]
+    W = np.stack([W[:, j * W.shape[0] : (j + 1) * W.shape[0]] for j in range(k)])  # (k, H, H)
+    rec = recur(W)
+    s = s0.copy()
+    hs = []
+    for t in range(T):
+        R = np.empty((k, *s.shape[1:]), a.dtype)
+        rec(s[0], R)
+        z = a[:, t].copy()
+        if cell == "gru":
+            z[:2] += R[:2]
+            z[:2] *= 0.5
+            z[:2] = np.tanh(z[:2]) * 0.5 + 0.5
+            n = np.tanh(z[2] + z[0] * (R[2] + bh))
+            s[0] = (s[0] - n) * z[1] + n
+        else:
+            z += R
+            z[:3] *= 0.5
+            z = np.tanh(z)
+            z[:3] = z[:3] * 0.5 + 0.5
+            s[1] = z[2] * s[1] + z[1] * z[3]
+            s[0] = z[0] * np.tanh(s[1])
+        hs.append(s[0].copy())
+    return np.stack(hs), s
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_halving_folded_into_a_and_W_is_exact(cell, monkeypatch):
+    """The forward pass halves the sigmoids' inputs once, on a's sigmoid blocks and on W's copy
+    (`cell.halved`), not at every step: in float32, with the per-step products in blocks, it gives bitwise
+    the numbers of halving each step's sum, the exactness the cells' docstring claims."""
+    from threadpoolctl import threadpool_limits
+
+    from model import runtime
+
+    monkeypatch.setattr(runtime, "small_kernel", lambda: True)
+    monkeypatch.setattr(runtime, "SMALL_MNK", 8 * 32 * 64)
+    H, B, T = 64, 16, 6
+    c = net.CELLS[cell]
+    r = np.random.default_rng(7)
+    q = {n: (0.5 * r.standard_normal(s)).astype(np.float32) for n, s in c.shapes(H).items()}
+    a = r.standard_normal((c.gates, T, B, H)).astype(np.float32)
+    s0 = (0.5 * r.standard_normal((c.states, B, H))).astype(np.float32)
+    with threadpool_limits(1, user_api="blas"):
+        assert runtime.split(B, H, H) == (8, 32)
+        h, _, sT = c.forward(a.copy(), q, s0)
+        ref_h, ref_s = plain_gated_forward(cell, a, q["W"], q.get("bh"), s0, lambda W: runtime.Recur(W, B))
+    np.testing.assert_array_equal(h, ref_h)
+    np.testing.assert_array_equal(sT, ref_s)
+
+
+def test_recur_views_for_a_whole_pass(monkeypatch):
+    """`Recur.rows` and `cols` of whole buffers (a step axis in front, gate blocks too) give per-step views
+    whose product lands in the buffer: what the cells' loops call once per step."""
+    from threadpoolctl import threadpool_limits
+
+    from model import runtime
+
+    monkeypatch.setattr(runtime, "small_kernel", lambda: True)  # blocks whatever this machine's BLAS
+    r = np.random.default_rng(1)
+    B, H, T = 16, 512, 3
+    W = r.standard_normal((3, H, H))
+    h = r.standard_normal((T, B, H))
+    R = np.zeros((3, T, B, H))
+    with threadpool_limits(1, user_api="blas"):
+        recur = runtime.Recur(W, B)
+        xs, outs = recur.rows(h), recur.cols(R)
+        for t in range(T):
+            np.matmul(xs[t], recur.W, outs[:, t])
+    assert not recur.plain and recur.W.flags.c_contiguous
+    for t in range(T):
+        np.testing.assert_allclose(R[:, t], np.matmul(h[t], W), rtol=1e-12, atol=1e-10)
+
+
+def test_a_failed_mask_draw_stops_the_step_without_a_hang():
+    """The halves wait for the masks the calling thread draws (`net.Drops`): should drawing fail, both halves
+    stop with an error and the step raises the drawing's error, instead of waiting for ever."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    class Broken:
+        def random(self, *args, **kwargs):
+            raise MemoryError("no room for a mask")
+
+    cfg = net.ModelConfig(vocab_size=7, cell="gru", hidden=5, layers=2, dropout=0.3, dtype="float64")
+    p, s0, r = lively(cfg, 0, 16)
+    x = r.integers(0, 7, (16, 4))
+    seen = []
+
+    def step():
+        with threadpool_limits(2, user_api="blas"), pytest.raises(MemoryError, match="no room") as e:
+            net.grads(p, cfg, x, x, s0, Broken())
+        seen.append(e.value)
+
+    t = threading.Thread(target=step)
+    t.start()
+    t.join(timeout=60)  # a bound only: the step ends at once, or never
+    assert not t.is_alive() and len(seen) == 1

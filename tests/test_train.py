@@ -165,6 +165,29 @@ def test_adam_matches_the_textbook_update():
             np.testing.assert_allclose(mine[k], p[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["adam", "adagrad", "sgd"])
+def test_a_step_shared_between_two_threads_equals_one_thread(name):
+    """Parameters large enough are updated on two threads (runtime.shares), each array by one of them: bitwise
+    the update of one thread, weight decay included."""
+    from threadpoolctl import threadpool_limits
+
+    from model import runtime
+
+    rng = np.random.default_rng(1)
+    shapes = {"W0": (256, 768), "U1": (256, 768), "W1": (256, 768), "b0": (768,), "V": (256, 65), "c": (65,)}
+    p = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    out = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            assert len(runtime.shares(p)) == threads
+            mine, r = {k: v.copy() for k, v in p.items()}, np.random.default_rng(2)
+            opt = optim.make(name, mine, weight_decay=0.1)
+            for lr in (1e-2, 5e-3):
+                opt.step(mine, {k: r.standard_normal(v.shape).astype(np.float32) for k, v in p.items()}, lr)
+            out.append(mine)
+    assert same_weights(*out)
+
+
 def test_schedule_warms_up_then_decays():
     lrs = [optim.lr_at(s, 1.0, 100, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
