@@ -87,7 +87,8 @@ def pipeline(
     shape = M(vocab_size=vocab, cell=cell, hidden=hidden, layers=layers, dropout=dropout)
     config = T(steps=steps, batch=batch, seq=seq, lr=lr, checkpoint_every=checkpoint_every, seed=seed)
     bounds = (warm_min_steps, warm_max_steps)
-    decision = candidate(corpus, current, known, shape, config, bounds, artifacts_root or s.runs_dir)
+    root = artifacts_root or s.runs_dir
+    decision = candidate(corpus, current, known, shape, config, bounds, root, only_if_changed)
     if build_bento and decision.promoted and decision.run_dir is not None:
         tasks.build_bento(decision.tag)
     return tasks.decided(decision)
@@ -101,9 +102,11 @@ def candidate(
     asked: T,
     bounds: tuple[int, int],
     root: Path,
+    only_if_changed: bool = False,
 ) -> Decision:
     """Train a candidate of `shape` for its budget, score it against `current`, promote it if it wins and
-    publish what the run did (the pipeline's stages after ingest, inside its flow run)."""
+    publish what the run did (the pipeline's stages after ingest, inside its flow run). With
+    `only_if_changed`, a run that was decided already and lost to `current` is not done again."""
     warm, why_not = promotion.warm_start(current, shape)
     budget = training.budget(asked, warm, corpus.chars, known, *bounds)
     config = asked.model_copy(update={"steps": budget.steps, "lr": budget.lr})
@@ -111,6 +114,8 @@ def candidate(
     preflight(data, [config], current)
     model = shape.model_copy(update={"vocab_size": len(data.vocab)})
     run_dir = root / training.run_name(corpus.fingerprint, model, config, warm.tag if warm else None)
+    if only_if_changed and (done := promotion.tried(run_dir, current)):
+        return done
     trained = train(data, run_dir, model, config, warm, why_not, budget)
     scored = evaluate(trained.checkpoint, data)
     against = compare(trained.checkpoint, current, data) if current else None

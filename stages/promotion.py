@@ -9,7 +9,7 @@ from pathlib import Path
 from model.config import ModelConfig
 from registry import Current, Registry, Verdict
 from stages import scoring
-from stages.records import Comparison, CurrentModel, Decision, Encoded, Score, Trained
+from stages.records import Comparison, CurrentModel, Decision, Encoded, Outcome, Score, Trained
 
 log = logging.getLogger("char_rnn")
 
@@ -26,6 +26,19 @@ def unchanged(current: CurrentModel | None, fingerprint: str) -> Decision | None
     if current is None or (reason := current.knows(fingerprint)) is None:
         return None
     return Decision(promoted=False, tag=current.tag, reason=reason)
+
+
+def tried(run_dir: Path, current: CurrentModel | None) -> Decision | None:
+    """The decision of this very run when it was made already and still holds: its candidate lost to the model
+    that is current now. Training it again would give the same candidate and the same defeat."""
+    try:
+        done = Outcome.model_validate_json((run_dir / "metrics.json").read_bytes()).decision
+    except (OSError, ValueError):  # not run yet, or not to the end: train it
+        return None
+    if done.promoted or current is None or done.lost_to != current.tag:
+        return None
+    why = f"this text and configuration were tried already ({run_dir.name}): {done.reason}"
+    return done.model_copy(update={"reason": f"{why}; waiting for new text"})
 
 
 def warm_start(current: CurrentModel | None, model: ModelConfig) -> tuple[CurrentModel | None, str | None]:

@@ -336,3 +336,20 @@ def test_a_failed_run_leaves_no_pickle(prefect_api, texts, home):
     written = [f for root in (home, storage) for f in root.rglob("*") if f.is_file()]
     assert any("storage" in f.parts for f in written), "Prefect stored nothing: the check checks nothing"
     assert [f for f in written if pickled(f.read_bytes())] == []
+
+
+def test_a_retrain_whose_candidate_lost_is_not_done_again_until_the_text_changes(prefect_api, texts, home):
+    first = pipeline(data_dir=texts, **(TINY | {"steps": 100}))
+    (texts / "more.txt").write_text("Enter the Second Citizen, with news.\n" * 40, encoding="utf-8")
+    weak = TINY | {"steps": 1, "hidden": 8}  # another shape: from scratch, and it loses
+    lost = pipeline(data_dir=texts, only_if_changed=True, **weak)
+    assert not lost.promoted and lost.lost_to == first.tag
+    published = (lost.run_dir / "metrics.json").stat().st_mtime_ns
+
+    again = pipeline(data_dir=texts, only_if_changed=True, **weak)
+
+    assert not again.promoted and again.lost_to == first.tag and "tried already" in again.reason
+    assert (lost.run_dir / "metrics.json").stat().st_mtime_ns == published  # not scored or published again
+    (texts / "more.txt").write_text("Enter the Third Citizen.\n" * 40, encoding="utf-8")
+    changed = pipeline(data_dir=texts, only_if_changed=True, **weak)
+    assert "tried already" not in changed.reason and changed.run_dir != lost.run_dir
