@@ -103,6 +103,7 @@ class Tally:
     chars: int = 0
     wall: float = 0.0
     per_process: Counter = field(default_factory=Counter)  # pid -> CPU seconds
+    client: float = 0.0  # the load generator's own CPU seconds
 
     def row(self) -> dict:
         cpu = sum(self.per_process.values())
@@ -110,6 +111,7 @@ class Tally:
             "requests": len(self.latencies),
             "chars_per_s": round(self.chars / self.wall),
             "cpu_ms_per_req": round(cpu / len(self.latencies) * 1000, 2),
+            "client_cpu_ms_per_req": round(self.client / len(self.latencies) * 1000, 2),
             # Workers share one listening socket, and the kernel may give one of them most connections.
             "busiest_process_cpu_share": round(max(self.per_process.values()) / cpu, 2) if cpu else None,
         }
@@ -137,8 +139,10 @@ async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: l
     warm = time.perf_counter() + 0.3
     await asyncio.gather(*(worker(k, warm, False) for k in range(concurrency)))
     t0, cpu0 = time.perf_counter(), {pid: cpu_seconds([pid]) for pid in pids}
+    client = time.process_time()
     await asyncio.gather(*(worker(k, t0 + seconds, True) for k in range(concurrency)))
     tally.wall += time.perf_counter() - t0
+    tally.client += time.process_time() - client
     for pid, before in cpu0.items():
         tally.per_process[pid] += cpu_seconds([pid]) - before
     for c in conns:
@@ -240,6 +244,22 @@ async def paired(url: str, pids: list[int], m: Model, n: int) -> dict:
     return ms | {"overhead": round(ms["http"] - ms["in_process_cpu"], 2), "pairs": n}
 
 
+async def floor(url: str, pids: list[int], n: int) -> dict:
+    """The floor service (floor_service.py) at concurrency 1, `n` requests after one to warm up: its p50 and
+    the server's CPU per request (ms): what BentoML's HTTP path costs a request with no work behind it."""
+    conn, times = Connection(url), []
+    body = {"prompt": PROMPT, "max_new_chars": CHARS, "seed": 0}
+    await conn.post("/generate", body)
+    cpu = cpu_seconds(pids)
+    for _ in range(n):
+        t = time.perf_counter()
+        await conn.post("/generate", body)
+        times.append(time.perf_counter() - t)
+    server = (cpu_seconds(pids) - cpu) / n
+    conn.close()
+    return percentiles(times) | {"server_cpu_ms": round(1000 * server, 2), "requests": n}
+
+
 def serve_all(a: argparse.Namespace, m: Model) -> tuple[list[dict], dict]:
     """Every server configuration: its load levels, alternated over rounds; on the batching server with one
     worker, the extra workloads: HTTP against in-process, the mixed one, abandoned requests."""
@@ -258,6 +278,9 @@ def serve_all(a: argparse.Namespace, m: Model) -> tuple[list[dict], dict]:
                 extra["paired"] = asyncio.run(paired(server.url, server.pids, m, 20 if a.quick else 60))
                 extra["mixed"] = asyncio.run(mixed(server.url, a.seconds))
                 extra["abandoned"] = asyncio.run(abandoned(server.url, server.pids, a.abandoned))
+    service = ("--working-dir", str(ROOT / "bench"), "floor_service:Floor")
+    with Server(ENV, HOME / "server-floor.log", service) as server:
+        extra["floor"] = asyncio.run(floor(server.url, server.pids, 100 if a.quick else 300))
     return rows, extra
 
 
@@ -266,6 +289,12 @@ def targets(rows: list[dict], extra: dict) -> dict:
     rate = {(r["batching"], r["workers"], r["concurrency"]): r["chars_per_s"] for r in rows}
     scale = {f"{b}/{w}w": round(rate[(b, w, 32)] / rate[(b, w, 1)], 2) for b, _, w in SERVERS}
     p50 = next(r["p50_ms"] for r in rows if (r["batching"], r["workers"], r["concurrency"]) == ("on", 1, 1))
+    busy = next(r for r in rows if (r["batching"], r["workers"], r["concurrency"]) == ("on", 2, 32))
+    # The most two workers could give at 32 with every core busy: a request's CPU is at least the model's
+    # steps at batch 32, the framework's floor and the client's own share (all measured in this run).
+    least = CHARS * extra["cost"][1]["generate_ids_us"] / 1000 + extra["floor"]["server_cpu_ms"]
+    least += busy["client_cpu_ms_per_req"]
+    ceiling = len(os.sched_getaffinity(0)) * CHARS / (least / 1000) / rate[("on", 2, 1)]
     ab = extra["abandoned"]
     counted = [x for route in ab.values() for x in route.get("counted_after", {}).get("all", [])]
     after = summary(counted) if counted else ab["/generate_stream"].get("at_most_after")
@@ -278,6 +307,9 @@ def targets(rows: list[dict], extra: dict) -> dict:
             r["busiest_process_cpu_share"] for r in rows if (r["workers"], r["concurrency"]) == (2, 32)
         ),
         "overhead_ms": extra["paired"]["overhead"],
+        "overhead_above_floor_ms": round(extra["paired"]["overhead"] - extra["floor"]["p50_ms"], 2),
+        "ceiling_32_over_1_2_workers": round(ceiling, 2),
+        "least_cpu_ms_per_req_2w_32": round(least, 2),
         "met": {
             "p50_c1_le_in_process_plus_2ms": extra["paired"]["overhead"] <= 2,
             "c32_over_c1_2_workers_ge_5x": scale["on/2w"] >= 5,
@@ -301,7 +333,7 @@ VERDICT = {True: "met", False: "not met", None: "not measured (the service has n
 
 def measures(extra: dict, t: dict) -> list[list[str]]:
     """Each measure of the run beside its target: what, this run's figure, the target, the verdict."""
-    m, cost, met, pair = extra["mixed"], extra["cost"], t["met"], extra["paired"]
+    m, cost, met, pair, fl = extra["mixed"], extra["cost"], t["met"], extra["paired"], extra["floor"]
     gen, stream = extra["abandoned"]["/generate"], extra["abandoned"]["/generate_stream"]
     counted = gen.get("counted_after")
     return [
@@ -314,11 +346,27 @@ def measures(extra: dict, t: dict) -> list[list[str]]:
             VERDICT[met["p50_c1_le_in_process_plus_2ms"]],
         ],
         [
+            "the floor: a BentoML service with the same route and request fields that generates nothing "
+            "(`bench/floor_service.py`), concurrency 1: p50; the server's CPU per request; the real "
+            "service's overhead above it",
+            f"{fl['p50_ms']} ms; {fl['server_cpu_ms']} ms; **{t['overhead_above_floor_ms']:+} ms**",
+            "",
+            "the +2 ms target is below the floor" if fl["p50_ms"] > 2 else "",
+        ],
+        [
             "throughput at concurrency 32 over 1: batching on / off / on with 2 workers (at 32 on 2 workers, "
             "the busiest process's share of the server CPU)",
             " / ".join(f"{v}x" for v in t["scale_32_over_1"].values()) + f" ({t['busiest_2w_32']})",
             "≥ 5x on 2 workers",
             VERDICT[met["c32_over_c1_2_workers_ge_5x"]],
+        ],
+        [
+            "the ceiling at 32 on 2 workers with every core busy, over the measured rate at 1: the cores "
+            "over a request's least CPU (the model's steps at batch 32, the floor's server CPU, the "
+            "client's)",
+            f"{t['ceiling_32_over_1_2_workers']}x ({t['least_cpu_ms_per_req_2w_32']} ms a request)",
+            "",
+            "the 5x target is above the ceiling" if t["ceiling_32_over_1_2_workers"] < 5 else "",
         ],
         [
             f"{SHORT}-char requests while {LONG_CLIENTS} clients ask for {LONG}: p50 / p99",

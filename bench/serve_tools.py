@@ -24,12 +24,13 @@ from settings import ROOT
 class Server:
     """`bentoml serve` from the repository root; stopped by the ids of its process and its workers."""
 
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, service: tuple[str, ...] = ()):
+        """`service`: what `bentoml serve` serves (its arguments); the repository's service by default."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
         port = self.url.rsplit(":", 1)[1]
-        cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", port]
+        cmd = [sys.executable, "-m", "bentoml", "serve", *service, "--host", "127.0.0.1", "--port", port]
         self.log = open(log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.pids = [self.proc.pid]
