@@ -52,9 +52,10 @@ from model import checkpoint, corpus, sample
 from registry import Current, Registry
 from serving import bento, events, history, openapi, pages, progress, workers
 from serving.batcher import Batcher, Job
-from serving.http import Gate, Key, NoFields, QuietClientErrors, disconnected, error
+from serving.http import Gate, Key, NoFields, QuietClientErrors, disconnected, error, unknown_chars_error
 from serving.metrics import Metrics, histogram
 from serving.snapshot import ModelInfo, Snapshot
+from serving.spread import Spread
 
 S = settings.current()
 GENERATE, STREAM, INFO, MODELS, TRAINING, METRICS_ROUTE = (
@@ -127,17 +128,6 @@ def no_model_message() -> str:
         "`char-rnn pipeline` (or `make run`) from the repository root, then retry: this service picks it "
         f"up within {S.reload_interval:g} s, no restart needed"
     )
-
-
-def unknown_chars_error(chars: list[str]) -> JSONResponse:
-    shown = ", ".join(repr(c) for c in chars[:20]) + (
-        f" (+{len(chars) - 20} more)" if len(chars) > 20 else ""
-    )
-    msg = (
-        f"prompt: {len(chars)} character(s) not in the model's vocabulary: {shown}; "
-        'send "unknown_chars": "skip" to drop them'
-    )
-    return error(400, msg, [{"type": "unknown_chars", "loc": ["prompt"], "msg": msg, "chars": chars}])
 
 
 def with_status(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
@@ -396,4 +386,8 @@ CharRNN.add_asgi_middleware(
     max_concurrency=S.max_concurrency,
     pages=pages.all_pages() | {"/docs.json": Spec.response},
     count=METRICS.request,
+)
+# a worker crowded with clients while another idles sends them to reconnect (BentoML's workers share a socket)
+CharRNN.add_asgi_middleware(
+    Spread, folder=S.home / "serving", index=(bentoml.server_context.worker_index or 1) - 1, workers=S.workers
 )

@@ -180,6 +180,7 @@ def pipeline_runs(corpus: Path, scratch: Path, steps: int) -> list[list]:
     the largest resident set of any process of the run (sampled every 0.2 s), the decision."""
     env = os.environ | isolated_env(scratch / "home-pipeline") | {"OPENBLAS_NUM_THREADS": "1"}
     os.environ.update(env)  # this process starts the server: it keeps its state there too
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # where the server's database goes
     from flows.local import api_server
 
     with api_server() as url:

@@ -91,8 +91,12 @@ class Connection:
 
     async def post(self, path: str, body: dict) -> dict:
         await self.send(path, body)
-        size = int((await self.head())["content-length"])
-        return json.loads(await self.reader.readexactly(size))
+        head = await self.head()
+        data = await self.reader.readexactly(int(head["content-length"]))
+        if head.get("connection", "").lower() == "close":  # the server asks for a new connection next time
+            self.close()
+            self.writer = None
+        return json.loads(data)
 
     async def first_text(self, path: str, body: dict) -> str:
         """Send a streaming request and read its server-sent events until the first characters arrive."""

@@ -200,3 +200,14 @@ async def disconnected(request: Request) -> None:
     """Return once the client of `request`, whose body has been read, has closed its connection."""
     while (await request.receive())["type"] != "http.disconnect":
         await asyncio.sleep(0.01)  # not expected once the body is read; never spin
+
+
+def unknown_chars_error(chars: list[str]) -> JSONResponse:
+    shown = ", ".join(repr(c) for c in chars[:20]) + (
+        f" (+{len(chars) - 20} more)" if len(chars) > 20 else ""
+    )
+    msg = (
+        f"prompt: {len(chars)} character(s) not in the model's vocabulary: {shown}; "
+        'send "unknown_chars": "skip" to drop them'
+    )
+    return error(400, msg, [{"type": "unknown_chars", "loc": ["prompt"], "msg": msg, "chars": chars}])

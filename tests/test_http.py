@@ -2,6 +2,7 @@
 limit."""
 
 import asyncio
+import os
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -93,3 +94,53 @@ def test_each_route_needs_its_own_key_and_others_stay_open():
     assert s3 == 200 and b3 == {"metrics": True}
     assert s4 == 401 and "API key" in b4["error"]
     assert s5 == 200  # a route without a key
+
+
+def test_a_crowded_worker_closes_connections_while_a_peer_idles(tmp_path):
+    """Two workers' Spread middlewares over one shared file: a worker holding more than one request above the
+    other answers `Connection: close` (its client reconnects, to the idle one); balanced, nothing changes."""
+    from serving.spread import Spread
+
+    gates: dict[str, asyncio.Event] = {}
+
+    async def app(scope, receive, send):  # a request that answers when the test lets it
+        await gates[scope["path"]].wait()
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]}
+        await send(start)
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    a, b = (Spread(app, folder=tmp_path, index=i, workers=2) for i in (0, 1))
+    assert (tmp_path / f"spread-{os.getppid()}.bin").stat().st_size == 16
+
+    async def request(worker: Spread, path: str):
+        gates[path] = asyncio.Event()
+        sent = []
+
+        async def send(message):
+            sent.extend(message.get("headers", []))
+
+        scope = {"type": "http", "path": path, "method": "POST"}
+        task = asyncio.create_task(worker(scope, None, send))
+        await asyncio.sleep(0)  # it is in progress now
+
+        async def answer():
+            gates[path].set()
+            await task
+            return sent
+
+        return answer
+
+    async def scenario():
+        a1, a2, a3 = [await request(a, f"/a{i}") for i in (1, 2, 3)]
+        assert list(a.loads.all) == [3, 0]
+        assert (b"connection", b"close") in await a1()  # 3 against 0
+        assert (b"connection", b"close") in await a2()  # 2 against 0
+        b1, b2 = [await request(b, f"/b{i}") for i in (1, 2)]
+        assert await a3() == [(b"connection", b"keep-alive")]  # 1 against 2: balanced enough
+        assert (b"connection", b"close") in await b1()  # 2 against 0
+        assert await b2() == [(b"connection", b"keep-alive")]  # 1 against 0
+        assert list(a.loads.all) == [0, 0]
+
+    asyncio.run(scenario())
+    alone = Spread(app, folder=tmp_path / "one", index=0, workers=1)
+    assert alone.loads is None and not (tmp_path / "one").exists()

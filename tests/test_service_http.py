@@ -689,3 +689,65 @@ def test_a_worker_that_dies_is_restarted_and_logged(guarded):
 
 def test_nothing_was_written_under_home_by_the_guarded_server(guarded):
     assert sorted(Path(guarded[0].env["HOME"]).rglob("*")) == []
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def generate(sock: socket.socket, port: int) -> tuple[bytes, socket.socket]:
+    """POST /generate over a kept-alive socket: the status line, and the socket for the next request (a new
+    one when the server said `Connection: close`)."""
+    body = b'{"max_new_chars": 300}'
+    head = "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    header, _, rest = data.partition(b"\r\n\r\n")
+    fields = dict(line.lower().split(b": ", 1) for line in header.split(b"\r\n")[1:])
+    while len(rest) < int(fields[b"content-length"]):
+        rest += sock.recv(65536)
+    if fields.get(b"connection") == b"close":
+        sock.close()
+        sock = socket.create_connection(("127.0.0.1", port))
+    return header.split(b"\r\n")[0], sock
+
+
+def test_two_workers_share_clients_that_connect_at_once(small_text, tmp_path):
+    """Eight keep-alive clients connect at the same moment, all waiting in the listening socket's queue, which
+    lets the first worker to wake accept them all; the crowded worker sends clients to reconnect until both
+    workers generate (each gains CPU time), and no request fails."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = server_env(home, CHAR_RNN_WORKERS="2")
+    promote(env, tiny_checkpoint(small_text, tmp_path / "ck").path)
+    with running(env, home / "server.log") as live:
+        wait_for(lambda: live.client.get("/readyz").status_code == 200, 60, "the model to load")
+        workers = [
+            p
+            for p in process_tree(live.pid)
+            if b"_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2
+        socks = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(8)]
+        stop, statuses = threading.Event(), set()
+
+        def client(sock: socket.socket) -> None:
+            while not stop.is_set():
+                status, sock = generate(sock, live.port)
+                statuses.add(status)
+            sock.close()
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in socks]
+        before = {w: cpu_seconds(w) for w in workers}
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: all(cpu_seconds(w) - before[w] > 1.0 for w in workers), 120, "both workers")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert statuses == {b"HTTP/1.1 200 OK"}
