@@ -347,6 +347,31 @@ def test_a_failed_retrain_through_flows_serve_notifies_the_webhook_and_leaves_no
     fails_and_notifies(stack, listener)
 
 
+def running_flow(run_id: str) -> int | None:
+    """The process that runs flow run `run_id` (the runner gives it PREFECT__FLOW_RUN_ID), if it is up."""
+    mark = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark in environ.read_bytes().split(b"\0"):
+                return int(environ.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_crashed_scheduled_retrain_notifies_the_webhook(stack, listener, small_text):
+    """The retrain killed outright while it runs: the runner reports it Crashed, and the automation fires."""
+    texts = stack.corpus("crashed", small_text[:12000])
+    params = {"data_dir": str(texts), "steps": 20000, "hidden": 32, "batch": 8, "seq": 32}
+    run = flow_run(stack, DEPLOYMENTS[1], params, lambda r: r["state_type"] == "RUNNING")
+    wait_run(stack, run["id"], lambda r: running_flow(run["id"]) is not None, 60)
+    os.kill(running_flow(run["id"]), signal.SIGKILL)
+    run = wait_run(stack, run["id"], lambda r: r["state_type"] in ENDED)
+    assert run["state_type"] == "CRASHED", run["state"]
+    said = json.loads(listener.next())["text"]
+    assert f"scheduled retrain {run['name']} ended Crashed" in said, said
+
+
 def test_on_demand_deployment_trains_and_promotes(stack, small_text):
     texts = stack.corpus("on-demand", small_text[:6000])
     before = stack.promoted()
