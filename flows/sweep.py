@@ -57,8 +57,9 @@ def worker_address() -> str:
 
 @task(**NO_PICKLE)
 def train_trial(data: Encoded, trial: Trial, rung: int, stop: int) -> Rung:
-    """Train `trial` to step `stop` on the Dask worker that runs this task (see stages.training)."""
-    return training.train_trial(data, trial, rung, stop, worker_address())
+    """Train `trial` to step `stop` on the Dask worker that runs this task (see stages.training); the same
+    sweep run twice at once takes turns on a trial's folder."""
+    return training.train_trial(data, trial, rung, stop, worker_address(), get_run_logger().info)
 
 
 def security(address: str) -> dict:

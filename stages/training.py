@@ -247,14 +247,22 @@ def train_run(
     )
 
 
-def train_trial(data: Encoded, trial: Trial, rung: int, stop: int, worker: str = "local") -> Rung:
+def train_trial(
+    data: Encoded,
+    trial: Trial,
+    rung: int,
+    stop: int,
+    worker: str = "local",
+    waiting: Callable[[str], None] | None = None,
+) -> Rung:
     """Train `trial` to step `stop` on one BLAS thread, resuming its newest checkpoint. A rung it finished
-    before is read back, not trained again; a diverging trial is a failed Rung, not an error."""
-    done = {r.rung: r for r in trial.rungs()}
-    if rung in done:
-        return done[rung]
+    before (in this sweep or the same sweep run meanwhile, which it waits for when told `waiting`) is read
+    back, not trained again; a diverging trial is a failed Rung, not an error."""
     out = trial.dir / "checkpoints"
-    with owned(out, f"training trial {trial.index}"):
+    with owned(out, f"training trial {trial.index}", waiting):
+        done = {r.rung: r for r in trial.rungs()}
+        if rung in done:
+            return done[rung]
         now = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), "rung": rung}
         write_atomic(trial.dir / "worker.json", json.dumps(now).encode())
         write_atomic(trial.dir / "trial.json", trial.model_dump_json(indent=1).encode())

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from threadpoolctl import threadpool_limits
 
 from flows.sweep import sweep
-from model import checkpoint, train
+from model import checkpoint, files, train
 from model.config import ModelConfig
 from model.vocab import Vocab
 from registry import Registry
@@ -137,6 +137,27 @@ def test_a_diverging_trial_is_a_failed_rung_not_an_error(encoded, tmp_path):
     wild = trial(encoded, tmp_path / "wild", hidden=16, batch=4, seq=16, optimizer="sgd", lr=9.0, clip=0.0)
     r = train_trial(encoded, wild, 0, 30)
     assert r.failed and "loss" in r.failed and r.val is None and r.worker == "local"
+
+
+def test_the_same_trial_asked_twice_at_once_waits_its_turn(encoded, tmp_path):
+    """The same sweep run twice at once (a CLI sweep and the deployment's): a trial whose folder another run
+    owns waits, saying whom for, then reads back or trains its rung. Ordered by events: the lock is held until
+    the trial has said it waits."""
+    t = trial(encoded, tmp_path / "t", hidden=16, batch=4, seq=16)
+    heard, got = [], []
+    with files.owned(t.dir / "checkpoints", "training trial 0"):  # the other run
+        waiter = threading.Thread(
+            target=lambda: got.append(train_trial(encoded, t, 0, 30, waiting=heard.append))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while not heard:
+            assert time.monotonic() < deadline and waiter.is_alive(), "the trial did not wait"
+            time.sleep(0.01)
+        assert not got and f"process {os.getpid()} on " in heard[0] and "training trial 0" in heard[0]
+    waiter.join(timeout=120)
+    assert got[0].step == 30 and got[0].failed is None
+    assert train_trial(encoded, t, 0, 30, waiting=heard.append) == got[0]  # read back, not trained again
 
 
 def test_a_finished_rung_is_read_back_and_a_trial_resumes_to_the_next(encoded, tmp_path):
