@@ -10,13 +10,14 @@ nothing for `QUIET` seconds counts as stopped too.
 from __future__ import annotations
 
 import json
-import os
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
+
+from serving import workers
 
 QUIET = 600.0  # seconds without news after which a run on another host counts as stopped
 CURVE_POINTS = 300  # at most this many points of each curve are sent
@@ -64,13 +65,8 @@ def alive(doc: dict) -> bool:
         except (KeyError, TypeError, ValueError):
             return False
         return (datetime.now(UTC) - said).total_seconds() < QUIET
-    try:
-        os.kill(int(doc.get("pid", 0)), 0)
-    except PermissionError:  # someone else's process, alive
-        return True
-    except (OSError, ValueError, OverflowError):
-        return False
-    return int(doc.get("pid", 0)) > 0
+    pid = doc.get("pid")
+    return isinstance(pid, int) and 0 < pid < 2**31 and workers.alive(pid)
 
 
 def thinned(points: list) -> list:

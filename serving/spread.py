@@ -52,6 +52,8 @@ class Loads:
 
     def crowded(self) -> bool:
         """Whether this worker holds more than one request above the least busy live worker."""
+        if self.mine[1] < 2:  # it cannot be (the common case at low load: no look at the others)
+            return False
         live = [int(n) for pid, n in self.rows if pid and (pid == self.mine[0] or alive(int(pid)))]
         return int(self.mine[1]) > min(live) + 1
 

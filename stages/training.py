@@ -263,8 +263,8 @@ def train_trial(
         done = {r.rung: r for r in trial.rungs()}
         if rung in done:
             return done[rung]
-        now = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), "rung": rung}
-        write_atomic(trial.dir / "worker.json", json.dumps(now).encode())
+        where = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), "rung": rung}
+        write_atomic(trial.dir / "worker.json", json.dumps(where).encode())
         write_atomic(trial.dir / "trial.json", trial.model_dump_json(indent=1).encode())
         start = newest_step(out)
         t0, val, failed, step = time.perf_counter(), None, None, start

@@ -491,3 +491,35 @@ def test_the_metrics_need_the_metrics_key_else_the_api_key_else_none(
     assert {route: key and key.secret for route, key in got.items() if route != "/metrics"} == dict.fromkeys(
         ("/generate", "/generate_stream", "/model_info", "/models", "/training"), api_key
     )
+
+
+def test_a_run_whose_trainer_is_gone_shows_as_stopped(tmp_path):
+    """/training's view: a run that says it trains, but whose process on this host has ended (or, on another
+    host, has said nothing for QUIET seconds), is shown stopped; a live one as it says."""
+    import socket
+    import subprocess
+
+    from serving import progress
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here, old = socket.gethostname(), "2000-01-01T00:00:00+00:00"
+    cases = [
+        ({"host": here, "pid": os.getpid()}, "training"),
+        ({"host": here, "pid": gone.pid}, "stopped"),
+        ({"host": here, "pid": 0}, "stopped"),
+        (
+            {
+                "host": "elsewhere",
+                "pid": os.getpid(),
+                "updated_at": progress.datetime.now(progress.UTC).isoformat(),
+            },
+            "training",
+        ),
+        ({"host": "elsewhere", "pid": os.getpid(), "updated_at": old}, "stopped"),
+    ]
+    for i, (doc, state) in enumerate(cases):
+        run = tmp_path / f"runs-{i}" / "run-x"
+        run.mkdir(parents=True)
+        (run / "progress.json").write_text(json.dumps({"state": "training", "step": 3, "steps": 9} | doc))
+        assert progress.view(run.parent, None).state == state, doc
