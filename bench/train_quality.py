@@ -2,10 +2,11 @@
 
 Trains TrainConfig() + ModelConfig() defaults (or `--cell`, `--set` overrides) with model.train.train on tiny
 shakespeare (last 10% held out, model.corpus.split). The budget is wall time from start to the last number:
-a warm-up that times real training steps and a validation pass (on a throwaway model) sets the step count so
-that the cosine schedule, the in-run validations, the checkpoints and the final full-validation passes fit;
-should the machine slow down (other jobs take the cores), a deadline stops training early (reported, with
-the steps done) rather than overrun. Prints validation loss against time; the last line is one JSON object
+the run's own first steps (its learning-rate warm-up) time a step, a validation pass and a checkpoint, which
+sets the step count so that the cosine schedule, the in-run validations, the checkpoints and the final
+full-validation passes fit; halfway, the step count is planned again from the pace measured so far. Should
+the machine slow down (other jobs take the cores), a deadline stops training early (reported, with the steps
+done) rather than overrun. Prints validation loss against time; the last line is one JSON object
 whose "best_val_nats" is the full validation set's loss of the better of the final and the best (by in-run
 validation) checkpoints. Run it on an otherwise idle machine: the load average is recorded before and after.
 The run writes its section of docs/benchmarks.md (unless --no-record): one section per cell, `--set`
@@ -24,19 +25,20 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from model import checkpoint, net, optim, train
+from model import checkpoint, net, train
 from model.config import ModelConfig, TrainConfig
 from model.corpus import split
-from model.train import Streams
 
 MARGIN = 0.02  # of the budget, kept free against estimation error
+REPLAN = 0.5  # the share of the planned steps after which the step count is planned again
+CHECKPOINT_EVERY = 50  # steps: what a deadline can lose; fixed, as a resumed run must keep it
 
 
 class OutOfTime(Exception):
@@ -58,88 +60,103 @@ def configs(vocab_size: int, overrides: list[str]) -> tuple[ModelConfig, TrainCo
     return ModelConfig(**mkw), TrainConfig(**tkw)
 
 
-def timings(
-    tr: np.ndarray, va: np.ndarray, mcfg: ModelConfig, tcfg: TrainConfig, seconds: float, tmp: Path
-) -> tuple[float, float, float, int]:
-    """Wall seconds per training step (the mean of the second half of the steps: a run pays for its slow steps
-    too, but not for a fresh process's first ones), per in-run validation and per checkpoint, timed for about
-    `seconds` on a throwaway model; the steps taken."""
-    rng = np.random.default_rng(tcfg.seed + 1)
-    p = net.init(mcfg, rng)
-    opt = optim.make(tcfg.optimizer, p, tcfg.weight_decay)
-    streams = Streams(tr, tcfg.batch, tcfg.seq)
-    s, pos, times = net.zeros_state(mcfg, tcfg.batch), 0, []
-    drop = rng if mcfg.dropout > 0 else None
-    end = time.perf_counter() + seconds
-    while len(times) < 10 or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        x, y, pos = streams.get(pos)
-        _, g, s = net.grads(p, mcfg, x, y, s, drop)
-        optim.clip_(g, tcfg.clip)
-        opt.step(p, g, tcfg.lr * 0.1)
-        times.append(time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    train.evaluate(p, mcfg, va[: tcfg.eval_chars] if tcfg.eval_chars else va)
-    t2 = time.perf_counter()
-    meta = checkpoint.Meta(format=checkpoint.FORMAT, vocab=[], model=mcfg, train=tcfg)
-    checkpoint.save(tmp / "warm-up", p, meta, opt.state_dict() | {"state": s})
-    t3 = time.perf_counter()
-    return float(np.mean(times[len(times) // 2 :])), t2 - t1, t3 - t2, len(times)
+@dataclass
+class Budget:
+    """The wall-time budget and the run's own timings: step, validation and checkpoint costs, measured on
+    its first steps, and the deadline by which training must stop (the final evaluations left to do)."""
+
+    start: float
+    finish: float  # start + the budget
+    deadline: float = 0.0
+    per_step: float = 0.0
+    per_eval: float = 0.0
+    per_save: float = 0.0
+    plans: list[int] = field(default_factory=list)  # the step counts planned, in turn
 
 
 @dataclass
-class Plan:
-    """How the budget is spent: the warm-up's timings, and the steps, checkpoints and deadline they give."""
+class Segment:
+    """What one train.train call saw: (time, step) at each report without a validation, the time of each
+    report with one, its start and end."""
 
-    per_step: float
-    per_eval: float
-    per_save: float
-    warm_steps: int
-    deadline: float  # perf_counter time by which training must stop, the final evaluations left to do
-    left: float  # seconds for training when planned
-
-
-def plan(tr: np.ndarray, va: np.ndarray, mcfg: ModelConfig, tcfg: TrainConfig, args, start: float, tmp: Path):
-    """The warm-up, then the run's TrainConfig (steps, checkpoint and validation intervals) and its Plan."""
-    budget = 60.0 * args.minutes
-    warm = min(20.0, max(5.0, 0.02 * budget))  # long enough for the step time's mean to settle
-    per_step, per_eval, per_save, n_warm = timings(tr, va, mcfg, tcfg, warm, tmp)
-    # checkpoints take ~1% of the time, so that a deadline loses few steps (those since the last one)
-    eval_every = tcfg.eval_every or tcfg.checkpoint_every
-    every = min(eval_every, max(10, math.ceil(per_save / (0.01 * per_step))))
-    eval_chars = tcfg.eval_chars or len(va)
-    final_evals = 2 * per_eval * len(va) / min(eval_chars, len(va))  # the final and the best, on all of va
-    deadline = start + budget * (1 - MARGIN) - final_evals
-    left = deadline - time.perf_counter()
-    # 5% slack: logging, progress, and a long run's steps running slower than its warm-up's; a deadline that
-    # cuts the annealing tail costs more loss than planning a few steps fewer
-    per_step_all = per_step * 1.05 + per_eval / eval_every + per_save / every
-    steps = args.steps or max(1, int(left / per_step_all))
-    tcfg = tcfg.model_copy(update={"steps": steps, "checkpoint_every": every, "eval_every": eval_every})
-    return tcfg, Plan(per_step, per_eval, per_save, n_warm, deadline, left)
+    marks: list[tuple[float, int]] = field(default_factory=list)
+    val_marks: list[tuple[float, int]] = field(default_factory=list)
+    t0: float = 0.0
+    t1: float = 0.0
 
 
-def run_training(tr, va, vocab, mcfg, tcfg, out: Path, pl: Plan, fixed: bool, start: float):
-    """Train into `out`, stopped by the deadline unless the step count is fixed; the step it finished at
-    (None when the deadline stopped it) and the validation curve [minutes, step, loss]."""
-    curve: list[list[float]] = []
+def segment(tr, va, vocab, mcfg, tcfg, out: Path, budget: Budget, curve: list, stop: int | None) -> Segment:
+    """Train into `out` (resuming what is there) up to `stop` (or the end) while the schedule spans
+    `tcfg.steps`; OutOfTime when the deadline passes first (budget.deadline 0: no deadline yet)."""
+    seg = Segment(t0=time.perf_counter())
 
     def progress(p: train.Progress) -> None:
-        if p.val_loss is not None:
-            m = (time.perf_counter() - start) / 60
-            curve.append([round(m, 3), p.step, round(p.val_loss, 4)])
-            print(f"{m:>8.2f} {p.step:>7} {p.loss:>7.4f} {p.val_loss:>7.4f}", flush=True)
-        if not fixed and p.step < p.steps and time.perf_counter() > pl.deadline:
+        now = time.perf_counter()
+        if p.val_loss is None:
+            seg.marks.append((now, p.step))
+        else:
+            seg.val_marks.append((now, p.step))
+            curve.append([round((now - budget.start) / 60, 3), p.step, round(p.val_loss, 4)])
+            print(f"{curve[-1][0]:>8.2f} {p.step:>7} {p.loss:>7.4f} {p.val_loss:>7.4f}", flush=True)
+        if budget.deadline and p.step < p.steps and now > budget.deadline:
             raise OutOfTime  # (past the last step, the final checkpoint is written: it is quick)
 
+    resume = bool(checkpoint.step_dirs(out))
+    train.train(tr, va, vocab, mcfg, tcfg, out, resume=resume, stop=stop, on_progress=progress)
+    seg.t1 = time.perf_counter()
+    return seg
+
+
+def measure(seg: Segment, budget: Budget) -> None:
+    """Step, validation and checkpoint costs from the first segment: the steps' mean over its second half (a
+    run pays for its slow steps too, but not for a fresh process's first ones); the validation, the time of
+    the last report's steps over theirs; the checkpoint (with its read-back), what followed the report."""
+    (ta, sa), (tb, sb) = seg.marks[len(seg.marks) // 2], seg.marks[-1]
+    budget.per_step = (tb - ta) / (sb - sa)
+    t_val, s_val = seg.val_marks[-1]
+    budget.per_eval = max(0.0, t_val - tb - (s_val - sb) * budget.per_step)
+    budget.per_save = seg.t1 - t_val
+
+
+def plan(tcfg: TrainConfig, budget: Budget, done: int, per_step_all: float) -> TrainConfig:
+    """The step count that ends training at the deadline, at `per_step_all` seconds a step from `done`."""
+    steps = max(done + 1, done + int((budget.deadline - time.perf_counter()) / per_step_all))
+    budget.plans.append(steps)
+    return tcfg.model_copy(update={"steps": steps})
+
+
+def run_training(tr, va, vocab, mcfg, tcfg: TrainConfig, out: Path, budget: Budget, n_val: int, fixed: bool):
+    """The run in three calls of train.train: its first steps (the learning-rate warm-up, whose schedule does
+    not depend on the step count) time a step, a validation and a checkpoint; the step count is then planned
+    so that training ends at the deadline, and planned again halfway from the steps' measured pace (the
+    cosine then stretches or shrinks a little from there). Returns the step it finished at (None when the
+    deadline stopped it) and the validation curve [minutes, step, loss]."""
+    curve: list[list[float]] = []
     print(f"{'minutes':>8} {'step':>7} {'train':>7} {'val':>7}")
+    if fixed:
+        segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, None)
+        return tcfg.steps, curve
+    first = max(tcfg.warmup, 10 * tcfg.log_every)
+    probe = tcfg.model_copy(update={"steps": max(10 * first, 10**6)})
+    measure(segment(tr, va, vocab, mcfg, probe, out, budget, curve, first), budget)
+    eval_chars = min(tcfg.eval_chars or n_val, n_val)
+    # the final checkpoint on all of va (the best is another only when the last in-run validation was not
+    # the lowest, rare at the cosine's end: MARGIN covers its pass then)
+    final_evals = budget.per_eval * n_val / eval_chars
+    budget.deadline = budget.start + (budget.finish - budget.start) * (1 - MARGIN) - final_evals
+    every = tcfg.eval_every or tcfg.checkpoint_every
+    per_step_all = budget.per_step + budget.per_eval / every + budget.per_save / tcfg.checkpoint_every
+    tcfg = plan(tcfg, budget, first, per_step_all)
+    told(budget, tcfg, first, per_step_all)
     try:
-        return train.train(tr, va, vocab, mcfg, tcfg, out, on_progress=progress).meta.step, curve
+        half = first + int(REPLAN * (tcfg.steps - first))
+        seg = segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, half)
+        pace = (seg.t1 - seg.t0) / max(1, half - first)
+        tcfg = plan(tcfg, budget, half, pace)
+        told(budget, tcfg, half, pace)
+        segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, None)
+        return tcfg.steps, curve
     except OutOfTime:
-        if not checkpoint.step_dirs(out):
-            raise SystemExit(
-                "the deadline came before the first checkpoint: give it more --minutes"
-            ) from None
         return None, curve
 
 
@@ -153,16 +170,22 @@ def full_validation(out: Path, mcfg: ModelConfig, va: np.ndarray) -> tuple[dict[
     return full, final.meta.step
 
 
-def describe(n_train: int, n_val: int, mcfg: ModelConfig, tcfg: TrainConfig, pl: Plan) -> None:
+def describe(n_train: int, n_val: int, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     print(f"tiny shakespeare: {n_train:,} train / {n_val:,} validation chars")
     print(f"BLAS {common.blas_name()}, {common.blas_threads()} threads")
-    print(f"model {mcfg.model_dump()}\ntrain {tcfg.model_dump()}")
-    rate = tcfg.batch * tcfg.seq / pl.per_step
-    print(
-        f"warm-up: {pl.warm_steps} steps, {pl.per_step * 1e3:.1f} ms/step ({rate:,.0f} chars/s), "
-        f"{pl.per_eval:.2f} s/validation, {pl.per_save:.2f} s/checkpoint -> {tcfg.steps} steps in the "
-        f"{pl.left:.0f} s left for training"
-    )
+    print(f"model {mcfg.model_dump()}\ntrain {tcfg.model_dump(exclude={'steps'})}")
+
+
+def told(budget: Budget, tcfg: TrainConfig, done: int, pace: float) -> None:
+    """The plan just made, as a line."""
+    if len(budget.plans) == 1:
+        rate = tcfg.batch * tcfg.seq / budget.per_step
+        print(
+            f"first {done} steps: {budget.per_step * 1e3:.1f} ms/step ({rate:,.0f} chars/s), "
+            f"{budget.per_eval:.2f} s/validation, {budget.per_save:.2f} s/checkpoint"
+        )
+    left = budget.deadline - time.perf_counter()
+    print(f"  at step {done}: {pace * 1e3:.1f} ms a step all in, {left:.0f} s left -> {tcfg.steps} steps")
 
 
 def main() -> None:
@@ -188,16 +211,21 @@ def main() -> None:
         f"train_quality {key}", f"Validation loss reached: {key} (`bench/train_quality.py`)", args
     )
     tmp = Path(tempfile.mkdtemp(prefix="char-rnn-quality-"))
-    tcfg, pl = plan(tr, va, mcfg, tcfg, args, start, tmp)
-    describe(len(tr), len(va), mcfg, tcfg, pl)
-    done, curve = run_training(tr, va, vocab, mcfg, tcfg, tmp / "run", pl, bool(args.steps), start)
+    every = tcfg.eval_every or tcfg.checkpoint_every
+    tcfg = tcfg.model_copy(update={"eval_every": every, "checkpoint_every": CHECKPOINT_EVERY})
+    if args.steps:
+        tcfg = tcfg.model_copy(update={"steps": args.steps})
+    describe(len(tr), len(va), mcfg, tcfg)
+    budget = Budget(start, start + 60.0 * args.minutes)
+    done, curve = run_training(tr, va, vocab, mcfg, tcfg, tmp / "run", budget, len(va), bool(args.steps))
+    planned = budget.plans[-1] if budget.plans else tcfg.steps
     full, final_step = full_validation(tmp / "run", mcfg, va)
     shutil.rmtree(tmp)
     minutes, cpu_minutes = (time.perf_counter() - start) / 60, (time.process_time() - cpu0) / 60
     load_after, best_val = os.getloadavg(), min(full.values())
     for k, v in full.items():
         print(f"full validation, {k}: {v:.4f} nats/char ({v / math.log(2):.4f} bits)")
-    stopped = "" if done else f"; the deadline stopped training after step {final_step} of {tcfg.steps}"
+    stopped = "" if done else f"; the deadline stopped training after step {final_step} of {planned}"
     print(f"{minutes:.2f} min wall (budget {args.minutes:g}), {cpu_minutes:.2f} min CPU{stopped}")
     result = {
         "best_val_nats": round(best_val, 4),
@@ -205,15 +233,16 @@ def main() -> None:
         "minutes": round(minutes, 3),
         "budget_minutes": args.minutes,
         "cpu_minutes": round(cpu_minutes, 3),
-        "steps_planned": tcfg.steps,
+        "steps_planned": planned,
+        "plans": budget.plans,
         "steps_done": final_step if done is None else done,
         "stopped_by_deadline": done is None,
-        "ms_per_step": round(pl.per_step * 1e3, 2),
+        "ms_per_step": round(budget.per_step * 1e3, 2),
         "blas_threads": common.blas_threads(),
         "load_avg_before": [round(x, 2) for x in run.load_before],
         "load_avg_after": [round(x, 2) for x in load_after],
         "model": mcfg.model_dump(),
-        "train": tcfg.model_dump(),
+        "train": tcfg.model_dump() | {"steps": planned},
         "overrides": args.set,
         "curve": curve,
     }
@@ -226,7 +255,7 @@ def report(r: dict, full: dict[str, float]) -> str:
     head = [
         "best nats/char (bits)",
         "steps done / planned",
-        "ms/step (warm-up)",
+        "ms/step (first steps)",
         "wall minutes",
         "CPU minutes",
     ]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from model.runtime import Recur, one_thread
+from model.runtime import Product, Recur, one_thread
 
 Params = dict[str, np.ndarray]
 
@@ -49,9 +49,10 @@ class Cell:
         pre-activations `a` (k, T, B, H; overwritten), the layer's parameters `q` and the state `s0`."""
         raise NotImplementedError
 
-    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray, mul: Product) -> None:
         """One step without the training caches (sampling): the next state into `out` (S, B, H), from the
-        input pre-activations `a` (k, B, H; overwritten) and the state `s` (S, B, H; not `out`)."""
+        input pre-activations `a` (k, B, H; overwritten) and the state `s` (S, B, H; not `out`); `mul` is
+        the product h W of this layer (its result is overwritten by the next call)."""
         raise NotImplementedError
 
     def backward(self, dh: np.ndarray, cache: Any, q: Params) -> tuple[np.ndarray, Params]:

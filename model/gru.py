@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.cell import Cell, Params, back_through_time, blocks, halved, recur_grad
-from model.runtime import Recur, one_thread
+from model.runtime import Product, Recur, one_thread
 
 
 class GRU(Cell):
@@ -53,9 +53,9 @@ class GRU(Cell):
                 np.add(hs[t + 1], ns[t], hs[t + 1])
         return h[1:], (a, h, R), h[-1:]
 
-    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray, mul: Product) -> None:
         h, (r, z, n) = s[0], a  # (B, H) each
-        R = blocks(np.matmul(h, q["W"]), 3)  # (B, 3H) seen as (3, B, H): one contiguous product
+        R = blocks(mul(h), 3)  # (B, 3H) seen as (3, B, H): one contiguous product
         g = a[:2]  # r, z
         g += R[:2]
         g *= 0.5

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.cell import Cell, Params, back_through_time, blocks, halved, recur_grad
-from model.runtime import Recur, one_thread
+from model.runtime import Product, Recur, one_thread
 
 
 class LSTM(Cell):
@@ -55,9 +55,9 @@ class LSTM(Cell):
                 np.multiply(os_[t], tcs[t], hs[t + 1])
         return h[1:], (a, h, c, tc), np.stack([h[-1], c[-1]])
 
-    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray, mul: Product) -> None:
         o, i, f, g = a  # (B, H) each
-        tmp = blocks(np.matmul(s[0], q["W"]), 4)  # (B, 4H) seen as (4, B, H): one contiguous product
+        tmp = blocks(mul(s[0]), 4)  # (B, 4H) seen as (4, B, H): one contiguous product
         a += tmp
         a[:3] *= 0.5
         np.tanh(a, out=a)

@@ -25,7 +25,7 @@ from model.config import ModelConfig
 from model.gru import GRU
 from model.lstm import LSTM
 from model.rnn import RNN
-from model.runtime import halves, keep_freed_memory, shares, side_by_side
+from model.runtime import Product, halves, keep_freed_memory, shares, side_by_side
 
 CELLS: dict[str, Cell] = {c.name: c for c in (RNN(), GRU(), LSTM())}
 
@@ -286,16 +286,17 @@ class Stepper:
         self.p, self.cell = p, CELLS[cfg.cell]
         self.embed = p["U0"] + p["b0"]  # (V, kH)
         self.layers = [layer(p, cfg, l) for l in range(cfg.layers)]
+        self.products = [Product(q["W"]) for q in self.layers]  # each layer's h W, in blocks BLAS likes
 
     def __call__(self, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Advance the state `s` (L, S, B, H) by `ids` (B,) into `out` (a new array when None; never `s`)."""
         out = np.empty_like(s) if out is None else out
         k = self.cell.gates
         a = blocks(np.take(self.embed, ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
-        for l, q in enumerate(self.layers):
+        for l, (q, mul) in enumerate(zip(self.layers, self.products, strict=True)):
             if l:
                 a = inputs(self.p, l, k, out[l - 1, 0])
-            self.cell.step(a, q, s[l], out[l])
+            self.cell.step(a, q, s[l], out[l], mul)
         return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.cell import Cell, Params
-from model.runtime import Recur, one_thread
+from model.runtime import Product, Recur, one_thread
 
 
 class RNN(Cell):
@@ -32,9 +32,8 @@ class RNN(Cell):
                 np.tanh(hs[t], hs[t])
         return h, (h, h0), h[-1:]
 
-    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray) -> None:
-        np.matmul(s[0], q["W"], out=out[0])
-        out[0] += a[0]
+    def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray, mul: Product) -> None:
+        np.add(mul(s[0]), a[0], out=out[0])
         np.tanh(out[0], out=out[0])
 
     def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:

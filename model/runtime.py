@@ -3,12 +3,14 @@ products in blocks OpenBLAS multiplies fastest, and malloc's reuse of freed memo
 
 Nothing here changes a number a model computes (beyond rounding, for the halves); it only decides where and in
 which pieces the products run. The cells (`rnn.py`, `gru.py`, `lstm.py`) keep only the maths and call `Recur`
-and `one_thread`; `net.grads` calls `halves` and `side_by_side`, the optimizers `shares`.
+and `one_thread` in training, `Product` in sampling; `net.grads` calls `halves` and `side_by_side`, the
+optimizers `shares`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -197,3 +199,40 @@ class Recur:
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
         np.matmul(self.rows(x), self.W, out=self.cols(out))
+
+
+class Product:
+    """x W for one step of sampling, x (B, K) with B changing as rows join and leave: rows in blocks of 8
+    against W's column blocks (one call, OpenBLAS's small-matrix kernel, as `Recur`), the rows past the last
+    whole block in a plain call; one plain call when BLAS runs on more threads, lacks the kernel or the
+    product is small anyway. Returns a buffer of its own (B, N), overwritten by the next call."""
+
+    ROWS = 8
+
+    def __init__(self, W: np.ndarray):
+        K, N = W.shape
+        self.W, self.buf = W, np.empty((self.ROWS, N), W.dtype)
+        m, self.n = split(self.ROWS * 2, K, N)  # the columns a block of ROWS rows takes, if it pays
+        self.blocked, self.least = None, math.inf  # the fewest rows that go in blocks
+        if m == self.ROWS and blas_threads() == 1 and small_kernel():  # (N/n, 1, K, n), blocks contiguous
+            self.blocked = np.ascontiguousarray(W.reshape(K, N // self.n, self.n).swapaxes(0, 1))[:, None]
+            self.least = max(self.ROWS, SMALL_MNK // (K * N) + 1)  # fewer fit the kernel whole
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        B = len(x)
+        if len(self.buf) < B:
+            self.buf = np.empty((max(B, 2 * len(self.buf)), self.W.shape[1]), self.W.dtype)
+        out = self.buf[:B]
+        if B < self.least:
+            np.matmul(x, self.W, out)  # outputs positional: a keyword costs more
+            return out
+        (K, N), m, q = self.W.shape, self.ROWS, B // self.ROWS * self.ROWS
+        # (1, q/m, m, K) x (N/n, 1, K, n) into out's first q rows seen as (N/n, q/m, m, n)
+        np.matmul(
+            x[:q].reshape(1, q // m, m, K),
+            self.blocked,
+            out[:q].reshape(q // m, m, N // self.n, self.n).transpose(2, 0, 1, 3),
+        )
+        if q < B:
+            np.matmul(x[q:], self.W, out[q:])
+        return out

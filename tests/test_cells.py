@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from model import net
+from model.runtime import Product
 
 CELLS = ["rnn", "gru", "lstm"]
 
@@ -141,7 +142,7 @@ def test_cheap_step_equals_the_training_forward_bitwise(cell):
     a = r.standard_normal((c.gates, 1, 5, 8)).astype(np.float32)  # (k, T=1, B, H)
     _, _, ref = c.forward(a.copy(), q, s0)
     out = np.empty_like(s0)
-    c.step(a[:, 0].copy(), q, s0, out)
+    c.step(a[:, 0].copy(), q, s0, out, Product(q["W"]))
     np.testing.assert_array_equal(out, ref)
 
 
@@ -287,6 +288,29 @@ def test_recur_in_blocks_equals_one_product(lead, monkeypatch):
             recur(x, buf[..., 1, :, :])
         np.testing.assert_allclose(buf[..., 1, :, :], np.matmul(x, W), rtol=1e-12, atol=1e-10)
         assert not buf[..., [0, 2], :, :].any()
+
+
+@pytest.mark.parametrize("gates", [1, 3])
+def test_sampling_product_in_blocks_equals_one_product(gates, monkeypatch):
+    """Product's blocks of 8 rows (and the rows past the last whole block in a plain call) give x W, for row
+    counts that change from call to call as rows join and leave; its buffer grows when the rows outgrow it."""
+    from threadpoolctl import threadpool_limits
+
+    from model import runtime
+
+    monkeypatch.setattr(runtime, "small_kernel", lambda: True)  # blocks whatever this machine's BLAS
+    r = np.random.default_rng(0)
+    H = 512
+    W = r.standard_normal((H, gates * H))
+    with threadpool_limits(1, user_api="blas"):
+        mul = Product(W)
+    assert mul.blocked is not None
+    for B in (1, 16, 3, 8, 13, 17, 40, 8, 33):
+        x = r.standard_normal((B, H))
+        np.testing.assert_allclose(mul(x), x @ W, rtol=1e-12, atol=1e-10)
+    assert len(mul.buf) >= 40
+    with threadpool_limits(2, user_api="blas"):
+        assert Product(W).blocked is None  # more BLAS threads: one plain call, BLAS shares it
 
 
 @pytest.mark.parametrize("cell", CELLS)
