@@ -136,10 +136,12 @@ class Gate:
         if ctype != "application/json":
             msg = f"send the body as JSON with 'Content-Type: application/json' (got {ctype!r})"
             return await error(415, msg)(scope, receive, send)
-        too_big = error(413, f"request body larger than {self.max_body} bytes")
+        def too_big() -> JSONResponse:  # made only when sent: a response costs a request that needs none
+            return error(413, f"request body larger than {self.max_body} bytes")
+
         length = headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self.max_body:
-            return await too_big(scope, receive, send)
+            return await too_big()(scope, receive, send)
         body, more = b"", True
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -150,7 +152,7 @@ class Gate:
                     body += message.get("body", b"")
                     more = message.get("more_body", False)
                     if len(body) > self.max_body:
-                        return await too_big(scope, receive, send)
+                        return await too_big()(scope, receive, send)
         except TimeoutError:
             msg = f"the request body did not arrive within {self.body_timeout:g} s (CHAR_RNN_BODY_TIMEOUT)"
             return await error(408, msg, Connection="close")(scope, receive, send)
