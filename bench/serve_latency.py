@@ -104,6 +104,7 @@ class Tally:
     wall: float = 0.0
     per_process: Counter = field(default_factory=Counter)  # pid -> CPU seconds
     client: float = 0.0  # the load generator's own CPU seconds
+    reconnects: int = 0  # requests after which the server closed the connection
 
     def row(self) -> dict:
         cpu = sum(self.per_process.values())
@@ -112,6 +113,7 @@ class Tally:
             "chars_per_s": round(self.chars / self.wall),
             "cpu_ms_per_req": round(cpu / len(self.latencies) * 1000, 2),
             "client_cpu_ms_per_req": round(self.client / len(self.latencies) * 1000, 2),
+            "reconnects_per_req": round(self.reconnects / len(self.latencies), 3),
             # Workers share one listening socket, and the kernel may give one of them most connections.
             "busiest_process_cpu_share": round(max(self.per_process.values()) / cpu, 2) if cpu else None,
         }
@@ -139,8 +141,9 @@ async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: l
     warm = time.perf_counter() + 0.3
     await asyncio.gather(*(worker(k, warm, False) for k in range(concurrency)))
     t0, cpu0 = time.perf_counter(), {pid: cpu_seconds([pid]) for pid in pids}
-    client = time.process_time()
+    client, closed = time.process_time(), sum(c.closed_by_server for c in conns)
     await asyncio.gather(*(worker(k, t0 + seconds, True) for k in range(concurrency)))
+    tally.reconnects += sum(c.closed_by_server for c in conns) - closed
     tally.wall += time.perf_counter() - t0
     tally.client += time.process_time() - client
     for pid, before in cpu0.items():
@@ -403,8 +406,7 @@ def measures(extra: dict, t: dict) -> list[list[str]]:
             "",
         ],
         [
-            "`generate_ids` / minimal loop per character, batch "
-            + ", ".join(str(r["batch"]) for r in cost),
+            "`generate_ids` / minimal loop per character, batch " + ", ".join(str(r["batch"]) for r in cost),
             ", ".join(f"{r['ratio']}x ({r['generate_ids_us']} / {r['minimal_us']} µs)" for r in cost),
             "≤ 1.2x at batch 1",
             VERDICT[met["generate_ids_b1_le_1.2x"]],
@@ -415,9 +417,11 @@ def measures(extra: dict, t: dict) -> list[list[str]]:
 def report(rows: list[dict], extra: dict, t: dict) -> str:
     """The run as markdown: every load point, then each measure beside its target."""
     cols = ["batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s"]
-    points = [[r[c] for c in cols] + [r["cpu_ms_per_req"], r["busiest_process_cpu_share"]] for r in rows]
+    extra_cols = ("cpu_ms_per_req", "busiest_process_cpu_share", "reconnects_per_req")
+    points = [[r[c] for c in cols] + [r[c] for c in extra_cols] for r in rows]
     names = [c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]
-    head = common.markdown_table([*names, "server CPU ms/request", "busiest process's CPU share"], points)
+    shares = ["server CPU ms/request", "busiest process's CPU share", "reconnects a request"]
+    head = common.markdown_table([*names, *shares], points)
     table = common.markdown_table(["measure", "this run", "target", "verdict"], measures(extra, t))
     return f"{head}\n\n{table}\n"
 

@@ -73,6 +73,7 @@ class Connection:
         self.host, self.port = host, int(port)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.closed_by_server = 0  # responses with `Connection: close` (a worker spreading its clients)
 
     async def send(self, path: str, body: dict) -> None:
         if self.writer is None:
@@ -94,6 +95,7 @@ class Connection:
         head = await self.head()
         data = await self.reader.readexactly(int(head["content-length"]))
         if head.get("connection", "").lower() == "close":  # the server asks for a new connection next time
+            self.closed_by_server += 1
             self.close()
             self.writer = None
         return json.loads(data)
