@@ -1,8 +1,9 @@
 """The cost per generated character of `sample.generate_ids` against a minimal NumPy loop with the same
 products (one (B, H) x (H, kH) per layer per step, one (B, H) x (H, V) for the logits) and a plain inverse-CDF
 draw, alternated in one run on one BLAS thread. Target: generate_ids within 1.2x of the minimal loop at
-batch 1. Used by serve_latency.py; runs alone too, and then writes its section of docs/benchmarks.md (unless
---no-record); the last line printed is JSON:
+batch 1. A third contender, generate_ids with its per-step products held to one plain call each, says what
+the products in blocks (runtime.Product) gain. Used by serve_latency.py; runs alone too, and then writes its
+section of docs/benchmarks.md (unless --no-record); the last line printed is JSON:
 
     uv run python bench/sample_cost.py [--quick] [--cell gru] [--hidden 256] [--layers 1] [--no-record]
 """
@@ -59,10 +60,17 @@ def minimal(p: Params, cfg: ModelConfig, batch: int, rng: np.random.Generator) -
     return CHARS * batch
 
 
-def generated(p: Params, cfg: ModelConfig, batch: int, seed: int) -> int:
+def generated(p: Params, cfg: ModelConfig, batch: int, seed: int, blocks: bool = True) -> int:
+    """CHARS characters for `batch` rows through `generate_ids`; `blocks=False` holds its per-step products
+    to one plain call each (runtime.Product as on a BLAS without the small-matrix kernel), for comparison."""
     rows = [sample.Settings(TEMPERATURE, seed=seed + i) for i in range(batch)]
-    for _ in sample.generate_ids(p, cfg, [np.zeros(1, np.int32)] * batch, CHARS, rows):
-        pass
+    kernel = runtime.small_kernel
+    runtime.small_kernel = kernel if blocks else lambda: False  # read when generate_ids makes its Products
+    try:
+        for _ in sample.generate_ids(p, cfg, [np.zeros(1, np.int32)] * batch, CHARS, rows):
+            pass
+    finally:
+        runtime.small_kernel = kernel
     return CHARS * batch
 
 
@@ -76,6 +84,7 @@ def cost(cell: str, hidden: int, layers: int, rounds: int = 5, seconds: float = 
             rates = common.alternate(
                 {
                     "generate_ids": lambda b=batch: generated(p, cfg, b, int(rng.integers(1 << 30))),
+                    "plain": lambda b=batch: generated(p, cfg, b, int(rng.integers(1 << 30)), False),
                     "minimal": lambda b=batch: minimal(p, cfg, b, rng),
                 },
                 rounds,
@@ -83,6 +92,8 @@ def cost(cell: str, hidden: int, layers: int, rounds: int = 5, seconds: float = 
             )
             us = {k: round(1e6 / common.median(v), 2) for k, v in rates.items()}  # per character
             row = {"batch": batch, "generate_ids_us": us["generate_ids"], "minimal_us": us["minimal"]}
+            gain = round(us["plain"] / us["generate_ids"], 2)
+            row |= {"plain_products_us": us["plain"], "blocks_gain": gain}
             out.append(row | {"ratio": round(us["generate_ids"] / us["minimal"], 2)})
     return out
 
@@ -101,8 +112,10 @@ def main() -> None:
     rounds, seconds = (3, 0.3) if a.quick else (5, 0.6)
     rows = cost(a.cell, a.hidden, a.layers, rounds, seconds)
     head = ["batch", "generate_ids µs/char", "minimal loop µs/char", "ratio", "target"]
+    head += ["generate_ids, plain products µs/char", "products in blocks: speed-up"]
     table = [[r["batch"], r["generate_ids_us"], r["minimal_us"], f"**{r['ratio']}**"] for r in rows]
     table = [t + (["≤ 1.2"] if t[0] == 1 else [""]) for t in table]
+    table = [t + [r["plain_products_us"], f"{r['blocks_gain']}x"] for t, r in zip(table, rows, strict=True)]
     body = common.markdown_table(head, table)
     print(body)
     run.facts["model"] = f"{a.cell}, hidden {a.hidden} x {a.layers} layer(s), {CHARS} characters a row"
