@@ -2,21 +2,16 @@
 socket, and a worker that wakes first takes every connection waiting: clients that connect at once (a pool
 of keep-alive connections, a load test) can all land on one worker while the other sits idle, and a worker is
 one core at most (its Python holds the GIL). So each worker counts its requests in progress in a small file
-shared by the server's workers (a slot each, its own to write), and a worker holding more requests than the
-least busy one by more than one and a quarter of that one's (`Loads.crowded`) answers with `Connection:
-close`: the client's next request opens a new connection, which the idle worker, waiting on the socket, is
-first to accept. A client sees no error (HTTP clients reconnect after `Connection: close`), and with one
-worker, or an even load, nothing changes. The quarter lets busy workers differ by the few requests that come
-and go between two looks, which would otherwise send clients to reconnect all the time: a reconnection costs
-both sides more than a request's worth of imbalance.
+shared by the server's workers (a slot each, its own to write), and a worker holding more than one request
+above the least busy one answers with `Connection: close`: the client's next request opens a new connection,
+which the idle worker, waiting on the socket, is first to accept. A client sees no error (HTTP clients
+reconnect after `Connection: close`), and with one worker, or an even load, nothing changes.
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +19,6 @@ import numpy as np
 
 from model.files import make_dirs
 from serving.workers import alive
-
-LIVENESS_EVERY = 0.5  # seconds between looks at which peers' processes live
 
 
 class Loads:
@@ -53,24 +46,16 @@ class Loads:
         self.mine = self.rows[(worker_id - 1) % rows]  # (pid, requests): only this worker writes it
         self.mine[1] = 0
         self.mine[0] = os.getpid()
-        self.live: list[int] = []  # the rows of live workers (this one's included), as last looked at
-        self.checked = -math.inf
 
     def add(self, n: int) -> None:
         self.mine[1] += n
 
     def crowded(self) -> bool:
-        """Whether this worker holds more requests than the least busy live worker by more than one and a
-        quarter of that worker's: 2 against 0, 7 against 4, 22 against 16 (not 21)."""
-        mine = int(self.mine[1])
-        if mine < 2:  # it cannot be (the common case at low load: no look at the others)
+        """Whether this worker holds more than one request above the least busy live worker."""
+        if self.mine[1] < 2:  # it cannot be (the common case at low load: no look at the others)
             return False
-        now = time.monotonic()
-        if now > self.checked + LIVENESS_EVERY:  # peers' liveness, a syscall each: looked at now and then
-            self.live = [i for i, pid in enumerate(self.rows[:, 0].tolist()) if pid and alive(pid)]
-            self.checked = now
-        least = min(int(self.rows[i, 1]) for i in self.live) if self.live else mine
-        return mine > least + 1 + least // 4
+        live = [int(n) for pid, n in self.rows if pid and (pid == self.mine[0] or alive(int(pid)))]
+        return int(self.mine[1]) > min(live) + 1
 
 
 class Spread:
