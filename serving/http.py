@@ -136,6 +136,7 @@ class Gate:
         if ctype != "application/json":
             msg = f"send the body as JSON with 'Content-Type: application/json' (got {ctype!r})"
             return await error(415, msg)(scope, receive, send)
+
         def too_big() -> JSONResponse:  # made only when sent: a response costs a request that needs none
             return error(413, f"request body larger than {self.max_body} bytes")
 
