@@ -1,10 +1,10 @@
 """How the maths runs on this process's cores: BLAS threads, the batch's halves side by side, the per-step
 products in blocks OpenBLAS multiplies fastest, and malloc's reuse of freed memory.
 
-Nothing here changes a number a model computes (beyond rounding, for the halves); it only decides where and in
-which pieces the products run. The cells (`rnn.py`, `gru.py`, `lstm.py`) keep only the maths and call `Recur`
-and `one_thread` in training, `Product` in sampling; `net.grads` calls `halves` and `side_by_side`, the
-optimizers `shares`.
+Nothing here changes a number a model computes beyond rounding (a row's products may round differently in a
+half, in a block or alone); it only decides where and in which pieces the products run. The cells (`rnn.py`,
+`gru.py`, `lstm.py`) keep only the maths and call `Recur` and `one_thread` in training, `Product` in sampling;
+`net.grads` calls `halves` and `side_by_side`, the optimizers `shares`.
 """
 
 from __future__ import annotations
