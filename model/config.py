@@ -1,8 +1,10 @@
 """What a model is and how it trains: the two configurations, with their defaults and bounds defined once.
 
 The CLI's flags, the flows' parameters, the sweep's search space and every checkpoint take their types, bounds
-and defaults from here. The defaults are the settings that gave the best validation loss for a five-minute
-budget in `bench/train_quality.py` (its table in docs/benchmarks.md)."""
+and defaults from here. The defaults come within a small margin of the best validation loss any setting
+reached in a five-minute budget (`bench/train_quality.py`, its sections in docs/benchmarks.md): a third
+layer or wider layers did slightly better there, with steps long enough to slow the first model `make run`
+trains."""
 
 from __future__ import annotations
 
