@@ -66,7 +66,7 @@ class Budget:
     its first steps, and the deadline by which training must stop (the final evaluations left to do)."""
 
     start: float
-    finish: float  # start + the budget
+    seconds: float  # the budget
     deadline: float = 0.0
     per_step: float = 0.0
     per_eval: float = 0.0
@@ -137,13 +137,13 @@ def run_training(tr, va, vocab, mcfg, tcfg: TrainConfig, out: Path, budget: Budg
         segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, None)
         return tcfg.steps, curve
     first = max(tcfg.warmup, 10 * tcfg.log_every)
-    probe = tcfg.model_copy(update={"steps": max(10 * first, 10**6)})
+    probe = tcfg.model_copy(update={"steps": max(10 * first, 10**6)})  # a cosine too long to move yet
     measure(segment(tr, va, vocab, mcfg, probe, out, budget, curve, first), budget)
     eval_chars = min(tcfg.eval_chars or n_val, n_val)
     # the final checkpoint on all of va (the best is another only when the last in-run validation was not
     # the lowest, rare at the cosine's end: MARGIN covers its pass then)
     final_evals = budget.per_eval * n_val / eval_chars
-    budget.deadline = budget.start + (budget.finish - budget.start) * (1 - MARGIN) - final_evals
+    budget.deadline = budget.start + budget.seconds * (1 - MARGIN) - final_evals
     every = tcfg.eval_every or tcfg.checkpoint_every
     per_step_all = budget.per_step + budget.per_eval / every + budget.per_save / tcfg.checkpoint_every
     tcfg = plan(tcfg, budget, first, per_step_all)
@@ -216,7 +216,7 @@ def main() -> None:
     if args.steps:
         tcfg = tcfg.model_copy(update={"steps": args.steps})
     describe(len(tr), len(va), mcfg, tcfg)
-    budget = Budget(start, start + 60.0 * args.minutes)
+    budget = Budget(start, 60.0 * args.minutes)
     done, curve = run_training(tr, va, vocab, mcfg, tcfg, tmp / "run", budget, len(va), bool(args.steps))
     planned = budget.plans[-1] if budget.plans else tcfg.steps
     full, final_step = full_validation(tmp / "run", mcfg, va)

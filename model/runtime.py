@@ -173,50 +173,55 @@ class Recur:
 
     A cell's loop calls `np.matmul(xs[t], recur.W, out=outs[t])` on views made once per pass by `rows` and
     `cols` (they keep any leading axes, a step axis included), so that a step costs one call and no reshapes;
-    `recur(x, out)` does the same for one step."""
+    `recur(x, out)` does the same for one step. The blocks fit any row count that m divides (`Product` uses
+    one Recur for batches of changing size)."""
 
     def __init__(self, W: np.ndarray, B: int):
         K, N = W.shape[-2:]
-        m, n = split(B, K, N) if blas_threads() == 1 and small_kernel() else (B, N)
-        self.plain = (m, n) == (B, N)
+        self.m, self.n = split(B, K, N) if blas_threads() == 1 and small_kernel() else (B, N)
+        self.plain = (self.m, self.n) == (B, N)
         if not self.plain:  # (..., N/n, 1, K, n): the column blocks, each against every row block
-            W = W.reshape(*W.shape[:-2], K, N // n, n).swapaxes(-3, -2)[..., None, :, :]
+            W = W.reshape(*W.shape[:-2], K, N // self.n, self.n).swapaxes(-3, -2)[..., None, :, :]
         # copied, each block contiguous: read in place, a block's rows lie a row of W apart (a multiple of
         # 4 KB for a gated cell), land on the same few cache sets and evict each other
         self.W = np.ascontiguousarray(W)
-        self.xs, self.outs = (1, B // m, m, K), (B // m, m, N // n, n)
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """x (..., B, K) as the product takes it: (..., 1, B/m, m, K), a view."""
-        return x if self.plain else x.reshape(x.shape[:-2] + self.xs)
+        if self.plain:
+            return x
+        *lead, B, K = x.shape
+        return x.reshape(*lead, 1, B // self.m, self.m, K)
 
     def cols(self, out: np.ndarray) -> np.ndarray:
         """out (..., B, N) as the product fills it: (..., N/n, B/m, m, n), a view (the product must land in
         `out`)."""
         if self.plain:
             return out
-        return out.reshape(out.shape[:-2] + self.outs, copy=False).swapaxes(-2, -3).swapaxes(-3, -4)
+        *lead, B, N = out.shape
+        blocks = out.reshape(*lead, B // self.m, self.m, N // self.n, self.n, copy=False)
+        return blocks.swapaxes(-2, -3).swapaxes(-3, -4)
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
         np.matmul(self.rows(x), self.W, out=self.cols(out))
 
 
 class Product:
-    """x W for one step of sampling, x (B, K) with B changing as rows join and leave: rows in blocks of 8
-    against W's column blocks (one call, OpenBLAS's small-matrix kernel, as `Recur`), the rows past the last
-    whole block in a plain call; one plain call when BLAS runs on more threads, lacks the kernel or the
-    product is small anyway. Returns a buffer of its own (B, N), overwritten by the next call."""
+    """x W for one step of sampling, x (B, K) with B changing as rows join and leave: the rows in whole blocks
+    of 8 through a `Recur` made for blocks of 8 rows (OpenBLAS's small-matrix kernel), the rows past the last
+    whole block in a plain call; one plain call when the Recur is plain (BLAS on more threads, no such
+    kernel) or the product is small anyway. Returns a buffer of its own (B, N), overwritten by the next
+    call."""
 
     ROWS = 8
 
     def __init__(self, W: np.ndarray):
         K, N = W.shape
         self.W, self.buf = W, np.empty((self.ROWS, N), W.dtype)
-        m, self.n = split(self.ROWS * 2, K, N)  # the columns a block of ROWS rows takes, if it pays
-        self.blocked, self.least = None, math.inf  # the fewest rows that go in blocks
-        if m == self.ROWS and blas_threads() == 1 and small_kernel():  # (N/n, 1, K, n), blocks contiguous
-            self.blocked = np.ascontiguousarray(W.reshape(K, N // self.n, self.n).swapaxes(0, 1))[:, None]
-            self.least = max(self.ROWS, SMALL_MNK // (K * N) + 1)  # fewer fit the kernel whole
+        self.recur = Recur(W, 2 * self.ROWS)  # its blocks: 8 rows (split's choice for 16)
+        blocked = not self.recur.plain and self.recur.m == self.ROWS
+        self.blocked = self.recur.W if blocked else None  # W's column blocks, or None: plain calls only
+        self.least = max(self.ROWS, SMALL_MNK // (K * N) + 1) if blocked else math.inf  # fewer fit whole
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         B = len(x)
@@ -226,13 +231,8 @@ class Product:
         if B < self.least:
             np.matmul(x, self.W, out)  # outputs positional: a keyword costs more
             return out
-        (K, N), m, q = self.W.shape, self.ROWS, B // self.ROWS * self.ROWS
-        # (1, q/m, m, K) x (N/n, 1, K, n) into out's first q rows seen as (N/n, q/m, m, n)
-        np.matmul(
-            x[:q].reshape(1, q // m, m, K),
-            self.blocked,
-            out[:q].reshape(q // m, m, N // self.n, self.n).transpose(2, 0, 1, 3),
-        )
+        q = B // self.ROWS * self.ROWS
+        self.recur(x[:q], out[:q])
         if q < B:
             np.matmul(x[q:], self.W, out[q:])
         return out
