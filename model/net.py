@@ -292,7 +292,7 @@ class Stepper:
         """Advance the state `s` (L, S, B, H) by `ids` (B,) into `out` (a new array when None; never `s`)."""
         out = np.empty_like(s) if out is None else out
         k = self.cell.gates
-        a = blocks(np.take(self.embed, ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
+        a = blocks(self.embed.take(ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
         for l, (q, mul) in enumerate(zip(self.layers, self.products, strict=True)):
             if l:
                 a = inputs(self.p, l, k, out[l - 1, 0])

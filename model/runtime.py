@@ -208,16 +208,21 @@ class Recur:
 
 class Product:
     """x W for one step of sampling, x (B, K) with B changing as rows join and leave: the rows in whole blocks
-    of 8 through a `Recur` made for blocks of 8 rows (OpenBLAS's small-matrix kernel), the rows past the last
-    whole block in a plain call; one plain call when the Recur is plain (BLAS on more threads, no such
-    kernel) or the product is small anyway. Returns a buffer of its own (B, N), overwritten by the next
-    call."""
+    of 8 through a `Recur` made for blocks of 8 rows (OpenBLAS's small-matrix kernel); the rows past the last
+    whole block in a plain call, or, from PAD_FROM of them, copied into a block of their own whose other rows
+    idle; one plain call when the Recur is plain (BLAS on more threads, no such kernel) or the product is
+    small anyway. Returns a buffer of its own (B, N), overwritten by the next call."""
 
     ROWS = 8
+    # A plain call for 6 or 7 rows costs as much as for 8 or more (OpenBLAS's kernels for few rows run on
+    # 4), and more than one block: those rows go as a whole block. A row of the product reads only its own
+    # row of x, so the idle rows (zeros, or rows of an earlier call) change no other row's number.
+    PAD_FROM = 6
 
     def __init__(self, W: np.ndarray):
         K, N = W.shape
         self.W, self.buf = W, np.empty((self.ROWS, N), W.dtype)
+        self.pad = np.zeros((self.ROWS, K), W.dtype)  # (8, K): the last rows and the idle ones
         self.recur = Recur(W, 2 * self.ROWS)  # its blocks: 8 rows (split's choice for 16)
         blocked = not self.recur.plain and self.recur.m == self.ROWS
         self.blocked = self.recur.W if blocked else None  # W's column blocks, or None: plain calls only
@@ -225,14 +230,20 @@ class Product:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         B = len(x)
-        if len(self.buf) < B:
-            self.buf = np.empty((max(B, 2 * len(self.buf)), self.W.shape[1]), self.W.dtype)
-        out = self.buf[:B]
-        if B < self.least:
+        q = B // self.ROWS * self.ROWS  # rows in whole blocks
+        padded = B - q >= self.PAD_FROM and q + self.ROWS >= self.least
+        rows = q + self.ROWS if padded else B  # rows the products fill
+        if len(self.buf) < rows:
+            self.buf = np.empty((max(rows, 2 * len(self.buf)), self.W.shape[1]), self.W.dtype)
+        out = self.buf[:rows]
+        if rows < self.least:
             np.matmul(x, self.W, out)  # outputs positional: a keyword costs more
             return out
-        q = B // self.ROWS * self.ROWS
-        self.recur(x[:q], out[:q])
-        if q < B:
+        if q:
+            self.recur(x[:q], out[:q])
+        if padded:
+            self.pad[: B - q] = x[q:]
+            self.recur(self.pad, out[q:])
+        elif q < B:
             np.matmul(x[q:], self.W, out[q:])
-        return out
+        return out[:B]

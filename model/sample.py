@@ -218,11 +218,12 @@ class Rows:
         """The next id of every live row (B,), rows in the order they were added; -1 for a row still reading
         its prompt."""
         self.flush()
-        logits = np.matmul(self.state[-1, 0], self.p["V"], out=self.logits)  # (B, V) without c: in the noise
+        logits = np.matmul(self.state[-1, 0], self.p["V"], self.logits)  # (B, V) without c: in the noise
         if len(self.filtered):
             f = self.filtered
             logits[f] = np.where(self.filter.keep(logits[f] + self.p["c"]), logits[f], -np.inf)
-        np.take(self.noise.reshape(-1, self.cfg.vocab_size), self.at, axis=0, out=self.drawn)
+        # each row's draws for this step; "clip" (`at` is in range by construction): "raise" buffers `out`
+        self.noise.reshape(-1, self.cfg.vocab_size).take(self.at, axis=0, out=self.drawn, mode="clip")
         logits += self.drawn
         ids = logits.argmax(axis=1)
         self.pending = ids
