@@ -4,8 +4,10 @@ what serving adds to a request's own computation.
 Trains and promotes a quick model (by default ModelConfig's cell, hidden 256, 1 layer) into a temporary
 CHAR_RNN_HOME, starts the server on a free loopback port (batching on, off, and on with 2 worker processes)
 and keeps `concurrency` clients busy with 200-character generations: p50/p95/p99 latency, generated
-characters/s, the server's CPU time per request (robust to other jobs on the cores) and the busiest server
-process's share of it (with 2 workers: how evenly the kernel spread the clients' connections) per point. With
+characters/s, the server's CPU time per request (robust to other jobs on the cores), the event loops' part of
+it (the workers' main threads), the busiest server process's share of it (with 2 workers: how evenly the
+kernel spread the clients' connections) and the rows a generation step computed (the server's
+char_rnn_batch_rows histogram) per point. With
 batching on and one worker it also measures:
   - a mixed workload: p50/p99 of 20-character requests while 32 clients ask for 2000 characters;
   - abandoned requests, one at a time on an idle server: N of 2000 characters whose client leaves 10 ms after
@@ -105,6 +107,9 @@ class Tally:
     per_process: Counter = field(default_factory=Counter)  # pid -> CPU seconds
     client: float = 0.0  # the load generator's own CPU seconds
     reconnects: int = 0  # requests after which the server closed the connection
+    loops: float = 0.0  # the workers' main threads' CPU seconds: their event loops
+    rows: float = 0.0  # rows the generation steps computed (warm-ups included)
+    steps: float = 0.0  # generation steps (warm-ups included)
 
     def row(self) -> dict:
         cpu = sum(self.per_process.values())
@@ -114,6 +119,8 @@ class Tally:
             "cpu_ms_per_req": round(cpu / len(self.latencies) * 1000, 2),
             "client_cpu_ms_per_req": round(self.client / len(self.latencies) * 1000, 2),
             "reconnects_per_req": round(self.reconnects / len(self.latencies), 3),
+            "loop_cpu_ms_per_req": round(self.loops / len(self.latencies) * 1000, 2),
+            "rows_per_step": round(self.rows / self.steps, 1) if self.steps else None,
             # Workers share one listening socket, and the kernel may give one of them most connections.
             "busiest_process_cpu_share": round(max(self.per_process.values()) / cpu, 2) if cpu else None,
         }
@@ -138,18 +145,24 @@ async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: l
                 tally.latencies.append(time.perf_counter() - t)
                 tally.chars += sum(map(len, body["completions"]))
 
+    before = await metrics(url, FLUSH)  # the steps of the point before reported
     warm = time.perf_counter() + 0.3
     await asyncio.gather(*(worker(k, warm, False) for k in range(concurrency)))
     t0, cpu0 = time.perf_counter(), {pid: cpu_seconds([pid]) for pid in pids}
+    loops = cpu_seconds(pids, main_thread=True)
     client, closed = time.process_time(), sum(c.closed_by_server for c in conns)
     await asyncio.gather(*(worker(k, t0 + seconds, True) for k in range(concurrency)))
     tally.reconnects += sum(c.closed_by_server for c in conns) - closed
     tally.wall += time.perf_counter() - t0
     tally.client += time.process_time() - client
-    for pid, before in cpu0.items():
-        tally.per_process[pid] += cpu_seconds([pid]) - before
+    tally.loops += cpu_seconds(pids, main_thread=True) - loops
+    for pid, cpu in cpu0.items():
+        tally.per_process[pid] += cpu_seconds([pid]) - cpu
     for c in conns:
         c.close()
+    after = await metrics(url, FLUSH)
+    for name, attr in (("char_rnn_batch_rows_sum", "rows"), ("char_rnn_batch_rows_count", "steps")):
+        setattr(tally, attr, getattr(tally, attr) + after.get(name, 0) - before.get(name, 0))
 
 
 async def mixed(url: str, seconds: float) -> dict:
@@ -314,6 +327,8 @@ def targets(rows: list[dict], extra: dict) -> dict:
         "overhead_ms": extra["paired"]["overhead"],
         "overhead_above_floor_ms": round(extra["paired"]["overhead"] - extra["floor"]["p50_ms"], 2),
         "ceiling_32_over_1_2_workers": round(ceiling, 2),
+        "rows_per_step_2w_32": busy["rows_per_step"],
+        "loop_share_2w_32": round(busy["loop_cpu_ms_per_req"] / busy["cpu_ms_per_req"], 2),
         "least_cpu_ms_per_req_2w_32": round(least, 2),
         "met": {
             "p50_c1_le_in_process_plus_2ms": extra["paired"]["overhead"] <= 2,
@@ -374,6 +389,14 @@ def measures(extra: dict, t: dict) -> list[list[str]]:
             "the 5x target is above the ceiling" if t["ceiling_32_over_1_2_workers"] < 5 else "",
         ],
         [
+            "at 32 on 2 workers, each worker a core at most (its threads share one GIL): rows a generation "
+            "step against a worker's half of the clients; the event loops' share of the server CPU (a "
+            "request whose HTTP work is running has no row in the batch)",
+            f"{t['rows_per_step_2w_32']} of 16; {t['loop_share_2w_32']}",
+            "",
+            "",
+        ],
+        [
             f"{SHORT}-char requests while {LONG_CLIENTS} clients ask for {LONG}: p50 / p99",
             f"{m['p50_ms']} / {m['p99_ms']} ms ({m['short_requests']} short, {m['long_requests']} long)",
             "p99 ≤ 50 ms",
@@ -417,10 +440,12 @@ def measures(extra: dict, t: dict) -> list[list[str]]:
 def report(rows: list[dict], extra: dict, t: dict) -> str:
     """The run as markdown: every load point, then each measure beside its target."""
     cols = ["batching", "workers", "concurrency", "requests", "p50_ms", "p95_ms", "p99_ms", "chars_per_s"]
-    extra_cols = ("cpu_ms_per_req", "busiest_process_cpu_share", "reconnects_per_req")
+    extra_cols = ("cpu_ms_per_req", "loop_cpu_ms_per_req", "busiest_process_cpu_share", "reconnects_per_req")
+    extra_cols += ("rows_per_step",)
     points = [[r[c] for c in cols] + [r[c] for c in extra_cols] for r in rows]
     names = [c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]
-    shares = ["server CPU ms/request", "busiest process's CPU share", "reconnects a request"]
+    shares = ["server CPU ms/request", "of it, event loops'", "busiest process's CPU share"]
+    shares += ["reconnects a request", "rows a step"]
     head = common.markdown_table([*names, *shares], points)
     table = common.markdown_table(["measure", "this run", "target", "verdict"], measures(extra, t))
     return f"{head}\n\n{table}\n"

@@ -137,12 +137,14 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) used so far by the live processes `pids`."""
+def cpu_seconds(pids: list[int], main_thread: bool = False) -> float:
+    """CPU time (user + system) used so far by the live processes `pids`, or by their main threads only (a
+    worker's event loop; its other threads are the generation thread and two that mostly sleep)."""
     total = 0.0
     for pid in pids:
+        stat = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
