@@ -214,9 +214,10 @@ class Product:
     small anyway. Returns a buffer of its own (B, N), overwritten by the next call."""
 
     ROWS = 8
-    # A plain call for 6 or 7 rows costs as much as for 8 or more (OpenBLAS's kernels for few rows run on
-    # 4), and more than one block: those rows go as a whole block. A row of the product reads only its own
-    # row of x, so the idle rows (zeros, or rows of an earlier call) change no other row's number.
+    # A plain call for 6 or 7 rows costs about as much as for 8, and more than one block of 8 through the
+    # small-matrix kernel (bench/sample_cost.py's batch 14): those rows go as a whole block. A row of the
+    # product reads only its own row of x, so the idle rows (zeros, or rows of an earlier call) change no
+    # other row's number.
     PAD_FROM = 6
 
     def __init__(self, W: np.ndarray):
