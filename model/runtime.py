@@ -207,44 +207,49 @@ class Recur:
 
 
 class Product:
-    """x W for one step of sampling, x (B, K) with B changing as rows join and leave: the rows in whole blocks
-    of 8 through a `Recur` made for blocks of 8 rows (OpenBLAS's small-matrix kernel); the rows past the last
-    whole block in a plain call, or, from PAD_FROM of them, copied into a block of their own whose other rows
-    idle; one plain call when the Recur is plain (BLAS on more threads, no such kernel) or the product is
-    small anyway. Returns a buffer of its own (B, N), overwritten by the next call."""
+    """x W for one step of sampling, x (B, K) with B changing as rows join and leave. One plain call when the
+    whole product fits OpenBLAS's small-matrix kernel (B·K·N <= SMALL_MNK), for one row (a matrix-vector
+    product), or when the Recur is plain (BLAS on more threads, no such kernel). Otherwise the rows in whole
+    blocks of 8 through a `Recur` made for blocks of 8 rows, and the rows past the last whole block: in a
+    plain call when it fits the kernel (or is one row); from PAD_FROM of them, copied into a block of their
+    own whose other rows idle; else against the same column blocks of W as they are. Returns a buffer of its
+    own (B, N), overwritten by the next call."""
 
     ROWS = 8
-    # A plain call for 6 or 7 rows costs about as much as for 8, and more than one block of 8 through the
-    # small-matrix kernel (bench/sample_cost.py's batch 14): those rows go as a whole block. A row of the
-    # product reads only its own row of x, so the idle rows (zeros, or rows of an earlier call) change no
-    # other row's number.
+    # The kernel runs 6 or 7 rows about as slowly as 8 (bench/sample_cost.py's batch 14: a plain call for
+    # them cost more than a block of 8): those rows go as a whole block. A row of the product reads only its
+    # own row of x, so the idle rows (zeros, or rows of an earlier call) change no other row's number.
     PAD_FROM = 6
 
     def __init__(self, W: np.ndarray):
         K, N = W.shape
-        self.W, self.buf = W, np.empty((self.ROWS, N), W.dtype)
+        self.W, self.buf, self.size = W, np.empty((self.ROWS, N), W.dtype), K * N
         self.pad = np.zeros((self.ROWS, K), W.dtype)  # (8, K): the last rows and the idle ones
         self.recur = Recur(W, 2 * self.ROWS)  # its blocks: 8 rows (split's choice for 16)
         blocked = not self.recur.plain and self.recur.m == self.ROWS
         self.blocked = self.recur.W if blocked else None  # W's column blocks, or None: plain calls only
-        self.least = max(self.ROWS, SMALL_MNK // (K * N) + 1) if blocked else math.inf  # fewer fit whole
+        self.cols = self.recur.W.reshape(-1, K, self.recur.n) if blocked else None  # (N/n, K, n)
+        self.least = max(2, SMALL_MNK // self.size + 1) if blocked else math.inf  # fewer: one call
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         B = len(x)
         q = B // self.ROWS * self.ROWS  # rows in whole blocks
-        padded = B - q >= self.PAD_FROM and q + self.ROWS >= self.least
+        r = B - q  # rows past them
+        padded = r >= self.PAD_FROM and B >= self.least
         rows = q + self.ROWS if padded else B  # rows the products fill
         if len(self.buf) < rows:
             self.buf = np.empty((max(rows, 2 * len(self.buf)), self.W.shape[1]), self.W.dtype)
         out = self.buf[:rows]
-        if rows < self.least:
+        if B < self.least:
             np.matmul(x, self.W, out)  # outputs positional: a keyword costs more
             return out
         if q:
             self.recur(x[:q], out[:q])
         if padded:
-            self.pad[: B - q] = x[q:]
+            self.pad[:r] = x[q:]
             self.recur(self.pad, out[q:])
-        elif q < B:
+        elif r == 1 or r * self.size <= SMALL_MNK:
             np.matmul(x[q:], self.W, out[q:])
+        elif r:  # (1, r, K) against (N/n, K, n) into out's rows seen as (N/n, r, n)
+            np.matmul(x[None, q:], self.cols, out[q:].reshape(r, -1, self.recur.n).swapaxes(0, 1))
         return out[:B]

@@ -292,9 +292,10 @@ def test_recur_in_blocks_equals_one_product(lead, monkeypatch):
 
 @pytest.mark.parametrize("gates", [1, 3])
 def test_sampling_product_in_blocks_equals_one_product(gates, monkeypatch):
-    """Product's blocks of 8 rows (the rows past the last whole block in a plain call, or from 6 of them in a
-    block of their own) give x W, for row counts that change from call to call as rows join and leave (the
-    padded block's idle rows holding an earlier call's rows); its buffer grows when the rows outgrow it."""
+    """Product's blocks of 8 rows, and the rows past the last whole block (in a plain call, in a block of
+    their own, or against W's column blocks as they are), give x W, for row counts that change from call to
+    call as rows join and leave (the padded block's idle rows holding an earlier call's rows); its buffer
+    grows when the rows outgrow it."""
     from threadpoolctl import threadpool_limits
 
     from model import runtime
@@ -306,7 +307,7 @@ def test_sampling_product_in_blocks_equals_one_product(gates, monkeypatch):
     with threadpool_limits(1, user_api="blas"):
         mul = Product(W)
     assert mul.blocked is not None
-    for B in (1, 16, 3, 8, 13, 17, 40, 8, 33, 15, 6, 23, 7, 14):
+    for B in (1, 16, 3, 8, 13, 17, 40, 8, 33, 15, 6, 23, 7, 14, 2, 4, 5, 10, 12):
         x = r.standard_normal((B, H))
         np.testing.assert_allclose(mul(x), x @ W, rtol=1e-12, atol=1e-10)
     assert len(mul.buf) >= 40
