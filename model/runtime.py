@@ -216,9 +216,10 @@ class Product:
     own (B, N), overwritten by the next call."""
 
     ROWS = 8
-    # The kernel runs 6 or 7 rows about as slowly as 8 (bench/sample_cost.py's batch 14: a plain call for
-    # them cost more than a block of 8): those rows go as a whole block. A row of the product reads only its
-    # own row of x, so the idle rows (zeros, or rows of an earlier call) change no other row's number.
+    # 6 or 7 rows cost about what a block of 8 costs, in a plain call or against the column blocks (a plain
+    # call for them cost more than the block at hidden 256: bench/sample_cost.py's batch 14): they go as a
+    # whole block. A row of the product reads only its own row of x, so the idle rows (zeros, or rows of an
+    # earlier call) change no other row's number.
     PAD_FROM = 6
 
     def __init__(self, W: np.ndarray):
