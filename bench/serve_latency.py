@@ -161,8 +161,8 @@ async def load(url: str, concurrency: int, seconds: float, tally: Tally, pids: l
     for c in conns:
         c.close()
     after = await metrics(url, FLUSH)
-    for name, attr in (("char_rnn_batch_rows_sum", "rows"), ("char_rnn_batch_rows_count", "steps")):
-        setattr(tally, attr, getattr(tally, attr) + after.get(name, 0) - before.get(name, 0))
+    tally.rows += after.get("char_rnn_batch_rows_sum", 0) - before.get("char_rnn_batch_rows_sum", 0)
+    tally.steps += after.get("char_rnn_batch_rows_count", 0) - before.get("char_rnn_batch_rows_count", 0)
 
 
 async def mixed(url: str, seconds: float) -> dict:

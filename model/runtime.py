@@ -228,8 +228,8 @@ class Product:
         self.pad = np.zeros((self.ROWS, K), W.dtype)  # (8, K): the last rows and the idle ones
         self.recur = Recur(W, 2 * self.ROWS)  # its blocks: 8 rows (split's choice for 16)
         blocked = not self.recur.plain and self.recur.m == self.ROWS
-        self.blocked = self.recur.W if blocked else None  # W's column blocks, or None: plain calls only
-        self.cols = self.recur.W.reshape(-1, K, self.recur.n) if blocked else None  # (N/n, K, n)
+        # W's column blocks (N/n, K, n), the Recur's own, for rows as they are; None: plain calls only
+        self.cols = self.recur.W.reshape(-1, K, self.recur.n) if blocked else None
         self.least = max(2, SMALL_MNK // self.size + 1) if blocked else math.inf  # fewer: one call
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

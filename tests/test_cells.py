@@ -306,13 +306,13 @@ def test_sampling_product_in_blocks_equals_one_product(gates, monkeypatch):
     W = r.standard_normal((H, gates * H))
     with threadpool_limits(1, user_api="blas"):
         mul = Product(W)
-    assert mul.blocked is not None
+    assert mul.cols is not None
     for B in (1, 16, 3, 8, 13, 17, 40, 8, 33, 15, 6, 23, 7, 14, 2, 4, 5, 10, 12):
         x = r.standard_normal((B, H))
         np.testing.assert_allclose(mul(x), x @ W, rtol=1e-12, atol=1e-10)
     assert len(mul.buf) >= 40
     with threadpool_limits(2, user_api="blas"):
-        assert Product(W).blocked is None  # more BLAS threads: one plain call, BLAS shares it
+        assert Product(W).cols is None  # more BLAS threads: one plain call, BLAS shares it
 
 
 @pytest.mark.parametrize("cell", CELLS)
