@@ -55,16 +55,16 @@ class GRU(Cell):
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray, mul: Product) -> None:
         h, (r, z, n) = s[0], a  # (B, H) each
-        R = blocks(mul(h), 3)  # (B, 3H) seen as (3, B, H): one contiguous product
-        g = a[:2]  # r, z
+        R = blocks(mul(h), 3)  # (B, 3H) seen as (3, B, H): one product, its blocks row-strided
+        g = a[:2]  # r, z: contiguous, as is out; R is read once, the rest works on contiguous arrays
         g += R[:2]
         g *= 0.5
         np.tanh(g, out=g)
         g *= 0.5
         g += 0.5
-        R[2] += q["bh"]
-        R[2] *= r
-        n += R[2]
+        hn = np.add(R[2], q["bh"], out=out[0])  # h W_n + d, in out until h_t replaces it
+        hn *= r
+        n += hn
         np.tanh(n, out=n)
         np.subtract(h, n, out=out[0])
         out[0] *= z

@@ -57,17 +57,16 @@ class LSTM(Cell):
 
     def step(self, a: np.ndarray, q: Params, s: np.ndarray, out: np.ndarray, mul: Product) -> None:
         o, i, f, g = a  # (B, H) each
-        tmp = blocks(mul(s[0]), 4)  # (B, 4H) seen as (4, B, H): one contiguous product
-        a += tmp
-        a[:3] *= 0.5
+        a += blocks(mul(s[0]), 4)  # (B, 4H) seen as (4, B, H): one product, read once (its blocks are
+        a[:3] *= 0.5  # row-strided; a and out are contiguous)
         np.tanh(a, out=a)
         a[:3] *= 0.5
         a[:3] += 0.5
         np.multiply(f, s[1], out=out[1])
-        np.multiply(i, g, out=tmp[0])
-        out[1] += tmp[0]
-        np.tanh(out[1], out=tmp[0])
-        np.multiply(o, tmp[0], out=out[0])
+        np.multiply(i, g, out=out[0])  # out[0] holds i g until h_t replaces it
+        out[1] += out[0]
+        np.tanh(out[1], out=out[0])
+        out[0] *= o
 
     def backward(self, dh: np.ndarray, cache: tuple, q: Params) -> tuple[np.ndarray, Params]:
         z, h, c, tc = cache

@@ -284,7 +284,9 @@ class Stepper:
 
     def __init__(self, p: Params, cfg: ModelConfig):
         self.p, self.cell = p, CELLS[cfg.cell]
-        self.embed = p["U0"] + p["b0"]  # (V, kH)
+        # (k, V, H): layer 0's rows with their bias, gate-major, so that a step gathers a contiguous (k, B, H)
+        # (numpy's pointwise work on row-strided views of (B, kH) cost about 3 times as much)
+        self.embed = np.ascontiguousarray(blocks(p["U0"] + p["b0"], self.cell.gates))
         self.layers = [layer(p, cfg, l) for l in range(cfg.layers)]
         self.products = [Product(q["W"]) for q in self.layers]  # each layer's h W, in blocks BLAS likes
 
@@ -292,7 +294,7 @@ class Stepper:
         """Advance the state `s` (L, S, B, H) by `ids` (B,) into `out` (a new array when None; never `s`)."""
         out = np.empty_like(s) if out is None else out
         k = self.cell.gates
-        a = blocks(self.embed.take(ids, axis=0), k)  # (k, B, H): rows gathered whole, seen as blocks
+        a = self.embed.take(ids, axis=1)  # (k, B, H)
         for l, (q, mul) in enumerate(zip(self.layers, self.products, strict=True)):
             if l:
                 a = inputs(self.p, l, k, out[l - 1, 0])
