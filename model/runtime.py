@@ -35,6 +35,10 @@ HALVES_MAX_H = 768
 # splits only where the kernel is.
 SMALL_MNK = 10**6
 SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+# The small-matrix kernel reads W where it lies, with 64-byte (AVX-512) loads: a W that does not start on a
+# cache line makes every load straddle two lines (bench/sample_cost.py's product at 16 rows of a GRU 256: 43
+# against 54-58 µs). NumPy aligns its arrays to 16 bytes only, so `Recur` aligns its copy itself.
+LINE = 64
 # Elementwise work on fewer elements than this (an optimizer step over all the parameters, say) is not worth
 # handing to the second thread.
 SHARE_MIN = 1 << 17
@@ -153,6 +157,15 @@ def one_thread(T: int, B: int, H: int) -> AbstractContextManager:
     return blas_limit(1)
 
 
+def aligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` that starts on a LINE-byte boundary."""
+    raw = np.empty(a.nbytes + LINE, np.uint8)
+    start = -raw.ctypes.data % LINE
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def split(B: int, K: int, N: int) -> tuple[int, int]:
     """Rows and columns per BLAS call for the per-step (B, K) x (K, N) products on one thread: calls small
     enough for OpenBLAS's small-matrix kernel (m·n·K <= SMALL_MNK), of m rows (the largest divisor of B from 4
@@ -183,8 +196,8 @@ class Recur:
         if not self.plain:  # (..., N/n, 1, K, n): the column blocks, each against every row block
             W = W.reshape(*W.shape[:-2], K, N // self.n, self.n).swapaxes(-3, -2)[..., None, :, :]
         # copied, each block contiguous: read in place, a block's rows lie a row of W apart (a multiple of
-        # 4 KB for a gated cell), land on the same few cache sets and evict each other
-        self.W = np.ascontiguousarray(W)
+        # 4 KB for a gated cell), land on the same few cache sets and evict each other; and aligned (LINE)
+        self.W = aligned(W)
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """x (..., B, K) as the product takes it: (..., 1, B/m, m, K), a view."""
@@ -224,7 +237,7 @@ class Product:
 
     def __init__(self, W: np.ndarray):
         K, N = W.shape
-        self.W, self.buf, self.size = W, np.empty((self.ROWS, N), W.dtype), K * N
+        self.W, self.buf, self.size = aligned(W), np.empty((self.ROWS, N), W.dtype), K * N  # (LINE)
         self.pad = np.zeros((self.ROWS, K), W.dtype)  # (8, K): the last rows and the idle ones
         self.recur = Recur(W, 2 * self.ROWS)  # its blocks: 8 rows (split's choice for 16)
         blocked = not self.recur.plain and self.recur.m == self.ROWS

@@ -463,3 +463,22 @@ def test_a_failed_mask_draw_stops_the_step_without_a_hang():
     t.start()
     t.join(timeout=60)  # a bound only: the step ends at once, or never
     assert not t.is_alive() and len(seen) == 1
+
+
+def test_per_step_weights_start_on_a_cache_line():
+    """The copies of W that the per-step products read in place (Recur's column blocks, Product's W for its
+    plain calls) start on a LINE-byte boundary, whatever the allocator gave (NumPy guarantees 16 bytes), and
+    hold W's values; `aligned` copies any shape and dtype."""
+    from model import runtime
+
+    r = np.random.default_rng(0)
+    for n in range(1, 40):  # sizes that leave malloc's next block at every offset
+        a = r.standard_normal((n, 3 * n + 1)).astype(np.float32 if n % 2 else np.float64)
+        b = runtime.aligned(a[:, 1:])  # a strided view in
+        assert b.ctypes.data % runtime.LINE == 0 and b.flags.c_contiguous
+        np.testing.assert_array_equal(b, a[:, 1:])
+    for H in (64, 96, 256):
+        W = r.standard_normal((H, 3 * H)).astype(np.float32)
+        mul, recur = Product(W), runtime.Recur(W, 16)
+        assert mul.W.ctypes.data % runtime.LINE == 0 and recur.W.ctypes.data % runtime.LINE == 0
+        np.testing.assert_array_equal(mul.W, W)
