@@ -35,9 +35,10 @@ HALVES_MAX_H = 768
 # splits only where the kernel is.
 SMALL_MNK = 10**6
 SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
-# The small-matrix kernel reads W where it lies, with 64-byte (AVX-512) loads: a W that does not start on a
-# cache line makes every load straddle two lines (bench/sample_cost.py's product at 16 rows of a GRU 256: 43
-# against 54-58 µs). NumPy aligns its arrays to 16 bytes only, so `Recur` aligns its copy itself.
+# The small-matrix kernel and the matrix-vector product read W where it lies, with 64-byte (AVX-512) loads: a
+# W that does not start on a cache line makes every load straddle two lines, and the product slower by a
+# quarter. NumPy aligns its arrays to 16 bytes only (where malloc put them), so `Recur` and `Product` align
+# their copies themselves.
 LINE = 64
 # Elementwise work on fewer elements than this (an optimizer step over all the parameters, say) is not worth
 # handing to the second thread.
