@@ -14,17 +14,16 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import scratch
+
 from settings import ROOT, isolated_env
 
 # a home of its own, before Prefect is imported (it reads PREFECT_HOME then)
-os.environ.update(
-    isolated_env(Path(tempfile.mkdtemp(prefix="flow-overhead-"))) | {"OPENBLAS_NUM_THREADS": "1"}
-)
+os.environ.update(isolated_env(scratch.home("flow-overhead-")) | {"OPENBLAS_NUM_THREADS": "1"})
 os.environ.pop("CHAR_RNN_RUNS", None)
 
 import common

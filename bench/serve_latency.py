@@ -42,7 +42,6 @@ import asyncio
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from pathlib import Path
 import common
 import numpy as np
 import sample_cost
+import scratch
 from serve_tools import Connection, Server, cpu_seconds, metrics, quiet
 
 from model import corpus, runtime, sample
@@ -61,9 +61,7 @@ from serving.metrics import FLUSH
 from settings import ROOT, isolated_env
 
 # a home of its own, before BentoML is imported (by registry): it reads BENTOML_HOME then
-os.environ.update(
-    isolated_env(Path(tempfile.mkdtemp(prefix="char-rnn-bench-serve-"))) | {"OPENBLAS_NUM_THREADS": "1"}
-)
+os.environ.update(isolated_env(scratch.home("char-rnn-bench-serve-")) | {"OPENBLAS_NUM_THREADS": "1"})
 HOME, ENV = Path(os.environ["CHAR_RNN_HOME"]), dict(os.environ)
 
 CHARS, PROMPT, TEMPERATURE = 200, "ROMEO:", 0.8  # the service's default temperature

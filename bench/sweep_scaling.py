@@ -22,16 +22,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import scratch
 
 from settings import isolated_env
 
 # a home of its own, before Prefect is imported (it reads PREFECT_HOME then)
-os.environ.update(
-    isolated_env(Path(tempfile.mkdtemp(prefix="sweep-scaling-"))) | {"OPENBLAS_NUM_THREADS": "1"}
-)
+os.environ.update(isolated_env(scratch.home("sweep-scaling-")) | {"OPENBLAS_NUM_THREADS": "1"})
 os.environ.pop("CHAR_RNN_RUNS", None)
 
 import common
@@ -116,8 +115,8 @@ def fresh(n: int) -> Path:
 def measure(steps: int, repeat: int) -> tuple[dict[str, float], list[float]]:
     """Best wall seconds of each contender, alternated; the 1-minute load average after each run."""
     load = [os.getloadavg()[0]]
-    scratch = {"temporary-directory": str(WORK / "dask")}
-    with server() as url, temporary_settings({PREFECT_API_URL: url}), dask.config.set(scratch):
+    spill = {"temporary-directory": str(WORK / "dask")}
+    with server() as url, temporary_settings({PREFECT_API_URL: url}), dask.config.set(spill):
         with LocalCluster(n_workers=2, threads_per_worker=1, local_directory=str(WORK / "dask")) as running:
             os.environ["CHAR_RNN_DASK_SCHEDULERS"] = running.scheduler_address  # ours: the flow may use it
             contenders = {
