@@ -224,10 +224,11 @@ class Product:
     """x W for one step of sampling, x (B, K) with B changing as rows join and leave. One plain call when the
     whole product fits OpenBLAS's small-matrix kernel (B·K·N <= SMALL_MNK), for one row (a matrix-vector
     product), or when the Recur is plain (BLAS on more threads, no such kernel). Otherwise the rows in whole
-    blocks of 8 through a `Recur` made for blocks of 8 rows, and the rows past the last whole block: in a
-    plain call when it fits the kernel (or is one row); from PAD_FROM of them, copied into a block of their
-    own whose other rows idle; else against the same column blocks of W as they are. Returns a buffer of its
-    own (B, N), overwritten by the next call."""
+    blocks of 8 through a `Recur` made for blocks of 8 rows, and the rows past the last whole block: from
+    PAD_FROM of them, copied into a block of their own whose other rows idle; fewer, against the same column
+    blocks of W as they are. Never W itself beside its column blocks: two copies of W in one step do not fit
+    a core's L2 together and each call would read its copy from further out. Returns a buffer of its own
+    (B, N), overwritten by the next call."""
 
     ROWS = 8
     # 6 or 7 rows cost about what a block of 8 costs, in a plain call or against the column blocks (a plain
@@ -263,8 +264,6 @@ class Product:
         if padded:
             self.pad[:r] = x[q:]
             self.recur(self.pad, out[q:])
-        elif r == 1 or r * self.size <= SMALL_MNK:
-            np.matmul(x[q:], self.W, out[q:])
         elif r:  # (1, r, K) against (N/n, K, n) into out's rows seen as (N/n, r, n)
             np.matmul(x[None, q:], self.cols, out[q:].reshape(r, -1, self.recur.n).swapaxes(0, 1))
         return out[:B]

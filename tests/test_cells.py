@@ -292,10 +292,10 @@ def test_recur_in_blocks_equals_one_product(lead, monkeypatch):
 
 @pytest.mark.parametrize("gates", [1, 3])
 def test_sampling_product_in_blocks_equals_one_product(gates, monkeypatch):
-    """Product's blocks of 8 rows, and the rows past the last whole block (in a plain call, in a block of
-    their own, or against W's column blocks as they are), give x W, for row counts that change from call to
-    call as rows join and leave (the padded block's idle rows holding an earlier call's rows); its buffer
-    grows when the rows outgrow it."""
+    """Product's blocks of 8 rows, and the rows past the last whole block (in a block of their own, or
+    against W's column blocks as they are), and its plain call for few rows, give x W, for row counts that
+    change from call to call as rows join and leave (the padded block's idle rows holding an earlier call's
+    rows); its buffer grows when the rows outgrow it."""
     from threadpoolctl import threadpool_limits
 
     from model import runtime
