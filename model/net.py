@@ -25,7 +25,7 @@ from model.config import ModelConfig
 from model.gru import GRU
 from model.lstm import LSTM
 from model.rnn import RNN
-from model.runtime import Product, halves, keep_freed_memory, shares, side_by_side
+from model.runtime import Product, aligned, halves, keep_freed_memory, shares, side_by_side
 
 CELLS: dict[str, Cell] = {c.name: c for c in (RNN(), GRU(), LSTM())}
 
@@ -283,21 +283,27 @@ class Stepper:
     with their bias added, each layer's parameters) done once."""
 
     def __init__(self, p: Params, cfg: ModelConfig):
-        self.p, self.cell = p, CELLS[cfg.cell]
-        # (k, V, H): layer 0's rows with their bias, gate-major, so that a step gathers a contiguous (k, B, H)
-        # (numpy's pointwise work on row-strided views of (B, kH) cost about 3 times as much)
-        self.embed = np.ascontiguousarray(blocks(p["U0"] + p["b0"], self.cell.gates))
+        self.cell = CELLS[cfg.cell]
+        k = self.cell.gates
+        # Gate-major (k, ..., H) and contiguous, so that a step's inputs come out contiguous (k, B, H):
+        # numpy's pointwise work on row-strided views of (B, kH) cost about 3 times as much. Layer 0: its rows
+        # with their bias (k, V, H); the layers above: U's gate blocks (k, H, H), aligned as Recur's W, and b.
+        self.embed = np.ascontiguousarray(blocks(p["U0"] + p["b0"], k))
+        self.ins = [
+            (aligned(blocks(p[f"U{l}"], k)), blocks(p[f"b{l}"], k)[:, None]) for l in range(1, cfg.layers)
+        ]
         self.layers = [layer(p, cfg, l) for l in range(cfg.layers)]
         self.products = [Product(q["W"]) for q in self.layers]  # each layer's h W, in blocks BLAS likes
 
     def __call__(self, ids: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Advance the state `s` (L, S, B, H) by `ids` (B,) into `out` (a new array when None; never `s`)."""
         out = np.empty_like(s) if out is None else out
-        k = self.cell.gates
         a = self.embed.take(ids, axis=1)  # (k, B, H)
         for l, (q, mul) in enumerate(zip(self.layers, self.products, strict=True)):
             if l:
-                a = inputs(self.p, l, k, out[l - 1, 0])
+                U, b = self.ins[l - 1]
+                a = np.matmul(out[l - 1, 0], U)  # (B, H) x (k, H, H): (k, B, H)
+                a += b
             self.cell.step(a, q, s[l], out[l], mul)
         return out
 
