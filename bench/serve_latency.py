@@ -19,10 +19,10 @@ batching on and one worker it also measures:
     gives one character). That bound holds the client's own reaction time too: the service generates on
     while the client reads its first characters and closes, and a client held off the cores for as long as
     the whole generation takes sees all of it run "after".
-  - the concurrency-1 request over HTTP and in-process (on one BLAS thread, through `sample.generate_ids`:
-    model, prompt, length and settings the same), in turn, so that both see the same load: the HTTP median
-    over the in-process CPU time is what serving adds (the in-process wall clock and the server's CPU time
-    per request are shown beside it).
+  - the concurrency-1 request over HTTP and in-process (on one BLAS thread, its row in a `sample.Rows` set
+    up once, as a worker's batch is: model, prompt, length and settings the same), in turn, so that both see
+    the same load: the HTTP median over the in-process CPU time is what serving adds (the in-process wall
+    clock and the server's CPU time per request are shown beside it).
 Then the cost per character of `generate_ids` against a minimal NumPy loop (sample_cost.py).
 
 Targets (hidden 256): p50 at concurrency 1 <= in-process + 2 ms; throughput at concurrency 32 over 1 on two
@@ -223,15 +223,17 @@ async def abandoned(url: str, pids: list[int], n: int) -> dict:
     return out
 
 
-def in_process(m: Model, seed: int) -> tuple[float, float]:
-    """Seconds of the concurrency-1 request (same model, prompt, length, settings) through
-    `sample.generate_ids`, as the service's worker runs it (the caller limits BLAS to one thread): wall
-    clock and this process's CPU time."""
+def in_process(rows: sample.Rows, m: Model, seed: int) -> tuple[float, float]:
+    """Seconds of the concurrency-1 request (same model, prompt, length, settings) computed in this process
+    as a worker computes it: its row added to `rows`, which are kept from one request to the next as a
+    worker keeps its batch (the model's one-time setup is not the request's), CHARS steps, the row removed
+    (`sample.generate_ids` without its setup; the caller limits BLAS to one thread). Wall clock and this
+    process's CPU time."""
     t, cpu = time.perf_counter(), time.process_time()
-    for _ in sample.generate_ids(
-        m.params, m.config, [m.prompt], CHARS, [sample.Settings(TEMPERATURE, 0, 1.0, seed)]
-    ):
-        pass
+    rows.add(seed, [m.prompt], [sample.Settings(TEMPERATURE, 0, 1.0, seed)])
+    for _ in range(CHARS):
+        rows.step()
+    rows.remove({seed})
     return time.perf_counter() - t, time.process_time() - cpu
 
 
@@ -242,12 +244,13 @@ async def paired(url: str, pids: list[int], m: Model, n: int) -> dict:
     server's CPU time per HTTP request; what serving adds: the HTTP median over the in-process CPU time."""
     conn, times = Connection(url), {"http": [], "in_process_wall": [], "in_process_cpu": []}
     with runtime.blas_limit(1):
+        rows = sample.Rows(m.params, m.config)
         for i in range(n + 1):
             if i == 1:
                 cpu = cpu_seconds(pids)
             t = time.perf_counter()
             await conn.post("/generate", {"prompt": PROMPT, "max_new_chars": CHARS, "seed": i})
-            http, (wall, alone) = time.perf_counter() - t, in_process(m, i)
+            http, (wall, alone) = time.perf_counter() - t, in_process(rows, m, i)
             if i:
                 for k, v in zip(times, (http, wall, alone), strict=True):
                     times[k].append(v)
@@ -356,8 +359,9 @@ def measures(extra: dict, t: dict) -> list[list[str]]:
     counted = gen.get("counted_after")
     return [
         [
-            "`/generate` p50 at concurrency 1, against `generate_ids` in-process for the same request, "
-            f"in turn ({pair['pairs']} of each): its CPU time (wall clock); the server's CPU per request",
+            "`/generate` p50 at concurrency 1, against the same request's steps in-process (`sample.Rows` "
+            f"set up once), in turn ({pair['pairs']} of each): its CPU time (wall clock); the server's CPU "
+            "per request",
             f"{pair['http']} against {pair['in_process_cpu']} ({pair['in_process_wall']}) ms: "
             f"**{pair['overhead']:+} ms**; {pair['server_cpu']} ms",
             "≤ in-process + 2 ms",
