@@ -253,22 +253,41 @@ class Batcher:
         while active and not self.news:
             g = active[0] if len(active) == 1 else min(active, key=lambda a: a.used)
             try:
-                ids = g.rows.step()
+                if len(active) == 1:
+                    now = self.alone(g)
+                else:
+                    g.log.append(g.rows.step())
+                    g.t += 1
+                    g.counted += 1
+                    # the groups share the thread by CPU time: waits for the GIL are no one's
+                    spent, cpu = cpu, time.thread_time()
+                    g.used += cpu - spent
+                    now = time.monotonic()
             except Exception as e:  # keep the thread alive; the requests get the error
                 self.fail(g, e)
                 return
-            g.log.append(ids)
-            g.t += 1
-            g.counted += 1
-            if len(active) > 1:  # the groups share the thread by CPU time: waits for the GIL are no one's
-                spent, cpu = cpu, time.thread_time()
-                g.used += cpu - spent
-            now = time.monotonic()
             if g.t == g.next or now > g.deadline or now >= g.flush_at:
                 if self.tick(g, now) and (self.waiting or not g.jobs):
                     if self.waiting:
                         return
                     active, cpu = self.active(), time.thread_time()
+
+    def alone(self, g: Group) -> float:
+        """Steps of `g`, the one active group, until a step brings one of its events (a first character, an
+        end, a deadline, the log's hand-out) or a request comes or is cancelled: the time after the last. The
+        loop `serve` runs for several groups, with what it reads each step held in locals (at one row the
+        bookkeeping is a sizeable part of a step)."""
+        step, log, clock, t0 = g.rows.step, g.log.append, time.monotonic, g.t
+        nxt, deadline, flush = g.next, g.deadline, g.flush_at
+        try:
+            while True:
+                log(step())
+                g.t += 1  # current at every step: `cancel` reads it
+                now = clock()
+                if g.t == nxt or now > deadline or now >= flush or self.news:
+                    return now
+        finally:
+            g.counted += g.t - t0
 
     def tick(self, g: Group, now: float) -> bool:
         """What step g.t brings: first characters, ends, deadlines, the log handed out. Whether rows left."""
