@@ -37,8 +37,8 @@ SMALL_MNK = 10**6
 SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 # The small-matrix kernel and the matrix-vector product read W where it lies, with 64-byte (AVX-512) loads: a
 # W that does not start on a cache line makes every load straddle two lines, and the product slower by a
-# quarter. NumPy aligns its arrays to 16 bytes only (where malloc put them), so `Recur` and `Product` align
-# their copies themselves.
+# quarter. NumPy aligns its arrays to 16 bytes only (where malloc put them), so the copies that products read
+# in place are made with `aligned` (Recur's, Product's, the sampling Stepper's).
 LINE = 64
 # Elementwise work on fewer elements than this (an optimizer step over all the parameters, say) is not worth
 # handing to the second thread.
@@ -239,9 +239,10 @@ class Product:
 
     def __init__(self, W: np.ndarray):
         K, N = W.shape
-        self.W, self.buf, self.size = aligned(W), np.empty((self.ROWS, N), W.dtype), K * N  # (LINE)
+        self.buf, self.size = np.empty((self.ROWS, N), W.dtype), K * N
         self.pad = np.zeros((self.ROWS, K), W.dtype)  # (8, K): the last rows and the idle ones
         self.recur = Recur(W, 2 * self.ROWS)  # its blocks: 8 rows (split's choice for 16)
+        self.W = self.recur.W if self.recur.plain else aligned(W)  # (LINE); a plain Recur's W is one already
         blocked = not self.recur.plain and self.recur.m == self.ROWS
         # W's column blocks (N/n, K, n), the Recur's own, for rows as they are; None: plain calls only
         self.cols = self.recur.W.reshape(-1, K, self.recur.n) if blocked else None

@@ -251,11 +251,12 @@ class Batcher:
         until rows left while others wait for room."""
         active, cpu = self.active(), time.thread_time()
         while active and not self.news:
-            g = active[0] if len(active) == 1 else min(active, key=lambda a: a.used)
             try:
                 if len(active) == 1:
+                    g = active[0]
                     now = self.alone(g)
                 else:
+                    g = min(active, key=lambda a: a.used)
                     g.log.append(g.rows.step())
                     g.t += 1
                     g.counted += 1
@@ -274,8 +275,8 @@ class Batcher:
 
     def alone(self, g: Group) -> float:
         """Steps of `g`, the one active group, until a step brings one of its events (a first character, an
-        end, a deadline, the log's hand-out) or a request comes or is cancelled: the time after the last. The
-        loop `serve` runs for several groups, with what it reads each step held in locals (at one row the
+        end, a deadline, the log's hand-out) or a request comes or is cancelled: the time after the last.
+        `serve`'s step for several groups, with what it reads each step held in locals (at one row the
         bookkeeping is a sizeable part of a step)."""
         step, log, clock, t0 = g.rows.step, g.log.append, time.monotonic, g.t
         nxt, deadline, flush = g.next, g.deadline, g.flush_at
