@@ -6,13 +6,14 @@ with the other half's thread doing the same, a call often finds the GIL taken an
 times the forward and backward of one half of a batch (B/2 rows) in three ways, alternated round by round:
 
   alone      one half, on this process's one thread
-  threads    both halves side by side on two threads (`runtime.side_by_side`, as `net.grads` runs them)
+  threads    both halves side by side on two threads (`runtime.side_by_side`, `net.grads` without a twin)
   processes  both halves at once, each in a process of its own (no GIL shared); the median of the two
 
-and reports, per cell and (B, T, H), the time over "alone" of each, and what a whole training step (the
-halves, their sum, clipping and the optimizer, `numpy` in train_speed.py) would take if the halves cost what
-they cost in processes: the step's time less the difference. That is the share of the step the GIL takes,
-and the most a training step could gain with the halves free of it.
+and reports, per cell and (B, T, H), the time over "alone" of each, and what a whole training step on threads
+(the halves, their sum, clipping and the optimizer, `numpy` in train_speed.py) would take if the halves cost
+what they cost in processes: the step's time less the difference. That is the share of the step the GIL
+takes, and the most a training step could gain with the halves free of it. Beside it, what model.train's
+step gains: the same step with the second half in a process of its own (model/twin.py), measured.
 
   uv run --no-sync python bench/halves_gil.py [--quick] [--cells rnn,gru,lstm] [--no-record]
 Writes its section of docs/benchmarks.md (unless --no-record); the last line printed is one JSON object.
@@ -84,12 +85,26 @@ def measure(ids: np.ndarray, V: int, size: tuple, kind: str, rounds: int, second
         with runtime.blas_limit(2):
             got["threads"].append(timed(lambda: runtime.side_by_side(run, groups), seconds))
         got["processes"].append(in_processes(kind, size, seconds))
-    step = numpy_step(ids, V, *size, kind)
+    steps = {
+        "threads": numpy_step(ids, V, *size, kind, processes=False),
+        "twin": numpy_step(ids, V, *size, kind),
+    }
+    whole: dict[str, list[float]] = {"threads": [], "twin": []}
     with runtime.blas_limit(2):
-        whole = timed(step, seconds * rounds)
+        for _ in range(rounds):
+            for way, step in steps.items():
+                whole[way].append(timed(step, seconds))
     ms = {k: 1e3 * float(np.median(v)) for k, v in got.items()}
+    step_ms = {k: 1e3 * float(np.median(v)) for k, v in whole.items()}
     gil = ms["threads"] - ms["processes"]
-    return {"cell": kind, "size": size, "ms": ms, "step_ms": 1e3 * whole, "gil_ms": gil}
+    return {
+        "cell": kind,
+        "size": size,
+        "ms": ms,
+        "step_ms": step_ms["threads"],
+        "twin_ms": step_ms["twin"],
+        "gil_ms": gil,
+    }
 
 
 def report(rows: list[dict]) -> str:
@@ -99,9 +114,10 @@ def report(rows: list[dict]) -> str:
         "one half alone ms",
         "both on threads ms (over alone)",
         "both in processes ms (over alone)",
-        "training step ms",
+        "training step on threads ms",
         "the GIL's share of the step",
         "the step without it: speed-up",
+        "the step with a twin ms: speed-up",
     ]
     table = []
     for r in rows:
@@ -116,12 +132,15 @@ def report(rows: list[dict]) -> str:
                 f"{step:.2f}",
                 f"{100 * r['gil_ms'] / step:.0f}%",
                 f"**{step / (step - r['gil_ms']):.2f}x**",
+                f"{r['twin_ms']:.2f}: **{step / r['twin_ms']:.2f}x**",
             ]
         )
     note = (
         "\n\nMedians over alternated rounds; BLAS on one thread per half. The last column is an estimate: "
         "the step's time over the same less the threads' excess over the processes (what halves free of the "
-        "GIL would save), all other work unchanged."
+        "GIL would save), all other work unchanged. The last column is measured: model.train's step, the "
+        "second half in a process of its own (model/twin.py), alternated round by round with the step on "
+        "threads."
     )
     return common.markdown_table(head, table) + note
 

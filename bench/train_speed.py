@@ -4,7 +4,8 @@ shakespeare, against PyTorch's same cell, with the measurement's noise stated an
 Contenders, alternated round by round in one process, at each (B, T, H):
   numpy <cell>  model.net with the cell (rnn, gru, lstm), one layer, no dropout (as torch's), float32,
                 Adam and global-norm clipping, as `char-rnn train` runs it (`net.grads`; at 2 threads the
-                batch's halves may run side by side, model.runtime.halves: JSON numpy.halves)
+                batch's halves may run side by side, model.runtime.halves: JSON numpy.halves, the second
+                in a process of its own, model/twin.py, as model.train runs them)
   torch <cell>  PyTorch CPU nn.Embedding + nn.RNN(tanh) / nn.GRU / nn.LSTM + nn.Linear, Adam,
                 clip_grad_norm_
   seed loop     the original notebook's RNN (seed_rnn.py): batch 1, float64; the baseline the project
@@ -36,6 +37,7 @@ Without torch, the numpy and seed-loop rates alone. The run writes its section o
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
@@ -46,7 +48,7 @@ import common
 import numpy as np
 from seed_rnn import seed_step
 
-from model import net, optim, runtime
+from model import net, optim, runtime, twin
 from model.config import ModelConfig
 from model.train import Streams
 
@@ -60,9 +62,16 @@ FORCED = {"OPENBLAS_CORETYPE", *TORCH_AVX2}
 RESAMPLES = 2000  # bootstrap resamples of the rounds
 
 
-def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str) -> Callable[[], int]:
-    """One training step of model.net per call, over consecutive batches of the corpus."""
+def numpy_step(
+    ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str, processes: bool = True
+) -> Callable[[], int]:
+    """One training step of model.net per call, over consecutive batches of the corpus; with `processes`,
+    the halves (when they run side by side) in two processes as model.train runs them (model/twin.py, its
+    child stopped at exit), else on two threads."""
     cfg = ModelConfig(vocab_size=V, cell=kind, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
+    tw = twin.Twin(cfg, B, T) if processes and twin.wanted(cfg, B) else None
+    if tw:
+        atexit.register(tw.close)
     p = net.init(cfg, np.random.default_rng(0))
     opt = optim.make("adam", p)
     streams = Streams(ids, B, T)
@@ -70,7 +79,7 @@ def numpy_step(ids: np.ndarray, V: int, B: int, T: int, H: int, kind: str) -> Ca
 
     def step() -> int:
         x, y, state["pos"] = streams.get(state["pos"])
-        _, grads, state["s"] = net.grads(p, cfg, x, y, state["s"])
+        _, grads, state["s"] = net.grads(p, cfg, x, y, state["s"], twin=tw)
         optim.clip_(grads, 1.0)
         opt.step(p, grads, 1e-3)
         return B * T

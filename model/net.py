@@ -14,9 +14,9 @@ for rnn and gru, 2 (h, c) for lstm.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -163,11 +163,14 @@ class Drops:
         self.masks: list[np.ndarray | None] = [None] * cfg.layers
         self.ready = [threading.Event() for _ in range(cfg.layers)]
 
-    def draw(self) -> None:
+    def draw(self, each: Callable[[int, np.ndarray], None] | None = None) -> None:
+        """Draw every layer's mask, in layer order as dropout_masks draws them; each(l, mask) once drawn."""
         try:
-            for l in range(self.cfg.layers):  # in layer order, as dropout_masks draws them
+            for l in range(self.cfg.layers):
                 self.masks[l] = dropout_mask(self.cfg, self.T, self.B, self.rng)
                 self.ready[l].set()
+                if each:
+                    each(l, self.masks[l])
         finally:
             for e in self.ready:  # a failed draw leaves no half waiting: it finds no mask and stops
                 e.set()
@@ -197,6 +200,18 @@ class MaskRows(Sequence):
         return self.drops.get(l, self.r)
 
 
+class Elsewhere(Protocol):
+    """What runs a batch's second half somewhere else than a thread of this process (model/twin.py's Twin):
+    `pair` runs run(first half) here and the same step's second half there, for batches of B x T."""
+
+    B: int
+    T: int
+
+    def pair(
+        self, run: Callable, p: Params, ids: np.ndarray, targets: np.ndarray, s0: np.ndarray, drops: Any
+    ) -> list: ...
+
+
 def grads(
     p: Params,
     cfg: ModelConfig,
@@ -204,11 +219,13 @@ def grads(
     targets: np.ndarray,
     s0: np.ndarray,
     rng: np.random.Generator | None = None,
+    twin: Elsewhere | None = None,
 ) -> tuple[float, Params, np.ndarray]:
     """One training step's mean loss, gradients and last state (`forward`, then `backward`). When the
     process allows 2 BLAS threads and the batch's shape suits it (`runtime.halves`), the two halves of the
-    batch run side by side, each on one thread, and their losses and gradients are averaged, weighted by
-    rows: the same values up to rounding, with the same dropout masks."""
+    batch run side by side, each on one thread (the second in `twin`'s process when given one: model/twin.py),
+    and their losses and gradients are averaged, weighted by rows: the same values up to rounding, with the
+    same dropout masks."""
     keep_freed_memory()
     B, T = ids.shape
     drops = Drops(cfg, T, B, rng) if rng is not None and cfg.dropout > 0 else None
@@ -219,7 +236,12 @@ def grads(
         return loss, backward(p, cfg, cache), sT
 
     groups = halves(B, cfg.hidden)
-    outs = side_by_side(run, groups, meanwhile=drops.draw if drops else None)
+    if twin is not None and len(groups) == 2:
+        if (B, T) != (twin.B, twin.T):
+            raise ValueError(f"a batch of {B} x {T} for a twin made for {twin.B} x {twin.T}")
+        outs = twin.pair(run, p, ids, targets, s0, drops)
+    else:
+        outs = side_by_side(run, groups, meanwhile=drops.draw if drops else None)
     if len(outs) == 1:
         return outs[0]
     (l1, g, s1), (l2, g2, s2) = outs

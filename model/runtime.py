@@ -98,6 +98,11 @@ def _pool(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="rows")
 
 
+def pool() -> ThreadPoolExecutor:
+    """This process's two threads for the batch's halves."""
+    return _pool(os.getpid())
+
+
 def small(B: int, H: int) -> bool:
     """Whether the per-step (B, H) x (H, H) products are too small for BLAS to share between threads."""
     return 2 * B * H * H < SMALL_FLOPS
@@ -123,7 +128,7 @@ def side_by_side(
             meanwhile()
         return [fn(groups[0])]
     with blas_limit(1):
-        futures = [_pool(os.getpid()).submit(fn, g) for g in groups]
+        futures = [pool().submit(fn, g) for g in groups]
         try:
             if meanwhile:
                 meanwhile()

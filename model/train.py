@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from model import checkpoint, net, optim
+from model import checkpoint, net, optim, twin
 from model.checkpoint import Checkpoint, Meta
 from model.config import ModelConfig, TrainConfig
 from model.net import Params
 from model.runtime import halves, side_by_side
+from model.twin import Twin
 from model.vocab import Vocab
 
 
@@ -168,30 +170,34 @@ def train(
         restore(checkpoint.load(out), run, model_cfg, cfg, vocab, fingerprint)
     end = min(stop or cfg.steps, cfg.steps)
     limit = cfg.max_loss_factor * math.log(max(len(vocab), 2))
+    held_out = val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids
     t0, step0 = time.perf_counter(), run.step
-    while run.step < end:
-        loss, norm, lr = step(run, streams, model_cfg, cfg, limit)
-        val = None
-        if run.step % (cfg.eval_every or cfg.checkpoint_every) == 0 or run.step == end:
-            val = evaluate(run.params, model_cfg, val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids)
-            run.metrics["val"].append([run.step, round(val, 6)])
-        if run.step % cfg.log_every == 0 or val is not None or run.step == end:
-            run.metrics["train"].append([run.step, round(loss, 6)])
-            if on_progress:
-                rate = (run.step - step0) * cfg.batch * cfg.seq / max(time.perf_counter() - t0, 1e-9)
-                eta = (end - run.step) * cfg.batch * cfg.seq / max(rate, 1e-9)
-                on_progress(Progress(run.step, end, loss, lr, norm, rate, eta, val))
-        if run.step % cfg.checkpoint_every == 0 or run.step == end:
-            save(out, run, loss, vocab, model_cfg, cfg, fingerprint)
+    with Twin(model_cfg, cfg.batch, cfg.seq) if twin.wanted(model_cfg, cfg.batch) else nullcontext() as tw:
+        while run.step < end:
+            loss, norm, lr = step(run, streams, model_cfg, cfg, limit, tw)
+            val = None
+            if run.step % (cfg.eval_every or cfg.checkpoint_every) == 0 or run.step == end:
+                val = evaluate(run.params, model_cfg, held_out)
+                run.metrics["val"].append([run.step, round(val, 6)])
+            if run.step % cfg.log_every == 0 or val is not None or run.step == end:
+                run.metrics["train"].append([run.step, round(loss, 6)])
+                if on_progress:
+                    rate = (run.step - step0) * cfg.batch * cfg.seq / max(time.perf_counter() - t0, 1e-9)
+                    eta = (end - run.step) * cfg.batch * cfg.seq / max(rate, 1e-9)
+                    on_progress(Progress(run.step, end, loss, lr, norm, rate, eta, val))
+            if run.step % cfg.checkpoint_every == 0 or run.step == end:
+                save(out, run, loss, vocab, model_cfg, cfg, fingerprint)
     return checkpoint.load(out)
 
 
-def step(run: Run, streams: Streams, model_cfg: ModelConfig, cfg: TrainConfig, limit: float) -> tuple:
-    """One optimizer step on the next batch: its loss, the gradient norm before clipping, the learning
-    rate."""
+def step(
+    run: Run, streams: Streams, model_cfg: ModelConfig, cfg: TrainConfig, limit: float, tw: Twin | None = None
+) -> tuple:
+    """One optimizer step on the next batch (the second half in `tw`'s process when given one): its loss,
+    the gradient norm before clipping, the learning rate."""
     x, y, nxt = streams.get(run.pos)
     drop_rng = run.rng if model_cfg.dropout > 0 else None
-    loss, grads, run.h = net.grads(run.params, model_cfg, x, y, run.h, drop_rng)
+    loss, grads, run.h = net.grads(run.params, model_cfg, x, y, run.h, drop_rng, tw)
     if not math.isfinite(loss) or loss > limit:
         raise TrainingDiverged(
             f"loss {loss:.3g} at step {run.step + 1} (limit {limit:.3g}); no checkpoint was written "
