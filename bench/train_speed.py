@@ -69,7 +69,7 @@ def numpy_step(
     the halves (when they run side by side) in two processes as model.train runs them (model/twin.py, its
     child stopped at exit), else on two threads."""
     cfg = ModelConfig(vocab_size=V, cell=kind, hidden=H, layers=1, dropout=0.0)  # as torch: one layer
-    tw = twin.Twin(cfg, B, T) if processes and twin.wanted(cfg, B) else None
+    tw = twin.start(cfg, B, T) if processes else None
     if tw:
         atexit.register(tw.close)
     p = net.init(cfg, np.random.default_rng(0))

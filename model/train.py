@@ -172,7 +172,7 @@ def train(
     limit = cfg.max_loss_factor * math.log(max(len(vocab), 2))
     held_out = val_ids[: cfg.eval_chars] if cfg.eval_chars else val_ids
     t0, step0 = time.perf_counter(), run.step
-    with Twin(model_cfg, cfg.batch, cfg.seq) if twin.wanted(model_cfg, cfg.batch) else nullcontext() as tw:
+    with twin.start(model_cfg, cfg.batch, cfg.seq) or nullcontext() as tw:
         while run.step < end:
             loss, norm, lr = step(run, streams, model_cfg, cfg, limit, tw)
             val = None

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from pathlib import Path
@@ -54,6 +55,18 @@ def wanted(cfg: ModelConfig, B: int) -> bool:
     """Whether a training run of `cfg` with batch `B` runs its halves in two processes: whenever it would run
     them on two threads (`runtime.halves`) and the platform allows it."""
     return available() and len(halves(B, cfg.hidden)) == 2
+
+
+def start(cfg: ModelConfig, B: int, T: int) -> Twin | None:
+    """A twin for a training run of `cfg` on batches of B x T when it is `wanted`, else None; None too, with a
+    warning, when the child cannot start (the halves then run on threads, with the same numbers)."""
+    if not wanted(cfg, B):
+        return None
+    try:
+        return Twin(cfg, B, T)
+    except (OSError, TwinFailed) as e:
+        warnings.warn(f"the batch's halves run on threads: no process for the second ({e})", stacklevel=2)
+        return None
 
 
 class Slab:

@@ -168,3 +168,18 @@ def test_the_child_runs_one_blas_thread(monkeypatch):
     with Twin(cfg, 16, 4) as tw:
         env = Path(f"/proc/{tw.proc.pid}/environ").read_bytes().split(b"\0")
     assert b"OPENBLAS_NUM_THREADS=1" in env and b"OMP_NUM_THREADS=1" in env
+
+
+def test_training_falls_back_to_threads_when_no_child_starts(tmp_path, small_text, monkeypatch):
+    """No Python to start the child with: a warning says why, and the run goes on, the halves on threads."""
+    from model import corpus
+    from model.vocab import Vocab
+
+    vocab = Vocab.from_text(small_text)
+    tr, va = corpus.split(vocab.encode(small_text))
+    mcfg = net.ModelConfig(vocab_size=len(vocab), cell="rnn", hidden=16, layers=1, dropout=0.0)
+    cfg = train.TrainConfig(steps=4, batch=16, seq=8, warmup=0, checkpoint_every=4, eval_chars=500)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with threadpool_limits(2, user_api="blas"), pytest.warns(UserWarning, match="halves run on threads"):
+        ck = train.train(tr, va, vocab, mcfg, cfg, tmp_path / "run")
+    assert ck.meta.step == 4
