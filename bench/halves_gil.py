@@ -136,11 +136,11 @@ def report(rows: list[dict]) -> str:
             ]
         )
     note = (
-        "\n\nMedians over alternated rounds; BLAS on one thread per half. The last column is an estimate: "
-        "the step's time over the same less the threads' excess over the processes (what halves free of the "
-        "GIL would save), all other work unchanged. The last column is measured: model.train's step, the "
-        "second half in a process of its own (model/twin.py), alternated round by round with the step on "
-        "threads."
+        "\n\nMedians over alternated rounds; BLAS on one thread per half. 'The step without it' is an "
+        "estimate: the step's time over the same less the threads' excess over the processes (what halves "
+        "free of the GIL would save), all other work unchanged. The last column is measured: model.train's "
+        "step, the second half in a process of its own (model/twin.py), alternated round by round with the "
+        "step on threads."
     )
     return common.markdown_table(head, table) + note
 
