@@ -208,7 +208,14 @@ class Elsewhere(Protocol):
     T: int
 
     def pair(
-        self, run: Callable, p: Params, ids: np.ndarray, targets: np.ndarray, s0: np.ndarray, drops: Any
+        self,
+        run: Callable,
+        halves: list[slice],
+        p: Params,
+        ids: np.ndarray,
+        targets: np.ndarray,
+        s0: Any,
+        drops: Any,
     ) -> list: ...
 
 
@@ -239,7 +246,7 @@ def grads(
     if twin is not None and len(groups) == 2:
         if (B, T) != (twin.B, twin.T):
             raise ValueError(f"a batch of {B} x {T} for a twin made for {twin.B} x {twin.T}")
-        outs = twin.pair(run, p, ids, targets, s0, drops)
+        outs = twin.pair(run, groups, p, ids, targets, s0, drops)
     else:
         outs = side_by_side(run, groups, meanwhile=drops.draw if drops else None)
     if len(outs) == 1:

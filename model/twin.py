@@ -34,9 +34,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from model import net
+from model import net, runtime
 from model.config import ModelConfig
-from model.runtime import LINE, blas_limit, halves, pool
+from model.runtime import LINE, blas_limit, pool
 
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `model` package
 THREADS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -54,7 +54,7 @@ def available() -> bool:
 def wanted(cfg: ModelConfig, B: int) -> bool:
     """Whether a training run of `cfg` with batch `B` runs its halves in two processes: whenever it would run
     them on two threads (`runtime.halves`) and the platform allows it."""
-    return available() and len(halves(B, cfg.hidden)) == 2
+    return available() and len(runtime.halves(B, cfg.hidden)) == 2
 
 
 def start(cfg: ModelConfig, B: int, T: int) -> Twin | None:
@@ -106,8 +106,7 @@ class Twin:
 
     def __init__(self, cfg: ModelConfig, B: int, T: int):
         self.cfg, self.B, self.T = cfg, B, T
-        self.r1, self.r2 = halves(B, cfg.hidden)
-        rows = B - B // 2
+        rows = B - B // 2  # the second half's, as runtime.halves splits a batch
         self.slab = Slab(cfg, rows, T)
         fd = os.memfd_create("char-rnn-twin")
         try:
@@ -137,13 +136,15 @@ class Twin:
 
     def close(self) -> None:
         """Stop the child (it leaves when its stdin closes; killed if it has not within a few seconds)."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            self.proc.stdin.close()
+        except OSError:  # it had gone already
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.proc.stdout.close()
 
     def send(self, code: bytes) -> None:
@@ -167,16 +168,18 @@ class Twin:
     def pair(
         self,
         run: Callable[[slice], Any],
+        halves: list[slice],
         p: net.Params,
         ids: np.ndarray,
         targets: np.ndarray,
         s0: np.ndarray,
         drops: net.Drops | None,
     ) -> list[Any]:
-        """run(first half) here and the same for the second half in the child: [this half's (loss, grads,
-        state), the child's]; the child's arrays are views of the shared memory, valid until the next step.
-        The dropout masks are drawn here, each layer's sent as soon as it is drawn, while the halves run."""
-        a, r2 = self.a, self.r2
+        """run(the first of `halves`) here and the same for the second in the child: [this half's (loss,
+        grads, state), the child's]; the child's arrays are views of the shared memory, valid until the next
+        step. The dropout masks are drawn here, each layer's sent as soon as it is drawn, while the halves
+        run."""
+        (r1, r2), a = halves, self.a
         for k, v in p.items():
             a[f"p.{k}"][...] = v
         a["ids"][...], a["targets"][...], a["s0"][...] = ids[r2], targets[r2], s0[:, :, r2]
@@ -192,9 +195,9 @@ class Twin:
         try:
             with blas_limit(1):
                 if drops is None:
-                    mine = run(self.r1)
+                    mine = run(r1)
                 else:
-                    own: Future = pool().submit(run, self.r1)
+                    own: Future = pool().submit(run, r1)
                     try:
                         drops.draw(mask)
                     except BaseException:
