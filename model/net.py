@@ -214,8 +214,8 @@ class Elsewhere(Protocol):
         p: Params,
         ids: np.ndarray,
         targets: np.ndarray,
-        s0: Any,
-        drops: Any,
+        s0: np.ndarray,
+        drops: Drops | None,
     ) -> list: ...
 
 
