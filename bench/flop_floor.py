@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from contextlib import nullcontext
 
@@ -32,7 +33,8 @@ import common
 import numpy as np
 from train_quality import configs
 
-from model import net, optim, runtime, twin
+from model import net, runtime, train, twin
+from model.config import TrainConfig
 from model.train import Streams
 
 SIZE = 2048  # the large product that shows the machine's best rate
@@ -41,8 +43,9 @@ SIZE = 2048  # the large product that shows the machine's best rate
 def step_flops(cfg: net.ModelConfig, B: int, T: int) -> int:
     """The flops of a training step's matrix products (see the docstring)."""
     kH, H, V = net.CELLS[cfg.cell].gates * cfg.hidden, cfg.hidden, cfg.vocab_size
-    per_step = cfg.layers * 3 * 2 * B * H * kH + (cfg.layers - 1) * 3 * 2 * B * H * kH + 3 * 2 * B * H * V
-    return T * per_step
+    # three products of 2·B·H·kH flops for each layer's recurrence and each input product above layer 0,
+    # three of 2·B·H·V for the output layer
+    return T * (6 * B * H * kH * (2 * cfg.layers - 1) + 6 * B * H * V)
 
 
 def best_rate(threads: int, rounds: int = 7) -> float:
@@ -59,20 +62,15 @@ def best_rate(threads: int, rounds: int = 7) -> float:
     return 2 * SIZE**3 / min(times)
 
 
-def step_time(cfg: net.ModelConfig, tcfg, ids: np.ndarray, seconds: float) -> float:
-    """Median seconds of model.train's step (the twin where it applies, clipping, Adam) over ~`seconds`."""
-    B, T = tcfg.batch, tcfg.seq
-    p = net.init(cfg, np.random.default_rng(0))
-    opt, streams, rng = optim.make("adam", p, tcfg.weight_decay), Streams(ids, B, T), np.random.default_rng(1)
-    state = {"s": net.zeros_state(cfg, B), "pos": 0}
-    with twin.start(cfg, B, T) or nullcontext() as tw:
+def step_time(cfg: net.ModelConfig, tcfg: TrainConfig, ids: np.ndarray, seconds: float) -> float:
+    """Median seconds of model.train's own step (`train.step`: the twin where it applies, clipping, the
+    optimizer, the schedule) on a fresh run, over ~`seconds`."""
+    run, streams = train.start(cfg, tcfg, None, None), Streams(ids, tcfg.batch, tcfg.seq)
+    with twin.start(cfg, tcfg.batch, tcfg.seq) or nullcontext() as tw:
         times: list[float] = []
         while sum(times) < seconds or len(times) < 5:
             t0 = time.perf_counter()
-            x, y, state["pos"] = streams.get(state["pos"])
-            _, g, state["s"] = net.grads(p, cfg, x, y, state["s"], rng if cfg.dropout else None, tw)
-            optim.clip_(g, tcfg.clip)
-            opt.step(p, g, 1e-3)
+            train.step(run, streams, cfg, tcfg, math.inf, tw)
             times.append(time.perf_counter() - t0)
     return float(np.median(times[2:]))
 

@@ -17,7 +17,6 @@ from model.checkpoint import Checkpoint, Meta
 from model.config import ModelConfig, TrainConfig
 from model.net import Params
 from model.runtime import halves, side_by_side
-from model.twin import Twin
 from model.vocab import Vocab
 
 
@@ -191,7 +190,12 @@ def train(
 
 
 def step(
-    run: Run, streams: Streams, model_cfg: ModelConfig, cfg: TrainConfig, limit: float, tw: Twin | None = None
+    run: Run,
+    streams: Streams,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    limit: float,
+    tw: twin.Twin | None = None,
 ) -> tuple:
     """One optimizer step on the next batch (the second half in `tw`'s process when given one): its loss,
     the gradient norm before clipping, the learning rate."""

@@ -113,6 +113,8 @@ class Twin:
             os.ftruncate(fd, self.slab.size)
             self.buf = mmap.mmap(fd, self.slab.size)
             env = os.environ | {k: "1" for k in THREADS_ENV}
+            # ROOT as the working folder: -m puts it first on sys.path, so no `model` folder where this
+            # process runs can stand in for ours; and on PYTHONPATH, for when -m does not (PYTHONSAFEPATH)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
             args = [str(fd), cfg.model_dump_json(), str(rows), str(T)]
             self.proc = subprocess.Popen(

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not twin.available(), reason="no memfd on this p
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def setup(cell="gru", B=16, T=4, dropout=0.3):
+def case(cell="gru", B=16, T=4, dropout=0.3):
     cfg = net.ModelConfig(vocab_size=7, cell=cell, hidden=5, layers=2, dropout=dropout, dtype="float64")
     r = np.random.default_rng(0)
     p = net.init(cfg, r)
@@ -46,7 +46,7 @@ def copied(out):
 def test_gradients_equal_the_threads_bit_for_bit(cell, B):
     """Each step, with new weights each time (they are sent every step), halves of unequal size and dropout:
     loss, gradients and last state are exactly those of the two halves on threads."""
-    cfg, p, s0, x, y = setup(cell, B)
+    cfg, p, s0, x, y = case(cell, B)
     with threadpool_limits(2, user_api="blas"), Twin(cfg, B, 4) as tw:
         for step in range(3):
             threads = copied(net.grads(p, cfg, x, y, s0, np.random.default_rng(step)))
@@ -70,7 +70,7 @@ def test_a_failed_mask_draw_stops_both_halves_and_the_next_step_is_whole():
                 raise MemoryError("no room for a mask")
             return self.rng.random(*args, **kwargs)
 
-    cfg, p, s0, x, y = setup()
+    cfg, p, s0, x, y = case()
     with threadpool_limits(2, user_api="blas"), Twin(cfg, 16, 4) as tw:
         with pytest.raises(MemoryError, match="no room"):
             net.grads(p, cfg, x, y, s0, FailsSecond(), twin=tw)
@@ -81,7 +81,7 @@ def test_a_failed_mask_draw_stops_both_halves_and_the_next_step_is_whole():
 def test_an_error_in_the_child_is_told_and_it_stays_for_the_next_step():
     """A character outside the vocabulary in the second half only: the step raises the child's error, by
     name, and the child takes the next step."""
-    cfg, p, s0, x, y = setup()
+    cfg, p, s0, x, y = case()
     bad = x.copy()
     bad[-1, 0] = 99
     with threadpool_limits(2, user_api="blas"), Twin(cfg, 16, 4) as tw:
@@ -94,7 +94,7 @@ def test_an_error_in_the_child_is_told_and_it_stays_for_the_next_step():
 
 
 def test_a_dead_child_is_an_error_not_a_hang():
-    cfg, p, s0, x, y = setup(dropout=0.0)
+    cfg, p, s0, x, y = case(dropout=0.0)
     with threadpool_limits(2, user_api="blas"), Twin(cfg, 16, 4) as tw:
         tw.proc.kill()
         tw.proc.wait()
@@ -103,7 +103,7 @@ def test_a_dead_child_is_an_error_not_a_hang():
 
 
 def test_closing_stops_the_child():
-    cfg, *_ = setup()
+    cfg, *_ = case()
     with Twin(cfg, 16, 4) as tw:
         pid = tw.proc.pid
         assert tw.proc.poll() is None
@@ -164,7 +164,7 @@ def test_the_child_runs_one_blas_thread(monkeypatch):
     """The child's BLAS runs on one thread (the other core is this process's half), whatever this process's
     environment allows."""
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    cfg, *_ = setup()
+    cfg, *_ = case()
     with Twin(cfg, 16, 4) as tw:
         env = Path(f"/proc/{tw.proc.pid}/environ").read_bytes().split(b"\0")
     assert b"OPENBLAS_NUM_THREADS=1" in env and b"OMP_NUM_THREADS=1" in env
