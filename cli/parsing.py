@@ -30,6 +30,7 @@ TRAIN_FLAGS = {
     "seq": "truncated BPTT length (T)",
     "lr": "peak learning rate",
     "clip": "global gradient-norm clip (0 = off)",
+    "average": "decay of a moving average of the weights, which is validated and saved (0 = off)",
     "optimizer": "adam, adagrad or sgd",
     "checkpoint_every": "steps between checkpoints",
     "eval_every": "steps between validation passes",

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory  step-000500/  holding
   weights.npz  the model's arrays                  (loaded with allow_pickle=False)
-  optim.npz    optimizer moments + the carried state (L, S, B, H)   (for bitwise resume; optional in exports)
+  optim.npz    optimizer moments + the carried state (L, S, B, H), + the optimizer's own weights (`raw.*`)
+               when the model is their moving average   (for bitwise resume; optional in exports)
   meta.json    format, vocab, configs (the cell among them), step, RNG state, data position, metrics,
                fingerprint, parent, and the sha256 of each .npz
 It is written under a temporary name, fsynced, then renamed; pointers are updated the same way, last.

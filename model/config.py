@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     optimizer: OptimName = "adam"
     weight_decay: float = Field(0.1, ge=0, le=1, description="decoupled (AdamW), on matrices, not biases")
     clip: float = Field(1.0, ge=0, description="global gradient-norm limit; 0 turns it off")
+    average: float = Field(
+        0.0, ge=0, lt=1, description="decay of the weights' moving average (validated and saved); 0 = off"
+    )
     seed: int = Field(0, ge=0)
     eval_every: int | None = Field(None, ge=1, description="steps between validations; None = at checkpoints")
     eval_chars: int = Field(40_000, ge=0, description="validation characters per evaluation; 0 = all")

@@ -118,6 +118,7 @@ class Run:
     opt: optim.Optimizer
     h: np.ndarray  # (L, S, B, H): the streams' hidden state, carried across chunks
     rng: np.random.Generator  # dropout masks; its state is saved with every checkpoint
+    avg: optim.Average | None = None  # the weights' moving average (cfg.average), the model when kept
     step: int = 0
     pos: int = 0  # where the streams read next
     metrics: dict = field(default_factory=lambda: {"train": [], "val": []})
@@ -130,7 +131,13 @@ def start(model_cfg: ModelConfig, cfg: TrainConfig, init_params: Params | None, 
     params = init_params if init_params is not None else net.init(model_cfg, rng)
     params = {k: np.array(v, dtype=model_cfg.dtype) for k, v in params.items()}
     opt = optim.make(cfg.optimizer, params, cfg.weight_decay)
-    return Run(params, opt, net.zeros_state(model_cfg, cfg.batch), rng, parent=parent)
+    avg = optim.Average(params, cfg.average) if cfg.average else None
+    return Run(params, opt, net.zeros_state(model_cfg, cfg.batch), rng, avg, parent=parent)
+
+
+def model(run: Run) -> Params:
+    """The weights the run stands for: their moving average when it keeps one, else the optimizer's own."""
+    return run.avg.params if run.avg else run.params
 
 
 def train(
@@ -176,7 +183,7 @@ def train(
             loss, norm, lr = step(run, streams, model_cfg, cfg, limit, tw)
             val = None
             if run.step % (cfg.eval_every or cfg.checkpoint_every) == 0 or run.step == end:
-                val = evaluate(run.params, model_cfg, held_out)
+                val = evaluate(model(run), model_cfg, held_out)
                 run.metrics["val"].append([run.step, round(val, 6)])
             if run.step % cfg.log_every == 0 or val is not None or run.step == end:
                 run.metrics["train"].append([run.step, round(loss, 6)])
@@ -213,6 +220,8 @@ def step(
     lr = optim.lr_at(run.step, cfg.lr, cfg.steps, min(cfg.warmup, cfg.steps // 10), cfg.final_lr)
     run.opt.step(run.params, grads, lr)
     run.step += 1
+    if run.avg:
+        run.avg.update(run.params, run.step)
     if nxt == 0:
         run.h[...] = 0.0  # streams wrapped: start from a clean state
     run.pos = nxt
@@ -228,8 +237,9 @@ def save(
     cfg: TrainConfig,
     fingerprint: str | None,
 ) -> None:
-    """Checkpoint the run at its current step (refused when a weight is not finite)."""
-    if not all(np.isfinite(v).all() for v in run.params.values()):
+    """Checkpoint the run at its current step (refused when a weight is not finite). The checkpoint's weights
+    are the model (the moving average when kept); the optimizer's own weights go with its state then."""
+    if not all(np.isfinite(v).all() for v in (*run.params.values(), *model(run).values())):
         raise TrainingDiverged(f"non-finite weights at step {run.step}; no checkpoint was written")
     vals = [v for _, v in run.metrics["val"]]
     run.metrics |= {
@@ -250,7 +260,8 @@ def save(
         parent=run.parent,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    checkpoint.save(out, run.params, meta, run.opt.state_dict() | {"state": run.h}, keep=cfg.keep)
+    raw = {f"raw.{k}": v for k, v in run.params.items()} if run.avg else {}
+    checkpoint.save(out, model(run), meta, run.opt.state_dict() | raw | {"state": run.h}, keep=cfg.keep)
 
 
 def restore(
@@ -283,6 +294,10 @@ def restore(
     run.opt.load_state_dict(ck.optim)
     run.h[...] = ck.optim["state"]
     run.params = {k: v.copy() for k, v in ck.params.items()}
+    if run.avg:  # the checkpoint's weights are the average; the optimizer's are saved beside its state
+        if missing := [k for k in run.params if f"raw.{k}" not in ck.optim]:
+            raise ValueError(f"{ck.path}: the optimizer's own weights ({missing[0]}, ...) are not saved")
+        run.avg.params, run.params = run.params, {k: ck.optim[f"raw.{k}"].copy() for k in run.params}
     run.rng.bit_generator.state = ck.meta.rng
     run.step, run.pos, run.metrics = ck.meta.step, ck.meta.data_pos, ck.meta.metrics
     run.parent = ck.meta.parent

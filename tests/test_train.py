@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from model import checkpoint, corpus, net, optim, train
+from model.files import sha256
 from model.vocab import Vocab
 
 CFG = train.TrainConfig(
@@ -53,22 +54,67 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("cell,dropout", [("rnn", 0.0), ("rnn", 0.2), ("gru", 0.2), ("lstm", 0.2)])
-def test_resume_after_crash_is_bitwise_identical(tmp_path, small_text, cell, dropout):
+@pytest.mark.parametrize(
+    "cell,dropout,average",
+    [("rnn", 0.0, 0), ("rnn", 0.2, 0), ("gru", 0.2, 0), ("lstm", 0.2, 0), ("gru", 0.2, 0.9)],
+)
+def test_resume_after_crash_is_bitwise_identical(tmp_path, small_text, cell, dropout, average):
     tr, va, vocab, mcfg = data(small_text, cell)
     mcfg = mcfg.model_copy(update={"dropout": dropout, "layers": 2})
-    full = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "full")
+    cfg = CFG.model_copy(update={"average": average})
+    full = train.train(tr, va, vocab, mcfg, cfg, tmp_path / "full")
 
     def crash_at_45(p: train.Progress) -> None:
         if p.step == 45:
             raise Crash
 
     with pytest.raises(Crash):
-        train.train(tr, va, vocab, mcfg, CFG, tmp_path / "cut", on_progress=crash_at_45)
+        train.train(tr, va, vocab, mcfg, cfg, tmp_path / "cut", on_progress=crash_at_45)
     assert checkpoint.load(tmp_path / "cut").meta.step == 40
-    resumed = train.train(tr, va, vocab, mcfg, CFG, tmp_path / "cut", resume=True)
+    resumed = train.train(tr, va, vocab, mcfg, cfg, tmp_path / "cut", resume=True)
     assert resumed.meta.step == 60 and same_weights(full.params, resumed.params)
+    assert same_weights(full.optim, resumed.optim)
     assert resumed.meta.metrics["val"] == full.meta.metrics["val"]
+
+
+def test_the_weights_average_is_the_model_and_the_optimizer_keeps_its_own(tmp_path, small_text):
+    """With `average`, the checkpoint's weights are the moving average written out by hand from the weights
+    each step left (the optimizer's own, which the checkpoint keeps beside its state); validation scores the
+    average. A checkpoint that lacks the optimizer's weights is refused for resuming, not resumed from the
+    average."""
+    tr, va, vocab, mcfg = data(small_text, "gru")
+    cfg = CFG.model_copy(update={"steps": 30, "average": 0.9})
+    seen: list[dict] = []
+    step = train.step
+
+    def spy(run, *a, **kw):
+        out = step(run, *a, **kw)
+        seen.append({k: v.copy() for k, v in run.params.items()})
+        return out
+
+    train.step = spy
+    try:
+        ck = train.train(tr, va, vocab, mcfg, cfg, tmp_path / "avg")
+    finally:
+        train.step = step
+    expect = {k: v.astype(np.float64) for k, v in train.start(mcfg, cfg, None, None).params.items()}
+    for t, w in enumerate(seen, start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        expect = {k: d * expect[k] + (1 - d) * w[k] for k in expect}
+    for k in expect:
+        np.testing.assert_allclose(ck.params[k], expect[k], rtol=1e-4, atol=1e-6)
+        assert np.array_equal(ck.optim[f"raw.{k}"], seen[-1][k])
+        assert not np.array_equal(ck.params[k], seen[-1][k])
+    assert ck.meta.metrics["val"][-1][1] == pytest.approx(train.evaluate(ck.params, mcfg, va), abs=1e-6)
+
+    data_path = ck.path / "optim.npz"
+    kept = {k: v for k, v in np.load(data_path).items() if not k.startswith("raw.")}
+    np.savez(data_path, **kept)
+    meta = json.loads((ck.path / "meta.json").read_text())
+    meta["sha256"]["optim.npz"] = sha256(data_path)
+    (ck.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="optimizer's own weights"):
+        train.train(tr, va, vocab, mcfg, cfg.model_copy(update={"steps": 40}), tmp_path / "avg", resume=True)
 
 
 def test_stopping_at_rungs_then_resuming_equals_one_uninterrupted_run(tmp_path, small_text):
