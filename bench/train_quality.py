@@ -4,9 +4,9 @@ Trains TrainConfig() + ModelConfig() defaults (or `--cell`, `--set` overrides) w
 shakespeare (last 10% held out, model.corpus.split). The budget is wall time from start to the last number:
 the run's own first steps (its learning-rate warm-up) time a step, a validation pass and a checkpoint, which
 sets the step count so that the cosine schedule, the in-run validations, the checkpoints and the final
-full-validation passes fit; halfway, the step count is planned again from the pace measured so far. Should
-the machine slow down (other jobs take the cores), a deadline stops training early (reported, with the steps
-done) rather than overrun. Prints validation loss against time; the last line is one JSON object
+full-validation passes fit; halfway and again near the end, the step count is planned again from the pace
+measured since the last plan. Should the machine slow down (other jobs take the cores), a deadline stops
+training early (reported, with the steps done) rather than overrun. Prints validation loss against time; the last line is one JSON object
 whose "best_val_nats" is the full validation set's loss of the better of the final and the best (by in-run
 validation) checkpoints. Run it on an otherwise idle machine: the load average is recorded before and after.
 The run writes its section of docs/benchmarks.md (unless --no-record): one section per cell, `--set`
@@ -37,7 +37,9 @@ from model.config import ModelConfig, TrainConfig
 from model.corpus import split
 
 MARGIN = 0.02  # of the budget, kept free against estimation error
-REPLAN = 0.5  # the share of the planned steps after which the step count is planned again
+# the shares of the planned steps after which the step count is planned again: the last one near the end, so
+# that a slower second half is met while the learning rate still has its cosine's end to reach
+REPLAN = (0.5, 0.9)
 CHECKPOINT_EVERY = 50  # steps: what a deadline can lose; fixed, as a resumed run must keep it
 
 
@@ -126,11 +128,11 @@ def plan(tcfg: TrainConfig, budget: Budget, done: int, per_step_all: float) -> T
 
 
 def run_training(tr, va, vocab, mcfg, tcfg: TrainConfig, out: Path, budget: Budget, n_val: int, fixed: bool):
-    """The run in three calls of train.train: its first steps (the learning-rate warm-up, whose schedule does
-    not depend on the step count) time a step, a validation and a checkpoint; the step count is then planned
-    so that training ends at the deadline, and planned again halfway from the steps' measured pace (the
-    cosine then stretches or shrinks a little from there). Returns the step it finished at (None when the
-    deadline stopped it) and the validation curve [minutes, step, loss]."""
+    """The run in calls of train.train: its first steps (the learning-rate warm-up, whose schedule does not
+    depend on the step count) time a step, a validation and a checkpoint; the step count is then planned so
+    that training ends at the deadline, and planned again at each REPLAN share from the pace measured since
+    the last plan (the cosine then stretches or shrinks a little from there). Returns the step it finished at
+    (None when the deadline stopped it) and the validation curve [minutes, step, loss]."""
     curve: list[list[float]] = []
     print(f"{'minutes':>8} {'step':>7} {'train':>7} {'val':>7}")
     if fixed:
@@ -149,11 +151,16 @@ def run_training(tr, va, vocab, mcfg, tcfg: TrainConfig, out: Path, budget: Budg
     tcfg = plan(tcfg, budget, first, per_step_all)
     told(budget, tcfg, first, per_step_all)
     try:
-        half = first + int(REPLAN * (tcfg.steps - first))
-        seg = segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, half)
-        pace = (seg.t1 - seg.t0) / max(1, half - first)
-        tcfg = plan(tcfg, budget, half, pace)
-        told(budget, tcfg, half, pace)
+        done = first
+        for share in REPLAN:
+            at = first + int(share * (tcfg.steps - first))
+            if at <= done:
+                continue
+            seg = segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, at)
+            pace = (seg.t1 - seg.t0) / (at - done)
+            tcfg = plan(tcfg, budget, at, pace)
+            told(budget, tcfg, at, pace)
+            done = at
         segment(tr, va, vocab, mcfg, tcfg, out, budget, curve, None)
         return tcfg.steps, curve
     except OutOfTime:
