@@ -6,11 +6,12 @@ the run's own first steps (its learning-rate warm-up) time a step, a validation 
 sets the step count so that the cosine schedule, the in-run validations, the checkpoints and the final
 full-validation passes fit; halfway and again near the end, the step count is planned again from the pace
 measured since the last plan. Should the machine slow down (other jobs take the cores), a deadline stops
-training early (reported, with the steps done) rather than overrun. Prints validation loss against time; the last line is one JSON object
-whose "best_val_nats" is the full validation set's loss of the better of the final and the best (by in-run
-validation) checkpoints. Run it on an otherwise idle machine: the load average is recorded before and after.
-The run writes its section of docs/benchmarks.md (unless --no-record): one section per cell, `--set`
-overrides and budget, so the cells' last runs stand side by side, each with its own date, load and commit.
+training early (reported, with the steps done) rather than overrun. Prints validation loss against time; the
+last line is one JSON object whose "best_val_nats" is the full validation set's loss of the better of the
+final and the best (by in-run validation) checkpoints. Run it on an otherwise idle machine: the load average
+is recorded before and after. The run writes its section of docs/benchmarks.md (unless --no-record): one
+section per cell, `--set` overrides and budget, so the cells' last runs stand side by side, each with its own
+date, load and commit.
 
   uv run python bench/train_quality.py --cell lstm --minutes 5 [--set hidden=512 --set lr=2e-3 ...] [--quick]
 `--set` overrides a TrainConfig or ModelConfig field (for experiments; the default run uses none).
