@@ -135,7 +135,7 @@ def start(model_cfg: ModelConfig, cfg: TrainConfig, init_params: Params | None, 
     return Run(params, opt, net.zeros_state(model_cfg, cfg.batch), rng, avg, parent=parent)
 
 
-def model(run: Run) -> Params:
+def weights(run: Run) -> Params:
     """The weights the run stands for: their moving average when it keeps one, else the optimizer's own."""
     return run.avg.params if run.avg else run.params
 
@@ -183,7 +183,7 @@ def train(
             loss, norm, lr = step(run, streams, model_cfg, cfg, limit, tw)
             val = None
             if run.step % (cfg.eval_every or cfg.checkpoint_every) == 0 or run.step == end:
-                val = evaluate(model(run), model_cfg, held_out)
+                val = evaluate(weights(run), model_cfg, held_out)
                 run.metrics["val"].append([run.step, round(val, 6)])
             if run.step % cfg.log_every == 0 or val is not None or run.step == end:
                 run.metrics["train"].append([run.step, round(loss, 6)])
@@ -239,7 +239,7 @@ def save(
 ) -> None:
     """Checkpoint the run at its current step (refused when a weight is not finite). The checkpoint's weights
     are the model (the moving average when kept); the optimizer's own weights go with its state then."""
-    if not all(np.isfinite(v).all() for v in (*run.params.values(), *model(run).values())):
+    if not all(np.isfinite(v).all() for v in (*run.params.values(), *weights(run).values())):
         raise TrainingDiverged(f"non-finite weights at step {run.step}; no checkpoint was written")
     vals = [v for _, v in run.metrics["val"]]
     run.metrics |= {
@@ -261,7 +261,7 @@ def save(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     raw = {f"raw.{k}": v for k, v in run.params.items()} if run.avg else {}
-    checkpoint.save(out, model(run), meta, run.opt.state_dict() | raw | {"state": run.h}, keep=cfg.keep)
+    checkpoint.save(out, weights(run), meta, run.opt.state_dict() | raw | {"state": run.h}, keep=cfg.keep)
 
 
 def restore(
