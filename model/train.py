@@ -239,7 +239,8 @@ def save(
 ) -> None:
     """Checkpoint the run at its current step (refused when a weight is not finite). The checkpoint's weights
     are the model (the moving average when kept); the optimizer's own weights go with its state then."""
-    if not all(np.isfinite(v).all() for v in (*run.params.values(), *weights(run).values())):
+    kept = [run.params, run.avg.params] if run.avg else [run.params]
+    if not all(np.isfinite(v).all() for ps in kept for v in ps.values()):
         raise TrainingDiverged(f"non-finite weights at step {run.step}; no checkpoint was written")
     vals = [v for _, v in run.metrics["val"]]
     run.metrics |= {

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from model import checkpoint, corpus, net, optim, train
-from model.files import sha256
 from model.vocab import Vocab
 
 CFG = train.TrainConfig(
@@ -77,7 +76,7 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path, small_text, cell, dro
     assert resumed.meta.metrics["val"] == full.meta.metrics["val"]
 
 
-def test_the_weights_average_is_the_model_and_the_optimizer_keeps_its_own(tmp_path, small_text):
+def test_the_weights_average_is_the_model_and_the_optimizer_keeps_its_own(tmp_path, small_text, monkeypatch):
     """With `average`, the checkpoint's weights are the moving average written out by hand from the weights
     each step left (the optimizer's own, which the checkpoint keeps beside its state); validation scores the
     average. A checkpoint that lacks the optimizer's weights is refused for resuming, not resumed from the
@@ -92,11 +91,8 @@ def test_the_weights_average_is_the_model_and_the_optimizer_keeps_its_own(tmp_pa
         seen.append({k: v.copy() for k, v in run.params.items()})
         return out
 
-    train.step = spy
-    try:
-        ck = train.train(tr, va, vocab, mcfg, cfg, tmp_path / "avg")
-    finally:
-        train.step = step
+    monkeypatch.setattr(train, "step", spy)
+    ck = train.train(tr, va, vocab, mcfg, cfg, tmp_path / "avg")
     expect = {k: v.astype(np.float64) for k, v in train.start(mcfg, cfg, None, None).params.items()}
     for t, w in enumerate(seen, start=1):
         d = min(0.9, (1 + t) / (10 + t))
@@ -111,7 +107,7 @@ def test_the_weights_average_is_the_model_and_the_optimizer_keeps_its_own(tmp_pa
     kept = {k: v for k, v in np.load(data_path).items() if not k.startswith("raw.")}
     np.savez(data_path, **kept)
     meta = json.loads((ck.path / "meta.json").read_text())
-    meta["sha256"]["optim.npz"] = sha256(data_path)
+    meta["sha256"]["optim.npz"] = checkpoint.sha256(data_path)
     (ck.path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="optimizer's own weights"):
         train.train(tr, va, vocab, mcfg, cfg.model_copy(update={"steps": 40}), tmp_path / "avg", resume=True)
